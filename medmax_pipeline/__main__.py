@@ -1,0 +1,3 @@
+from medmax_pipeline.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,512 @@
+"""The one parquet writer and reader of the pipeline: versioned, fingerprinted, credential-aware.
+
+Every parquet file a stage writes goes through `write_artifact` or `ArtifactWriter`. Each file
+carries footer key/values:
+
+    medmax.artifact         the artifact's name (a key of ARTIFACT_SCHEMA_VERSIONS)
+    medmax.schema_version   integer, bumped whenever the artifact's columns change
+    medmax.fingerprint      hash of the logical content (independent of row groups and of the
+                            pyarrow version that wrote it)
+    medmax.lineage          JSON: {"inputs": [{path, artifact, fingerprint, credential}], "params": {...}}
+    medmax.credential       "public" or "credentialed"
+    medmax.pipeline_version the package version
+
+Writes are atomic: the file is written under a temporary name in the same folder and renamed
+into place only once complete, so a killed write never leaves a file that looks finished.
+
+Credential rule: an artifact is credentialed as soon as a row has credential == "yes" or any
+input it was made from is credentialed. Asking for "public" when that holds raises
+CredentialLeakError, so no code path can put credentialed data into a shareable artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from medmax_pipeline import __version__
+
+Credential = Literal["public", "credentialed"]
+
+# Artifact name -> current schema version. Bump a version whenever that artifact's columns change.
+ARTIFACT_SCHEMA_VERSIONS: dict[str, int] = {
+    "image_paths": 1,
+    "image_path_problems": 1,
+    "image_tokens": 1,
+    "image_tokens_chunk": 1,
+    "image_token_errors": 1,
+    "image_blocks": 1,
+    "dataset": 1,
+    "dataset_public": 1,
+    "dataset_problems": 1,
+    "coverage": 1,
+    "train_metrics": 1,
+    "predictions": 1,
+    "scores": 1,
+    "score_summary": 1,
+}
+
+KEY_ARTIFACT = "medmax.artifact"
+KEY_SCHEMA_VERSION = "medmax.schema_version"
+KEY_FINGERPRINT = "medmax.fingerprint"
+KEY_LINEAGE = "medmax.lineage"
+KEY_CREDENTIAL = "medmax.credential"
+KEY_PIPELINE_VERSION = "medmax.pipeline_version"
+FINGERPRINT_PREFIX = "blake2b:"
+
+
+class ArtifactError(Exception):
+    """An artifact is missing, unreadable, or not what the caller expected."""
+
+
+class CredentialLeakError(ArtifactError):
+    """Credentialed data was about to be written into an artifact marked public."""
+
+
+@dataclass(frozen=True)
+class ArtifactMeta:
+    path: str
+    artifact: str
+    schema_version: int
+    fingerprint: str
+    lineage: dict[str, Any]
+    credential: Credential
+    pipeline_version: str
+    num_rows: int = 0
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fingerprint: a hash of the logical content, fed column by column and batch by batch, so that
+# the same rows give the same hash however they are split into batches or row groups.
+# ----------------------------------------------------------------------------------------------
+
+
+def _new_hash() -> "hashlib._Hash":
+    return hashlib.blake2b(digest_size=32)
+
+
+class _ColumnHasher:
+    """Hashes one column: validity, then the values in a type-specific canonical encoding."""
+
+    def __init__(self, dtype: pa.DataType) -> None:
+        self.dtype = dtype
+        self.validity = _new_hash()
+        self.values = _new_hash()
+        self.data = _new_hash()  # variable-length bytes of string/binary values, apart from their lengths
+        self.children: list[_ColumnHasher] = []
+        if pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype):
+            self.children = [_ColumnHasher(dtype.value_type)]
+        elif pa.types.is_struct(dtype):
+            self.children = [_ColumnHasher(dtype.field(i).type) for i in range(dtype.num_fields)]
+        elif pa.types.is_dictionary(dtype):
+            self.children = [_ColumnHasher(dtype.value_type)]
+
+    def update(self, array: pa.Array) -> None:
+        if isinstance(array, pa.ChunkedArray):
+            for chunk in array.chunks:
+                self.update(chunk)
+            return
+        dtype = self.dtype
+        if pa.types.is_dictionary(dtype):
+            self.children[0].update(array.dictionary_decode())
+            return
+        valid = array.is_valid().to_numpy(zero_copy_only=False).astype(np.uint8)
+        self.validity.update(valid.tobytes())
+        if pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype):
+            lengths = pc.fill_null(pc.list_value_length(array), 0).to_numpy(zero_copy_only=False)
+            self.values.update(lengths.astype("<i8").tobytes())
+            self.children[0].update(array.flatten())
+        elif pa.types.is_struct(dtype):
+            for i, child in enumerate(self.children):
+                child.update(array.field(i))
+        elif pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype):
+            as_binary = array.cast(pa.large_binary())
+            lengths = pc.fill_null(pc.binary_length(as_binary), 0).to_numpy(zero_copy_only=False)
+            self.values.update(lengths.astype("<i8").tobytes())
+            offsets_buf, data_buf = as_binary.buffers()[1], as_binary.buffers()[2]
+            if data_buf is not None and len(as_binary) > 0:
+                offsets = np.frombuffer(offsets_buf, dtype="<i8")[as_binary.offset : as_binary.offset + len(as_binary) + 1]
+                self.data.update(memoryview(data_buf)[int(offsets[0]) : int(offsets[-1])])
+        elif pa.types.is_null(dtype):
+            pass
+        elif pa.types.is_boolean(dtype):
+            self.values.update(pc.fill_null(array, False).to_numpy(zero_copy_only=False).astype(np.uint8).tobytes())
+        else:
+            # Integers, floats, temporal types: fixed-width values, nulls replaced by zero.
+            filled = array if array.null_count == 0 else pc.fill_null(array, pa.scalar(0).cast(dtype))
+            values = filled.to_numpy(zero_copy_only=False)
+            self.values.update(np.ascontiguousarray(values.astype(values.dtype.newbyteorder("<"))).tobytes())
+
+    def digest(self) -> bytes:
+        h = _new_hash()
+        h.update(self.validity.digest())
+        h.update(self.values.digest())
+        h.update(self.data.digest())
+        for child in self.children:
+            h.update(child.digest())
+        return h.digest()
+
+
+class Fingerprinter:
+    """Incremental content hash of a table with a fixed schema."""
+
+    def __init__(self, schema: pa.Schema) -> None:
+        self.schema = schema
+        self.columns = [_ColumnHasher(f.type) for f in schema]
+        self.num_rows = 0
+
+    def update(self, data: pa.Table | pa.RecordBatch) -> None:
+        for i, hasher in enumerate(self.columns):
+            hasher.update(data.column(i))
+        self.num_rows += data.num_rows
+
+    def hexdigest(self) -> str:
+        h = _new_hash()
+        header = [[f.name, str(f.type)] for f in self.schema]
+        h.update(json.dumps({"columns": header, "rows": self.num_rows}).encode())
+        for hasher in self.columns:
+            h.update(hasher.digest())
+        return FINGERPRINT_PREFIX + h.hexdigest()
+
+
+def fingerprint_table(table: pa.Table) -> str:
+    fp = Fingerprinter(table.schema)
+    fp.update(table)
+    return fp.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Lineage: what an artifact was made from.
+# ----------------------------------------------------------------------------------------------
+
+
+def _hash_file(path: Path) -> str:
+    h = _new_hash()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return FINGERPRINT_PREFIX + h.hexdigest()
+
+
+def _hash_directory(path: Path) -> str:
+    # Names, sizes and contents of every file, in sorted order; symlinks by their target text.
+    h = _new_hash()
+    for sub in sorted(p for p in path.rglob("*")):
+        rel = sub.relative_to(path).as_posix()
+        if sub.is_symlink():
+            h.update(f"L {rel} -> {os.readlink(sub)}\n".encode())
+        elif sub.is_file():
+            h.update(f"F {rel} {sub.stat().st_size} {_hash_file(sub)}\n".encode())
+    return FINGERPRINT_PREFIX + h.hexdigest()
+
+
+def describe_input(path: str | Path, credentialed: bool = False) -> dict[str, Any]:
+    """Lineage entry for one input: an artifact (its own metadata) or a plain file or folder."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"lineage input {path} does not exist")
+    if path.is_file() and path.suffix == ".parquet" and is_artifact(path):
+        meta = read_meta(path)
+        return {
+            "path": str(path),
+            "artifact": meta.artifact,
+            "fingerprint": meta.fingerprint,
+            "credential": meta.credential,
+        }
+    fingerprint = _hash_file(path) if path.is_file() else _hash_directory(path)
+    return {
+        "path": str(path),
+        "artifact": None,
+        "fingerprint": fingerprint,
+        "credential": "credentialed" if credentialed else "public",
+    }
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    raise TypeError(f"lineage parameter of type {type(value).__name__} is not JSON-serialisable: {value!r}")
+
+
+def _rows_are_credentialed(data: pa.Table | pa.RecordBatch) -> bool:
+    if "credential" not in data.schema.names:
+        return False
+    column = data.column(data.schema.get_field_index("credential"))
+    if pa.types.is_boolean(column.type):
+        return bool(pc.any(column).as_py())
+    return bool(pc.any(pc.equal(pc.utf8_lower(column.cast(pa.string())), "yes")).as_py())
+
+
+def _check_artifact_name(artifact: str) -> int:
+    if artifact not in ARTIFACT_SCHEMA_VERSIONS:
+        raise ArtifactError(
+            f"unknown artifact name {artifact!r}; expected one of {sorted(ARTIFACT_SCHEMA_VERSIONS)}"
+        )
+    return ARTIFACT_SCHEMA_VERSIONS[artifact]
+
+
+# ----------------------------------------------------------------------------------------------
+# Writer
+# ----------------------------------------------------------------------------------------------
+
+
+class ArtifactWriter:
+    """Streams record batches into one artifact; metadata and the rename happen on close().
+
+    Use as a context manager: an exception inside the block removes the temporary file and
+    leaves any previous artifact at `path` untouched.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        schema: pa.Schema,
+        *,
+        artifact: str,
+        inputs: Sequence[str | Path | Mapping[str, Any]] = (),
+        credentialed_inputs: Sequence[str | Path] = (),
+        params: Mapping[str, Any] | None = None,
+        credential: Credential | None = None,
+        row_group_size: int = 64 * 1024,
+    ) -> None:
+        self.path = Path(path)
+        self.artifact = artifact
+        self.schema_version = _check_artifact_name(artifact)
+        self.schema = schema.remove_metadata()
+        self.requested_credential = credential
+        self.row_group_size = row_group_size
+        lineage_inputs = [dict(i) if isinstance(i, Mapping) else describe_input(i) for i in inputs]
+        lineage_inputs += [describe_input(p, credentialed=True) for p in credentialed_inputs]
+        self.lineage = {"inputs": lineage_inputs, "params": dict(params or {})}
+        # Serialise now, so a bad parameter fails before any work is done.
+        self._lineage_json = json.dumps(self.lineage, sort_keys=True, default=_json_default)
+        self.credentialed = any(i.get("credential") == "credentialed" for i in lineage_inputs)
+        self._check_credential()
+        self._fingerprinter = Fingerprinter(self.schema)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        self._tmp_path = Path(tmp)
+        self._writer: pq.ParquetWriter | None = pq.ParquetWriter(
+            self._tmp_path, self.schema, compression="zstd", write_statistics=True
+        )
+        self.meta: ArtifactMeta | None = None
+
+    def _check_credential(self) -> None:
+        if self.requested_credential == "public" and self.credentialed:
+            raise CredentialLeakError(
+                f"refusing to write {self.path} ({self.artifact}) as public: it contains "
+                "credential = yes rows or is derived from a credentialed input"
+            )
+
+    def write(self, data: pa.Table | pa.RecordBatch) -> None:
+        if self._writer is None:
+            raise ArtifactError(f"writer for {self.path} is closed")
+        if data.num_rows == 0:
+            return
+        if not data.schema.remove_metadata().equals(self.schema):
+            data = (pa.Table.from_batches([data]) if isinstance(data, pa.RecordBatch) else data).select(
+                self.schema.names
+            ).cast(self.schema)
+        if _rows_are_credentialed(data):
+            self.credentialed = True
+            try:
+                self._check_credential()
+            except CredentialLeakError:
+                self.abort()
+                raise
+        table = data if isinstance(data, pa.Table) else pa.Table.from_batches([data])
+        self._writer.write_table(table, row_group_size=self.row_group_size)
+        self._fingerprinter.update(table)
+
+    def close(self) -> ArtifactMeta:
+        if self._writer is None:
+            raise ArtifactError(f"writer for {self.path} is already closed")
+        credential: Credential = "credentialed" if self.credentialed else "public"
+        metadata = {
+            KEY_ARTIFACT: self.artifact,
+            KEY_SCHEMA_VERSION: str(self.schema_version),
+            KEY_FINGERPRINT: self._fingerprinter.hexdigest(),
+            KEY_LINEAGE: self._lineage_json,
+            KEY_CREDENTIAL: credential,
+            KEY_PIPELINE_VERSION: __version__,
+        }
+        self._writer.add_key_value_metadata(metadata)
+        self._writer.close()
+        self._writer = None
+        os.replace(self._tmp_path, self.path)
+        self.meta = ArtifactMeta(
+            path=str(self.path),
+            artifact=self.artifact,
+            schema_version=self.schema_version,
+            fingerprint=metadata[KEY_FINGERPRINT],
+            lineage=self.lineage,
+            credential=credential,
+            pipeline_version=__version__,
+            num_rows=self._fingerprinter.num_rows,
+        )
+        return self.meta
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._tmp_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ArtifactWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_artifact(
+    table: pa.Table,
+    path: str | Path,
+    *,
+    artifact: str,
+    inputs: Sequence[str | Path | Mapping[str, Any]] = (),
+    credentialed_inputs: Sequence[str | Path] = (),
+    params: Mapping[str, Any] | None = None,
+    credential: Credential | None = None,
+) -> ArtifactMeta:
+    """Write a whole table as one artifact (atomically). See ArtifactWriter for the arguments."""
+    with ArtifactWriter(
+        path,
+        table.schema,
+        artifact=artifact,
+        inputs=inputs,
+        credentialed_inputs=credentialed_inputs,
+        params=params,
+        credential=credential,
+    ) as writer:
+        writer.write(table)
+    assert writer.meta is not None
+    return writer.meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Reader
+# ----------------------------------------------------------------------------------------------
+
+
+def is_artifact(path: str | Path) -> bool:
+    try:
+        kv = pq.read_metadata(path).metadata or {}
+    except Exception:
+        return False
+    return KEY_ARTIFACT.encode() in kv
+
+
+def read_meta(path: str | Path) -> ArtifactMeta:
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"artifact {path} does not exist")
+    try:
+        file_meta = pq.read_metadata(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise ArtifactError(f"{path} is not a readable parquet file: {exc}") from exc
+    kv = {k.decode(): v.decode() for k, v in (file_meta.metadata or {}).items()}
+    missing = [k for k in (KEY_ARTIFACT, KEY_SCHEMA_VERSION, KEY_FINGERPRINT, KEY_LINEAGE, KEY_CREDENTIAL) if k not in kv]
+    if missing:
+        raise ArtifactError(f"{path} is not a medmax artifact: footer lacks {', '.join(missing)}")
+    return ArtifactMeta(
+        path=str(path),
+        artifact=kv[KEY_ARTIFACT],
+        schema_version=int(kv[KEY_SCHEMA_VERSION]),
+        fingerprint=kv[KEY_FINGERPRINT],
+        lineage=json.loads(kv[KEY_LINEAGE]),
+        credential=kv[KEY_CREDENTIAL],  # type: ignore[arg-type]
+        pipeline_version=kv.get(KEY_PIPELINE_VERSION, "unknown"),
+        num_rows=file_meta.num_rows,
+        extra={k: v for k, v in kv.items() if not k.startswith("medmax.") and k != "ARROW:schema"},
+    )
+
+
+def check_meta(meta: ArtifactMeta, artifact: str | None) -> None:
+    """Refuse an artifact of another name or of a schema version this code does not know."""
+    if artifact is not None and meta.artifact != artifact:
+        raise ArtifactError(f"{meta.path}: found artifact {meta.artifact!r}, expected {artifact!r}")
+    expected = ARTIFACT_SCHEMA_VERSIONS.get(meta.artifact)
+    if expected is None:
+        raise ArtifactError(
+            f"{meta.path}: found unknown artifact {meta.artifact!r}, expected one of {sorted(ARTIFACT_SCHEMA_VERSIONS)}"
+        )
+    if meta.schema_version != expected:
+        raise ArtifactError(
+            f"{meta.path}: found {meta.artifact} schema version {meta.schema_version}, expected {expected} "
+            f"(written by medmax-pipeline {meta.pipeline_version}; rerun the stage that makes it)"
+        )
+
+
+def read_artifact(path: str | Path, artifact: str | None = None, columns: Sequence[str] | None = None) -> pa.Table:
+    """Read a whole artifact after checking its name and schema version."""
+    meta = read_meta(path)
+    check_meta(meta, artifact)
+    table = pq.read_table(path, columns=list(columns) if columns is not None else None)
+    return table.replace_schema_metadata(None)
+
+
+def iter_artifact_batches(
+    path: str | Path, artifact: str | None = None, batch_size: int = 65536, columns: Sequence[str] | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Stream an artifact's rows in batches after checking its name and schema version."""
+    meta = read_meta(path)
+    check_meta(meta, artifact)
+    parquet_file = pq.ParquetFile(path)
+    yield from parquet_file.iter_batches(batch_size=batch_size, columns=list(columns) if columns else None)
+
+
+def lineage_tree(path: str | Path, depth: int = 0, seen: set[str] | None = None) -> list[str]:
+    """Lines describing an artifact and, indented, the inputs it was made from, recursively."""
+    seen = set() if seen is None else seen
+    meta = read_meta(path)
+    pad = "  " * depth
+    lines = [f"{pad}{meta.path}: {meta.artifact} v{meta.schema_version} {meta.credential} {meta.fingerprint[:31]} rows={meta.num_rows}"]
+    if meta.lineage.get("params") and depth == 0:
+        lines.append(f"{pad}  params: {json.dumps(meta.lineage['params'], sort_keys=True)}")
+    for entry in meta.lineage.get("inputs", []):
+        input_path = entry.get("path", "?")
+        if entry.get("artifact") and Path(input_path).exists() and input_path not in seen:
+            seen.add(input_path)
+            current = read_meta(input_path).fingerprint
+            stale = "" if current == entry.get("fingerprint") else "  (changed since: stale)"
+            sub = lineage_tree(input_path, depth + 1, seen)
+            sub[0] += stale
+            lines.extend(sub)
+        else:
+            kind = entry.get("artifact") or "file"
+            lines.append(f"{pad}  {input_path}: {kind} {entry.get('credential')} {str(entry.get('fingerprint'))[:31]}")
+    return lines
+
+
+def format_meta(meta: ArtifactMeta) -> str:
+    rows = [
+        ("file", meta.path),
+        (KEY_ARTIFACT, meta.artifact),
+        (KEY_SCHEMA_VERSION, str(meta.schema_version)),
+        (KEY_FINGERPRINT, meta.fingerprint),
+        (KEY_CREDENTIAL, meta.credential),
+        (KEY_PIPELINE_VERSION, meta.pipeline_version),
+        ("rows", str(meta.num_rows)),
+        (KEY_LINEAGE, json.dumps(meta.lineage, indent=2, sort_keys=True)),
+    ]
+    return "\n".join(f"{k}: {v}" for k, v in rows)

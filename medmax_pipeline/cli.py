@@ -1,0 +1,62 @@
+"""The `medmax` command: one subcommand per stage.
+
+Each stage module defines `add_arguments(parser)` and `run(args) -> int`; this file only maps
+subcommand names to modules, imported when used so that one stage's heavy imports (torch,
+transformers) do not slow down the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from medmax_pipeline import __version__
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("medmax_pipeline.demo", "generate the embedded demo (checkpoint, base model, rows, images, eval set)"),
+    "collect": ("medmax_pipeline.collect", "stage 1: resolve dataset rows to image paths inside the configured roots"),
+    "tokenize": ("medmax_pipeline.tokenize", "stage 2: VQGAN-tokenize one shard of images"),
+    "gather-tokens": ("medmax_pipeline.tokenize", "stage 2: merge tokenized shards into one artifact"),
+    "map-vocab": ("medmax_pipeline.vocab", "stage 3: map VQGAN codes to vocabulary image blocks"),
+    "assemble": ("medmax_pipeline.assemble", "stage 4: credential-aware dataset assembly"),
+    "train": ("medmax_pipeline.train", "stage 5: LoRA training"),
+    "generate": ("medmax_pipeline.generate", "stage 6: generate predictions on the evaluation set"),
+    "score": ("medmax_pipeline.score", "stage 6: score predictions with a named rule set"),
+    "report": ("medmax_pipeline.report", "stage 6: figures and tables for the Snakemake report"),
+    "inspect": ("medmax_pipeline.inspect", "print an artifact's metadata and walk its lineage"),
+    "validate-config": ("medmax_pipeline.config", "validate a config file against the schema"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medmax", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"medmax-pipeline {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = build_parser()
+    if not argv or argv[0] not in SUBCOMMANDS:
+        top.parse_args(argv)  # prints usage or version and exits
+        return 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"medmax {name}", description=SUBCOMMANDS[name][1])
+    # A module serving several subcommands names its functions after them: add_<name>_arguments / run_<name>.
+    suffix = name.replace("-", "_")
+    add_arguments = getattr(module, f"add_{suffix}_arguments", None) or module.add_arguments
+    run = getattr(module, f"run_{suffix}", None) or module.run
+    add_arguments(parser)
+    args = parser.parse_args(rest)
+    return int(run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,33 @@
+"""`medmax inspect FILE`: print an artifact's footer metadata and walk its lineage back."""
+
+from __future__ import annotations
+
+import argparse
+
+from medmax_pipeline.artifacts import ArtifactError, check_meta, format_meta, lineage_tree, read_meta
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("files", nargs="+", help="parquet artifacts to inspect")
+    parser.add_argument("--no-lineage", action="store_true", help="print the metadata only")
+
+
+def run(args: argparse.Namespace) -> int:
+    status = 0
+    for path in args.files:
+        try:
+            meta = read_meta(path)
+            print(format_meta(meta))
+            try:
+                check_meta(meta, None)
+            except ArtifactError as exc:
+                print(f"warning: {exc}")
+                status = 1
+            if not args.no_lineage:
+                print("lineage:")
+                print("\n".join("  " + line for line in lineage_tree(path)))
+        except ArtifactError as exc:
+            print(f"error: {exc}")
+            status = 1
+        print()
+    return status
