@@ -1,0 +1,28 @@
+# medmax-pipeline: rebuild, extend and retrain MedMax as one reproducible workflow.
+#   snakemake --cores 2                                  # the embedded demo (config.yaml)
+#   snakemake --workflow-profile workflow/profiles/slurm  # the same workflow on a SLURM cluster
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/collect.smk"
+include: "workflow/rules/tokenize.smk"
+include: "workflow/rules/vocab.smk"
+include: "workflow/rules/assemble.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+
+
+report: "workflow/report/workflow.rst"
+
+
+rule all:
+    input:
+        final_targets(),
+    default_target: True

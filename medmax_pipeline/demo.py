@@ -1,0 +1,461 @@
+"""The embedded demo: a small, seeded MedMax in the real on-disk layouts.
+
+`medmax demo` writes, at the paths it is given (the config's paths, when the workflow runs it):
+- a checkpoint folder in the original layout: tokenizer/vqgan.yaml + vqgan.ckpt (random taming
+  VQGAN, small `ch`, still 32x32 codes for 512x512), tokenizer/text_tokenizer.json and
+  text_tokenizer_modified.json (real BPE files with the Chameleon id layout), models/7b/params.json;
+- an HF-format base model folder (a tiny random ChameleonForConditionalGeneration whose
+  vocabulary_map comes from that tokenizer);
+- medmax_data rows (train.jsonl, validation.jsonl) for every task, credential = no rows as
+  published (image_path and tokens filled, tokens made with the demo VQGAN and tokenizer) and
+  credential = yes rows as published (no image_path, no tokens; subject_id / study_id / dicom_id
+  name their MIMIC-CXR-JPG image), plus a few malformed lines;
+- public images of every kind real data has, and a credentialed image root laid out like
+  MIMIC-CXR-JPG with a few broken files and one missing image;
+- an evaluation set in medmax_eval_data's columns with its images, and a random CLIP folder.
+
+Everything is derived from the seed: the same seed gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+from medmax_pipeline import constants as C
+from medmax_pipeline.image_keys import TEMPLATE_PRESETS, CredentialedSource, image_key_for_row
+from medmax_pipeline.text_tokenizer import (
+    MODIFIED_TOKENIZER_FILE,
+    build_chameleon_tokenizer,
+    encode_texts,
+    load_tokenizer,
+    vocabulary_map,
+)
+
+SEP = C.SEPARATOR_TOKEN
+IMG = C.IMAGE_PLACEHOLDER_TOKEN
+TASKS = ["Visual Chat", "VQA", "Image Captioning", "Multimodal Generation", "Image Generation", "Report Understanding"]
+PUBLIC_SOURCES = {
+    "VQA": ["slake", "vqa_rad", "pathvqa"],
+    "Visual Chat": ["llava_med"],
+    "Image Captioning": ["pmc_oa", "quilt"],
+    "Multimodal Generation": ["medinstruct"],
+    "Image Generation": ["pmc_oa"],
+    "Report Understanding": ["medpix"],
+}
+CREDENTIALED_SOURCE = "mimic_cxr"
+
+FINDINGS = [
+    "no acute cardiopulmonary process",
+    "a small left pleural effusion",
+    "mild cardiomegaly without edema",
+    "a right lower lobe opacity concerning for pneumonia",
+    "clear lungs and a normal cardiac silhouette",
+    "a healed rib fracture on the left",
+]
+TISSUES = ["colon mucosa", "lymph node", "breast ductal tissue", "liver parenchyma", "skin epidermis"]
+ORGANS = ["lung", "heart", "liver", "kidney", "brain", "colon"]
+MODALITIES = ["chest X-ray", "CT scan", "MRI", "histology slide", "ultrasound"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Images: every kind real data has.
+# ----------------------------------------------------------------------------------------------
+
+
+def _radiograph(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """8-bit grayscale chest-film-like picture: dark lungs in a bright body, ribs, noise."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    cx, cy = width / 2, height / 2
+    body = np.exp(-(((x - cx) / (0.45 * width)) ** 2 + ((y - cy) / (0.55 * height)) ** 2) * 2.0)
+    lungs = sum(
+        np.exp(-(((x - cx + s * 0.18 * width) / (0.13 * width)) ** 2 + ((y - cy) / (0.3 * height)) ** 2) * 2.0)
+        for s in (-1, 1)
+    )
+    ribs = 0.08 * np.sin(y / max(height, 1) * np.pi * rng.uniform(10, 16))
+    picture = 0.25 + 0.6 * body - 0.45 * lungs + ribs + rng.normal(0, 0.04, size=(height, width))
+    return (np.clip(picture, 0, 1) * 255).astype(np.uint8)
+
+
+def _histology(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """RGB H&E-like picture: pink stroma with purple nuclei."""
+    picture = np.empty((height, width, 3), dtype=np.float32)
+    picture[...] = (0.93, 0.72, 0.82)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    for _ in range(int(rng.integers(20, 60))):
+        nx, ny, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(3, max(4, min(width, height) / 12))
+        mask = ((x - nx) ** 2 + (y - ny) ** 2) < r * r
+        picture[mask] = (0.45, 0.25, 0.6)
+    picture += rng.normal(0, 0.03, size=picture.shape)
+    return (np.clip(picture, 0, 1) * 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    name: str  # file name without folder
+    kind: str  # radiograph | histology | rgba | palette | gray16
+    width: int
+    height: int
+    fmt: str  # JPEG | PNG
+
+
+def render_image(spec: ImageSpec, seed: int) -> bytes:
+    """The encoded bytes of one demo image (deterministic for a spec and seed)."""
+    rng = np.random.default_rng(seed)
+    if spec.kind == "radiograph":
+        image = Image.fromarray(_radiograph(rng, spec.width, spec.height), mode="L")
+    elif spec.kind == "histology":
+        image = Image.fromarray(_histology(rng, spec.width, spec.height), mode="RGB")
+    elif spec.kind == "rgba":
+        rgb = _histology(rng, spec.width, spec.height)
+        alpha = np.full((spec.height, spec.width), 255, dtype=np.uint8)
+        alpha[: spec.height // 3] = 0  # fully transparent band
+        alpha[spec.height // 3 : spec.height // 2] = 128  # half transparent band
+        image = Image.fromarray(np.dstack([rgb, alpha]), mode="RGBA")
+    elif spec.kind == "palette":
+        image = Image.fromarray(_histology(rng, spec.width, spec.height), mode="RGB").quantize(colors=16, method=Image.Quantize.MEDIANCUT)
+        image.info["transparency"] = 0  # palette entry 0 is transparent, as in many PNG figures
+    elif spec.kind == "gray16":
+        image = Image.fromarray(_radiograph(rng, spec.width, spec.height).astype(np.uint16) * 257)
+        image = image.convert("I;16") if image.mode != "I;16" else image
+    else:
+        raise ValueError(f"unknown demo image kind {spec.kind!r}")
+    buffer = io.BytesIO()
+    if spec.fmt == "JPEG":
+        image.save(buffer, format="JPEG", quality=90)
+    else:
+        png_info = PngImagePlugin.PngInfo()  # no timestamps: the bytes depend on the seed alone
+        save_args: dict[str, Any] = {"format": "PNG", "pnginfo": png_info}
+        if spec.kind == "palette":
+            save_args["transparency"] = 0
+        image.save(buffer, **save_args)
+    return buffer.getvalue()
+
+
+PUBLIC_IMAGE_KINDS = [
+    ("radiograph", "JPEG", (640, 512)),
+    ("histology", "PNG", (512, 768)),
+    ("rgba", "PNG", (600, 400)),
+    ("palette", "PNG", (300, 300)),
+    ("gray16", "PNG", (520, 700)),
+    ("radiograph", "PNG", (96, 64)),  # small: upscaled
+    ("histology", "JPEG", (1400, 900)),  # large and wide
+    ("radiograph", "JPEG", (400, 1100)),  # tall
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Text
+# ----------------------------------------------------------------------------------------------
+
+
+def _vqa_pair(rng: random.Random) -> tuple[str, str]:
+    organ = rng.choice(ORGANS)
+    kind = rng.choice(["closed", "open"])
+    if kind == "closed":
+        return f"Is the {organ} abnormal in this image?", rng.choice(["Yes", "No"])
+    return f"Which organ is shown in this {rng.choice(MODALITIES)}?", f"The {organ}."
+
+
+def row_text(task: str, rng: random.Random) -> str:
+    """A row's `text` in the medmax_data form: prompt, separator, response; <image> where images go."""
+    finding = rng.choice(FINDINGS)
+    if task == "VQA":
+        question, answer = _vqa_pair(rng)
+        return f"{IMG}\n{question}{SEP}{answer}"
+    if task == "Visual Chat":
+        return (
+            f"{IMG}\nWhat do you see in this {rng.choice(MODALITIES)}?{SEP}"
+            f"The image shows {finding}.{SEP}Is follow-up needed?{SEP}"
+            f"{rng.choice(['Yes, a repeat study is advised.', 'No further imaging is needed.'])}"
+        )
+    if task == "Image Captioning":
+        return f"{IMG}\nDescribe the image briefly.{SEP}A {rng.choice(MODALITIES)} of the {rng.choice(ORGANS)} showing {finding}."
+    if task == "Multimodal Generation":
+        return (
+            f"Explain what {finding} looks like and show an example.{SEP}"
+            f"It appears as follows. {IMG} Note the typical distribution."
+        )
+    if task == "Image Generation":
+        return f"Generate a {rng.choice(MODALITIES)} of {rng.choice(TISSUES)} with {finding}.{SEP}{IMG}"
+    if task == "Report Understanding":
+        return f"{IMG}\nWrite the findings section of the report.{SEP}Findings: {finding}. Impression: {rng.choice(FINDINGS)}."
+    raise ValueError(task)
+
+
+def corpus_for_tokenizer(rng: random.Random, n: int = 400) -> list[str]:
+    texts = [row_text(task, rng) for _ in range(n // len(TASKS)) for task in TASKS]
+    texts += [f"Answer the question based on this image and respond 'yes' or 'no'.\nQuestion: {_vqa_pair(rng)[0]}\nAnswer:"]
+    texts += ["respond 'A', 'B', 'C', or 'D'. Options: (A) lung (B) heart (C) liver (D) kidney"]
+    return texts
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequences
+# ----------------------------------------------------------------------------------------------
+
+
+def image_block(codes: list[int]) -> list[int]:
+    return [C.BEGIN_IMAGE_ID] + [int(c) + C.IMAGE_CODE_OFFSET for c in codes] + [C.END_IMAGE_ID]
+
+
+def published_tokens(text_ids: list[int], blocks: list[list[int]]) -> list[int]:
+    """[0] + text ids with each <image> replaced by the next image block + [2] (the public release's rule)."""
+    out = [C.BOS_ID]
+    remaining = iter(blocks)
+    for token_id in text_ids:
+        out.extend(next(remaining) if token_id == C.IMAGE_PLACEHOLDER_ID else [token_id])
+    out.append(C.EOS_ID)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The generator
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DemoPaths:
+    checkpoint: Path
+    base_model: Path
+    train: Path
+    validation: Path
+    public_root: Path
+    credentialed_root: Path
+    eval_set: Path
+    eval_image_root: Path
+    clip: Path
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def _fresh_dir(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def _encode_images(vqgan: Any, paths: list[Path]) -> list[list[int]]:
+    """VQGAN codes of images, with the pipeline's own preprocessing (as the public release did)."""
+    import torch
+
+    from medmax_pipeline.preprocess import load_image_pixels
+
+    codes: list[list[int]] = []
+    with torch.no_grad():
+        for path in paths:
+            pixels = load_image_pixels(path).pixels.unsqueeze(0)
+            codes.append(vqgan.encode_codes(pixels)[0].tolist())
+    return codes
+
+
+def generate_demo(paths: DemoPaths, seed: int = 0, vqgan_channels: int = 32, rows_per_task: int = 4) -> dict[str, int]:
+    """Write the whole demo; returns counts of what was written."""
+    import torch
+
+    from medmax_pipeline.clip_score import make_random_clip
+    from medmax_pipeline.hf_model import build_tiny_chameleon
+    from medmax_pipeline.vqgan import make_random_vqgan, save_original_checkpoint
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    for folder in (paths.checkpoint, paths.base_model, paths.public_root, paths.credentialed_root, paths.eval_image_root, paths.clip):
+        _fresh_dir(folder)
+
+    # Checkpoint folder, original layout.
+    tokenizer_dir = paths.checkpoint / "tokenizer"
+    build_chameleon_tokenizer(tokenizer_dir, corpus_for_tokenizer(random.Random(seed + 1)), text_vocab_size=1500)
+    vqgan, vqgan_yaml = make_random_vqgan(ch=vqgan_channels, seed=seed)
+    save_original_checkpoint(tokenizer_dir, vqgan, vqgan_yaml)
+    model_dir = paths.checkpoint / "models" / "7b"
+    model_dir.mkdir(parents=True)
+    # The LLM weights of the original layout (consolidated.pth) are not read by the pipeline, which
+    # trains from the HF-format folder; the demo writes the parameter files that describe them.
+    (model_dir / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": C.VOCAB_SIZE, "demo": True}, indent=2))
+    (model_dir / "consolidate_params.json").write_text(json.dumps({"demo": True}, indent=2))
+    tokenizer = load_tokenizer(tokenizer_dir / MODIFIED_TOKENIZER_FILE)
+
+    # HF-format base model.
+    build_tiny_chameleon(paths.base_model, vocabulary_map(tokenizer), seed=seed)
+    shutil.copy(tokenizer_dir / MODIFIED_TOKENIZER_FILE, paths.base_model / "tokenizer.json")
+
+    # Public images.
+    public_images: list[Path] = []
+    for i in range(max(len(PUBLIC_IMAGE_KINDS), rows_per_task * 3)):
+        kind, fmt, (w, h) = PUBLIC_IMAGE_KINDS[i % len(PUBLIC_IMAGE_KINDS)]
+        source = ["slake", "vqa_rad", "pathvqa", "pmc_oa", "quilt"][i % 5]
+        spec = ImageSpec(f"{source}/img_{i:03d}.{'jpg' if fmt == 'JPEG' else 'png'}", kind, w, h, fmt)
+        path = paths.public_root / spec.name
+        _write_bytes(path, render_image(spec, seed * 1000 + i))
+        public_images.append(path)
+    public_codes = _encode_images(vqgan, public_images)
+    public_blocks = {p.relative_to(paths.public_root).as_posix(): image_block(c) for p, c in zip(public_images, public_codes)}
+
+    # Credentialed images, MIMIC-CXR-JPG layout, with broken files.
+    sources = {CREDENTIALED_SOURCE: CredentialedSource(CREDENTIALED_SOURCE, str(paths.credentialed_root), "mimic_cxr_jpg")}
+    credentialed_ids: list[dict[str, str]] = []
+    n_credentialed = rows_per_task * 2 + 4
+    for i in range(n_credentialed):
+        subject = f"1{rng.randrange(10**7):07d}"
+        ids = {"subject_id": subject, "study_id": f"5{rng.randrange(10**7):07d}", "dicom_id": f"{rng.getrandbits(64):016x}-{i:02d}"}
+        credentialed_ids.append(ids)
+        relative = TEMPLATE_PRESETS["mimic_cxr_jpg"].format(**ids)
+        path = paths.credentialed_root / relative
+        good = render_image(ImageSpec(relative, "radiograph", 512 + 32 * (i % 3), 512 + 16 * (i % 4), "JPEG"), seed * 2000 + i)
+        if i == n_credentialed - 1:
+            continue  # missing image: its row is reported, never dropped
+        elif i == n_credentialed - 2:
+            _write_bytes(path, good[: len(good) // 3])  # truncated JPEG
+        elif i == n_credentialed - 3:
+            _write_bytes(path, b"")  # zero bytes
+        elif i == n_credentialed - 4:
+            _write_bytes(path, b"this is a text file, not a JPEG\n")  # text with an image extension
+        else:
+            _write_bytes(path, good)
+
+    # Rows.
+    split_rows: dict[str, list[dict[str, Any]]] = {"train": [], "validation": []}
+    public_names = sorted(public_blocks)
+    image_counter = 0
+    for split, per_task in (("train", rows_per_task), ("validation", max(1, rows_per_task // 2))):
+        for task in TASKS:
+            for _ in range(per_task):
+                text = row_text(task, rng)
+                names = []
+                for _ in range(text.count(IMG)):
+                    names.append(public_names[image_counter % len(public_names)])
+                    image_counter += 1
+                source = rng.choice(PUBLIC_SOURCES[task])
+                split_rows[split].append({"text": text, "image_path": names[0] if names else None, "_images": names, "task": task, "source": source, "credential": "no"})
+    # Credentialed rows: Report Understanding and Image Captioning over MIMIC-CXR-JPG images.
+    for i, ids in enumerate(credentialed_ids):
+        split = "validation" if i % 4 == 3 else "train"
+        task = "Report Understanding" if i % 2 == 0 else "Image Captioning"
+        split_rows[split].append({"text": row_text(task, rng), "tokens": [], "task": task, "source": CREDENTIALED_SOURCE, "credential": "yes", **ids})
+
+    # Published tokens of public rows. Rows with several images reuse image_path for the first only,
+    # as medmax_data does; the demo gives its multi-image rows one image.
+    for split, rows in split_rows.items():
+        public = [r for r in rows if r["credential"] == "no"]
+        for row, text_ids in zip(public, encode_texts(tokenizer, [r["text"] for r in public])):
+            images = row.pop("_images")
+            row["tokens"] = published_tokens(text_ids, [public_blocks[n] for n in images])
+        for row in rows:
+            if row["credential"] == "yes":  # the template must name each credentialed row's image
+                extra = json.dumps({k: row[k] for k in ("subject_id", "study_id", "dicom_id")})
+                key = image_key_for_row({**row, "extra": extra}, sources)
+                assert key.key is not None, key.problem
+
+    counts = {}
+    for split, path in (("train", paths.train), ("validation", paths.validation)):
+        lines = [json.dumps(r, ensure_ascii=False) for r in split_rows[split]]
+        if split == "train":
+            # Malformed lines a real download can hold; each must be reported with its line number.
+            lines.insert(3, '{"text": "truncated line", "task": "VQA", ')
+            lines.insert(7, json.dumps({"text": 42, "tokens": [], "task": "VQA", "source": "slake", "credential": "no"}))
+            lines.insert(9, json.dumps({"text": f"{IMG}\nIs this normal?{SEP}Yes", "tokens": [0, 5, 2], "image_path": None, "task": "VQA", "source": "slake", "credential": "no"}))
+            lines.insert(11, json.dumps({"text": f"Is this normal?{SEP}Yes", "tokens": [0, 5, 2], "image_path": public_names[0], "task": "VQA", "source": "slake", "credential": "no"}))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n")
+        counts[f"{split}_lines"] = len(lines)
+
+    counts.update(_write_eval_set(paths, rng, seed))
+    make_random_clip(paths.clip, seed=seed)
+    counts["public_images"] = len(public_images)
+    counts["credentialed_images"] = n_credentialed
+    return counts
+
+
+VQA_TASKS = [
+    ("vqa_rad", "closed"), ("slake", "closed"), ("pathvqa", "closed"), ("quilt_vqa", "closed"), ("probmed", "closed"),
+    ("vqa_rad", "open"), ("slake", "open"), ("pathvqa", "open"), ("quilt_vqa", "open"),
+    ("pmc_vqa", "mcq"), ("omnimed_vqa", "mcq"), ("path_mmu", "mcq"),
+]
+
+
+def _write_eval_set(paths: DemoPaths, rng: random.Random, seed: int) -> dict[str, int]:
+    rows: list[dict[str, Any]] = []
+    index = 0
+
+    def eval_image(kind: str) -> str:
+        nonlocal index
+        fmt = "PNG" if index % 2 else "JPEG"
+        name = f"{kind}/eval_{index:03d}.{'png' if fmt == 'PNG' else 'jpg'}"
+        _write_bytes(paths.eval_image_root / name, render_image(ImageSpec(name, kind, 512 + 8 * (index % 5), 512, fmt), seed * 3000 + index))
+        index += 1
+        return name
+
+    for task_name, question_type in VQA_TASKS:
+        for _ in range(2):
+            organ = rng.choice(ORGANS)
+            if question_type == "closed":
+                prompt, answer = f"Is there evidence of disease in the {organ}?", rng.choice(["yes", "no"])
+            elif question_type == "open":
+                prompt, answer = f"Which organ is shown in this image?", organ
+            else:
+                options = rng.sample(ORGANS, 4)
+                letter = "ABCD"[options.index(organ)] if organ in options else "A"
+                options_text = " ".join(f"({l}) {o}" for l, o in zip("ABCD", options))
+                prompt, answer = f"Which organ is shown? Options: {options_text}", letter
+            rows.append({"task_name": task_name, "question_type": question_type, "prompt": prompt, "answer": answer, "image_path": eval_image("histology" if "path" in task_name else "radiograph")})
+    for question_type in ("pmc_oa", "quilt", "report"):
+        rows.append({"task_name": "image_captioning", "question_type": question_type, "prompt": "Describe the image briefly.", "answer": f"A {rng.choice(MODALITIES)} showing {rng.choice(FINDINGS)}.", "image_path": eval_image("radiograph")})
+    for question_type in ("pmc_oa", "quilt"):
+        rows.append({"task_name": "image_generation", "question_type": question_type, "prompt": f"Generate a {rng.choice(MODALITIES)} of {rng.choice(TISSUES)}.", "answer": "", "image_path": eval_image("histology")})
+    paths.eval_set.parent.mkdir(parents=True, exist_ok=True)
+    paths.eval_set.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return {"eval_rows": len(rows)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out_dir", nargs="?", help="write everything under this folder (default layout)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vqgan-channels", type=int, default=32)
+    parser.add_argument("--rows-per-task", type=int, default=4)
+    for name in ("checkpoint", "base-model", "train", "validation", "public-root", "eval-set", "eval-image-root", "clip"):
+        parser.add_argument(f"--{name}")
+    parser.add_argument("--credentialed", action="append", default=[], help="SOURCE=ROOT=TEMPLATE; the demo fills the mimic_cxr root")
+
+
+def default_paths(out_dir: str | Path) -> DemoPaths:
+    out = Path(out_dir)
+    return DemoPaths(
+        checkpoint=out / "checkpoint",
+        base_model=out / "base_model",
+        train=out / "data" / "train.jsonl",
+        validation=out / "data" / "validation.jsonl",
+        public_root=out / "images" / "public",
+        credentialed_root=out / "images" / "credentialed" / "mimic-cxr-jpg",
+        eval_set=out / "eval" / "eval.jsonl",
+        eval_image_root=out / "eval" / "images",
+        clip=out / "biomedclip",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    paths = default_paths(args.out_dir or "results/demo")
+    for field in ("checkpoint", "base_model", "train", "validation", "public_root", "eval_set", "eval_image_root", "clip"):
+        value = getattr(args, field)
+        if value:
+            setattr(paths, field, Path(value))
+    for entry in args.credentialed:
+        source, root, template = entry.split("=", 2)
+        if source != CREDENTIALED_SOURCE or template != "mimic_cxr_jpg":
+            raise SystemExit(f"error: the demo makes only the {CREDENTIALED_SOURCE} source with template mimic_cxr_jpg, not {entry!r}")
+        paths.credentialed_root = Path(root)
+    counts = generate_demo(paths, seed=args.seed, vqgan_channels=args.vqgan_channels, rows_per_task=args.rows_per_task)
+    print(json.dumps(counts, sort_keys=True))
+    return 0

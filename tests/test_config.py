@@ -1,0 +1,74 @@
+"""Config validation: schema, defaults, one clear message naming the key."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medmax_pipeline.config import ConfigError, load_config, validate_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture()
+def config() -> dict:
+    with open(REPO / "config.yaml") as f:
+        return yaml.safe_load(f)
+
+
+def test_default_config_is_valid_and_gets_defaults(config: dict) -> None:
+    validated = validate_config(copy.deepcopy(config))
+    assert validated["tokenize"]["gpus_per_job"] == 1
+    assert validated["train"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert validated["train"]["lora_dropout"] == 0.05
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda c: c["tokenize"].update(num_shard=2), r"unknown key 'tokenize.num_shard'"),
+        (lambda c: c.update(extra_section={}), r"unknown key 'extra_section'"),
+        (lambda c: c["tokenize"].update(num_shards="two"), r"key 'tokenize.num_shards': 'two' is not of type 'integer'"),
+        (lambda c: c["tokenize"].update(num_shards=0), r"key 'tokenize.num_shards'"),
+        (lambda c: c["assemble"].update(overflow="wrap"), r"key 'assemble.overflow'"),
+        (lambda c: c["images"]["credentialed"][0].pop("template"), r"missing key 'images.credentialed.0.template'"),
+        (lambda c: c.pop("dataset"), r"missing key 'dataset'"),
+        (lambda c: c["tokenize"].update(precision="bf16"), r"key 'tokenize.precision': bf16 needs device cuda"),
+        (lambda c: c["images"]["credentialed"].append(dict(c["images"]["credentialed"][0])), r"listed twice"),
+    ],
+)
+def test_bad_config_names_the_key(config: dict, mutate, message: str) -> None:
+    mutate(config)
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config)
+
+
+def test_missing_path_is_reported_when_the_demo_does_not_make_it(config: dict, tmp_path: Path) -> None:
+    config["demo"]["enabled"] = False
+    with pytest.raises(ConfigError, match=r"key 'checkpoint': folder results/demo/checkpoint does not exist"):
+        validate_config(config)
+
+
+def test_load_config_reports_bad_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("tokenize: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_snakemake_stops_with_the_message(tmp_path: Path, config: dict) -> None:
+    import subprocess
+    import sys
+
+    config["tokenize"]["num_shardz"] = 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--configfile", str(bad), "--directory", str(REPO)],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert result.returncode != 0
+    assert "unknown key 'tokenize.num_shardz'" in result.stdout + result.stderr

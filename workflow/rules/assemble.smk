@@ -1,0 +1,42 @@
+# Stage 4: public rows (published tokens, checked) + credentialed rows filled in locally.
+# dataset.parquet stays on this machine; dataset_public.parquet is the shareable export.
+
+
+rule assemble:
+    input:
+        rows=lambda wildcards: config["dataset"][wildcards.split],
+        blocks=results("vocab", "image_blocks.parquet"),
+        path_problems=results("collect", "image_path_problems.parquet"),
+        token_errors=results("tokenize", "image_token_errors.parquet"),
+        checkpoint=config["checkpoint"],
+    output:
+        dataset=results("assemble", "{split}", "dataset.parquet"),
+        public=results("assemble", "{split}", "dataset_public.parquet"),
+        problems=results("assemble", "{split}", "dataset_problems.parquet"),
+        coverage=report(
+            results("assemble", "{split}", "coverage.parquet"),
+            category="Dataset coverage",
+            labels={"split": "{split}", "artifact": "coverage"},
+        ),
+    params:
+        tokenizer=TOKENIZER,
+        credentialed=credentialed_args(),
+        max_length=config["assemble"]["max_length"],
+        overflow=config["assemble"]["overflow"],
+        max_error_fraction=config["assemble"]["max_error_fraction"],
+        output_dir=lambda wildcards, output: Path(output.dataset).parent,
+    wildcard_constraints:
+        split="train|validation",
+    threads: 2
+    resources:
+        mem_mb=config["assemble"]["mem_mb"],
+    log:
+        log_path("assemble/{split}"),
+    conda:
+        "../../envs/data.yaml"
+    shell:
+        "{MEDMAX} assemble --rows {input.rows} --split {wildcards.split} --image-blocks {input.blocks}"
+        " --path-problems {input.path_problems} --token-errors {input.token_errors}"
+        " --tokenizer {params.tokenizer} {params.credentialed} --max-length {params.max_length}"
+        " --overflow {params.overflow} --max-error-fraction {params.max_error_fraction}"
+        " --output-dir {params.output_dir} > {log} 2>&1"

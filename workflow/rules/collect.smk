@@ -1,0 +1,25 @@
+# Stage 1: dataset rows + image roots -> one row per distinct image, inside its root.
+
+
+rule collect:
+    input:
+        train=config["dataset"]["train"],
+        validation=config["dataset"]["validation"],
+        public_root=config["images"]["public_root"],
+        credentialed_roots=credentialed_roots(),
+    output:
+        image_paths=results("collect", "image_paths.parquet"),
+        problems=results("collect", "image_path_problems.parquet"),
+        csv=results("collect", "img_paths.csv"),
+    params:
+        credentialed=credentialed_args(),
+        include_public="--include-public" if config["images"]["include_public"] else "--no-include-public",
+        output_dir=lambda wildcards, output: Path(output.image_paths).parent,
+    log:
+        log_path("collect"),
+    conda:
+        "../../envs/data.yaml"
+    shell:
+        "{MEDMAX} collect --rows train={input.train} --rows validation={input.validation}"
+        " --public-root {input.public_root} {params.credentialed} {params.include_public}"
+        " --output-dir {params.output_dir} > {log} 2>&1"

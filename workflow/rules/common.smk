@@ -1,0 +1,61 @@
+# Shared by every rule: config validation, paths of the stage outputs, how rules call the package.
+import sys
+from pathlib import Path
+
+from snakemake.settings.types import DeploymentMethod
+
+from medmax_pipeline.config import ConfigError, validate_config
+
+try:
+    validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
+except ConfigError as exc:
+    raise WorkflowError(str(exc)) from None
+
+
+# Rules run the package's command line: the conda env's python under --sdm conda, else the
+# interpreter that runs Snakemake (the project's virtual environment).
+if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
+    MEDMAX = "python -m medmax_pipeline"
+else:
+    MEDMAX = f"{sys.executable} -m medmax_pipeline"
+
+RESULTS = config["results_dir"]
+SPLITS = ["train", "validation"]
+MODELS = ["base", "trained"]
+CREDENTIALED = config["images"]["credentialed"]
+NUM_SHARDS = config["tokenize"]["num_shards"]
+TOKENIZER = f"{config['checkpoint']}/tokenizer/text_tokenizer_modified.json"
+
+
+def results(*parts):
+    return "/".join([RESULTS, *parts])
+
+
+def log_path(name):
+    return results("logs", f"{name}.log")
+
+
+def credentialed_args():
+    """--credentialed SOURCE=ROOT=TEMPLATE for each credentialed source of the config."""
+    return " ".join(f"--credentialed '{e['source']}={e['root']}={e['template']}'" for e in CREDENTIALED)
+
+
+def credentialed_roots():
+    return [e["root"] for e in CREDENTIALED]
+
+
+def tokenize_gpus():
+    return config["tokenize"]["gpus_per_job"] if config["tokenize"]["device"] == "cuda" else 0
+
+
+def final_targets():
+    targets = [
+        results("collect", "image_paths.parquet"),
+        results("vocab", "image_blocks.parquet"),
+        *expand(results("assemble", "{split}", "dataset.parquet"), split=SPLITS),
+        *expand(results("assemble", "{split}", "dataset_public.parquet"), split=SPLITS),
+        results("train", "adapter"),
+        *expand(results("evaluate", "{rules}", "score_summary.parquet"), rules=config["evaluate"]["rules"]),
+        results("report", "summary.html"),
+    ]
+    return targets

@@ -1,0 +1,34 @@
+# The embedded demo: small random models and data, generated in the real on-disk layouts at the
+# paths the config names. With demo.enabled: false this rule does not exist and those paths are
+# the user's own copies.
+
+if config["demo"]["enabled"]:
+
+    rule demo:
+        output:
+            checkpoint=directory(config["checkpoint"]),
+            base_model=directory(config["base_model"]),
+            train=config["dataset"]["train"],
+            validation=config["dataset"]["validation"],
+            public_root=directory(config["images"]["public_root"]),
+            credentialed_roots=[directory(root) for root in credentialed_roots()],
+            eval_set=config["evaluate"]["eval_set"],
+            eval_images=directory(config["evaluate"]["image_root"]),
+            clip=directory(config["evaluate"]["clip"]),
+        params:
+            seed=config["demo"]["seed"],
+            vqgan_channels=config["demo"]["vqgan_channels"],
+            rows_per_task=config["demo"]["rows_per_task"],
+            credentialed=credentialed_args(),
+        log:
+            log_path("demo"),
+        conda:
+            "../../envs/torch.yaml"
+        shell:
+            "{MEDMAX} demo --seed {params.seed} --vqgan-channels {params.vqgan_channels}"
+            " --rows-per-task {params.rows_per_task}"
+            " --checkpoint {output.checkpoint} --base-model {output.base_model}"
+            " --train {output.train} --validation {output.validation}"
+            " --public-root {output.public_root} {params.credentialed}"
+            " --eval-set {output.eval_set} --eval-image-root {output.eval_images} --clip {output.clip}"
+            " > {log} 2>&1"

@@ -1,0 +1,63 @@
+# Stage 2: VQGAN tokenization, scattered over shards (one GPU job each), then gathered.
+# Shard files live under a folder named for the shard count, so changing tokenize.num_shards
+# re-plans tokenization (and what follows) but not collection.
+
+
+rule tokenize_shard:
+    input:
+        csv=results("collect", "img_paths.csv"),
+        checkpoint=config["checkpoint"],
+    output:
+        tokens=results("tokenize", f"n{NUM_SHARDS}", "shard-{shard}-of-" + str(NUM_SHARDS) + ".parquet"),
+        errors=results("tokenize", f"n{NUM_SHARDS}", "shard-{shard}-of-" + str(NUM_SHARDS) + ".errors.parquet"),
+    params:
+        num_shards=NUM_SHARDS,
+        output_dir=lambda wildcards, output: Path(output.tokens).parent,
+        batch_size=config["tokenize"]["batch_size"],
+        workers=config["tokenize"]["workers"],
+        chunk_size=config["tokenize"]["chunk_size"],
+        device=config["tokenize"]["device"],
+        precision=config["tokenize"]["precision"],
+        launcher=(
+            f"torchrun --standalone --nproc-per-node {config['tokenize']['gpus_per_job']} -m medmax_pipeline"
+            if tokenize_gpus() > 1
+            else MEDMAX
+        ),
+    wildcard_constraints:
+        shard=r"\d+",
+    threads: max(1, config["tokenize"]["workers"])
+    resources:
+        gpu=tokenize_gpus(),
+        mem_mb=config["tokenize"]["mem_mb"],
+        runtime=config["tokenize"]["runtime_min"],
+    log:
+        log_path("tokenize/shard-{shard}"),
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "{params.launcher} tokenize --input {input.csv} --output {params.output_dir} --ckpt {input.checkpoint}"
+        " --shard {wildcards.shard} --num-shards {params.num_shards} --batch-size {params.batch_size}"
+        " --workers {params.workers} --chunk-size {params.chunk_size} --device {params.device}"
+        " --precision {params.precision} > {log} 2>&1"
+
+
+rule gather_tokens:
+    input:
+        expand(
+            results("tokenize", f"n{NUM_SHARDS}", "shard-{shard}-of-{n}.parquet"),
+            shard=range(NUM_SHARDS),
+            n=NUM_SHARDS,
+        ),
+    output:
+        tokens=results("tokenize", "image_tokens.parquet"),
+        errors=results("tokenize", "image_token_errors.parquet"),
+    params:
+        shards_dir=results("tokenize", f"n{NUM_SHARDS}"),
+        num_shards=NUM_SHARDS,
+    log:
+        log_path("gather_tokens"),
+    conda:
+        "../../envs/data.yaml"
+    shell:
+        "{MEDMAX} gather-tokens --shards {params.shards_dir} --num-shards {params.num_shards}"
+        " --output {output.tokens} --errors {output.errors} > {log} 2>&1"

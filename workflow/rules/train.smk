@@ -1,0 +1,51 @@
+# Stage 5: LoRA finetune of the HF-format base model on the assembled train split.
+# gpus: 0 runs one process on the CPU; N > 0 runs torchrun with DeepSpeed ZeRO-2 over N GPUs.
+
+TRAIN = config["train"]
+
+
+def train_launcher():
+    if TRAIN["gpus"] > 0:
+        return f"torchrun --standalone --nproc-per-node {TRAIN['gpus']} -m medmax_pipeline"
+    return MEDMAX
+
+
+rule train:
+    input:
+        dataset=results("assemble", "train", "dataset.parquet"),
+        eval_dataset=results("assemble", "validation", "dataset.parquet"),
+        base_model=config["base_model"],
+    output:
+        adapter=directory(results("train", "adapter")),
+        metrics=results("train", "train_metrics.parquet"),
+        loss_curve=report(
+            results("train", "loss_curve.png"), category="Training", labels={"figure": "loss curve"}
+        ),
+    params:
+        output_dir=lambda wildcards, output: Path(output.metrics).parent,
+        launcher=train_launcher(),
+        deepspeed=f"--deepspeed {TRAIN['deepspeed']}" if TRAIN["gpus"] > 0 else "",
+        target_modules=",".join(TRAIN["target_modules"]),
+        max_steps=f"--max-steps {TRAIN['max_steps']}" if TRAIN["max_steps"] else "",
+        merge="--merge" if TRAIN["merge"] else "",
+        recipe=(
+            f"--lora-r {TRAIN['lora_r']} --lora-alpha {TRAIN['lora_alpha']} --lora-dropout {TRAIN['lora_dropout']}"
+            f" --lr {TRAIN['learning_rate']} --scheduler {TRAIN['scheduler']} --warmup-ratio {TRAIN['warmup_ratio']}"
+            f" --epochs {TRAIN['epochs']} --batch-size {TRAIN['batch_size']} --grad-accum {TRAIN['grad_accum']}"
+            f" --max-length {TRAIN['max_length']} --precision {TRAIN['precision']}"
+            f" --save-every {TRAIN['save_every']} --seed {TRAIN['seed']}"
+        ),
+    threads: 2
+    resources:
+        gpu=TRAIN["gpus"],
+        mem_mb=TRAIN["mem_mb"],
+        runtime=TRAIN["runtime_min"],
+    log:
+        log_path("train"),
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "{params.launcher} train --dataset {input.dataset} --eval-dataset {input.eval_dataset}"
+        " --base-model {input.base_model} --output {params.output_dir} {params.recipe}"
+        " --target-modules {params.target_modules} {params.deepspeed} {params.max_steps} {params.merge}"
+        " > {log} 2>&1"

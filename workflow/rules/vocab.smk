@@ -1,0 +1,18 @@
+# Stage 3: VQGAN code c -> vocabulary id c + 4, framed as 8197 ... 8196, after checking the tokenizer.
+
+
+rule map_vocab:
+    input:
+        tokens=results("tokenize", "image_tokens.parquet"),
+        checkpoint=config["checkpoint"],
+    output:
+        blocks=results("vocab", "image_blocks.parquet"),
+    params:
+        tokenizer=TOKENIZER,
+    log:
+        log_path("map_vocab"),
+    conda:
+        "../../envs/data.yaml"
+    shell:
+        "{MEDMAX} map-vocab --tokens {input.tokens} --tokenizer {params.tokenizer}"
+        " --output {output.blocks} > {log} 2>&1"
