@@ -19,6 +19,7 @@ rule assemble:
             labels={"split": "{split}", "artifact": "coverage"},
         ),
     params:
+        medmax=MEDMAX,
         tokenizer=TOKENIZER,
         credentialed=credentialed_args(),
         max_length=config["assemble"]["max_length"],
@@ -35,7 +36,7 @@ rule assemble:
     conda:
         "../../envs/data.yaml"
     shell:
-        "{MEDMAX} assemble --rows {input.rows} --split {wildcards.split} --image-blocks {input.blocks}"
+        "{params.medmax} assemble --rows {input.rows} --split {wildcards.split} --image-blocks {input.blocks}"
         " --path-problems {input.path_problems} --token-errors {input.token_errors}"
         " --tokenizer {params.tokenizer} {params.credentialed} --max-length {params.max_length}"
         " --overflow {params.overflow} --max-error-fraction {params.max_error_fraction}"

@@ -12,6 +12,7 @@ rule collect:
         problems=results("collect", "image_path_problems.parquet"),
         csv=results("collect", "img_paths.csv"),
     params:
+        medmax=MEDMAX,
         credentialed=credentialed_args(),
         include_public="--include-public" if config["images"]["include_public"] else "--no-include-public",
         output_dir=lambda wildcards, output: Path(output.image_paths).parent,
@@ -20,6 +21,6 @@ rule collect:
     conda:
         "../../envs/data.yaml"
     shell:
-        "{MEDMAX} collect --rows train={input.train} --rows validation={input.validation}"
+        "{params.medmax} collect --rows train={input.train} --rows validation={input.validation}"
         " --public-root {input.public_root} {params.credentialed} {params.include_public}"
         " --output-dir {params.output_dir} > {log} 2>&1"

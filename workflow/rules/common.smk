@@ -12,10 +12,10 @@ except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
 
 
-# Rules run the package's command line: the conda env's python under --sdm conda, else the
-# interpreter that runs Snakemake (the project's virtual environment).
+# Rules run the package's command line: under --sdm conda the env's python with the package taken
+# from the workflow folder, else the interpreter that runs Snakemake (the project's virtualenv).
 if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
-    MEDMAX = "python -m medmax_pipeline"
+    MEDMAX = f"env PYTHONPATH={workflow.basedir} python -m medmax_pipeline"
 else:
     MEDMAX = f"{sys.executable} -m medmax_pipeline"
 
@@ -46,6 +46,14 @@ def credentialed_roots():
 
 def tokenize_gpus():
     return config["tokenize"]["gpus_per_job"] if config["tokenize"]["device"] == "cuda" else 0
+
+
+def train_launcher():
+    """torchrun (DeepSpeed ZeRO-2) over train.gpus GPUs, or one process on the CPU."""
+    gpus = config["train"]["gpus"]
+    if gpus > 0:
+        return f"torchrun --standalone --nproc-per-node {gpus} -m medmax_pipeline"
+    return MEDMAX
 
 
 def final_targets():

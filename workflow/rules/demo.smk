@@ -16,6 +16,7 @@ if config["demo"]["enabled"]:
             eval_images=directory(config["evaluate"]["image_root"]),
             clip=directory(config["evaluate"]["clip"]),
         params:
+            medmax=MEDMAX,
             seed=config["demo"]["seed"],
             vqgan_channels=config["demo"]["vqgan_channels"],
             rows_per_task=config["demo"]["rows_per_task"],
@@ -25,7 +26,7 @@ if config["demo"]["enabled"]:
         conda:
             "../../envs/torch.yaml"
         shell:
-            "{MEDMAX} demo --seed {params.seed} --vqgan-channels {params.vqgan_channels}"
+            "{params.medmax} demo --seed {params.seed} --vqgan-channels {params.vqgan_channels}"
             " --rows-per-task {params.rows_per_task}"
             " --checkpoint {output.checkpoint} --base-model {output.base_model}"
             " --train {output.train} --validation {output.validation}"

@@ -14,6 +14,7 @@ rule generate:
     output:
         predictions=results("evaluate", "predictions_{model}.parquet"),
     params:
+        medmax=MEDMAX,
         adapter=lambda wildcards, input: f"--adapter {input.adapter}" if wildcards.model == "trained" else "",
         max_items=f"--max-items {EVAL['max_items']}" if EVAL["max_items"] else "",
         batch_size=EVAL["batch_size"],
@@ -28,7 +29,7 @@ rule generate:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "{MEDMAX} generate --eval-set {input.eval_set} --image-root {input.image_root}"
+        "{params.medmax} generate --eval-set {input.eval_set} --image-root {input.image_root}"
         " --ckpt {input.checkpoint} --base-model {input.base_model} {params.adapter}"
         " --model-name {wildcards.model} --output {output.predictions} --batch-size {params.batch_size}"
         " --device {params.device} {params.max_items} > {log} 2>&1"
@@ -44,6 +45,7 @@ rule score:
         scores=results("evaluate", "{rules}", "scores.parquet"),
         summary=results("evaluate", "{rules}", "score_summary.parquet"),
     params:
+        medmax=MEDMAX,
         output_dir=lambda wildcards, output: Path(output.scores).parent,
         clip=f"--clip {EVAL['clip']}" if EVAL["clip"] else "",
         judge=f"--judge-config {results('evaluate', 'judge.json')}" if EVAL["judge"] else "",
@@ -55,7 +57,7 @@ rule score:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "{MEDMAX} score --predictions {input.predictions} --output {params.output_dir} --rules {wildcards.rules}"
+        "{params.medmax} score --predictions {input.predictions} --output {params.output_dir} --rules {wildcards.rules}"
         " --ckpt {input.checkpoint} --image-root {input.image_root} {params.clip} {params.judge}"
         " --bootstrap {params.bootstrap} > {log} 2>&1"
 
@@ -71,11 +73,12 @@ rule report_figures:
         bars=report(results("report", "task_accuracy.png"), category="Evaluation", labels={"figure": "accuracy per task"}),
         coverage=report(results("report", "coverage.html"), category="Dataset coverage", labels={"figure": "coverage summary"}),
     params:
+        medmax=MEDMAX,
         output_dir=lambda wildcards, output: Path(output.table).parent,
     log:
         log_path("report_figures"),
     conda:
         "../../envs/data.yaml"
     shell:
-        "{MEDMAX} report --summary {input.summaries} --train-metrics {input.metrics}"
+        "{params.medmax} report --summary {input.summaries} --train-metrics {input.metrics}"
         " --coverage {input.coverage} --output-dir {params.output_dir} > {log} 2>&1"

@@ -52,12 +52,13 @@ rule gather_tokens:
         tokens=results("tokenize", "image_tokens.parquet"),
         errors=results("tokenize", "image_token_errors.parquet"),
     params:
-        shards_dir=results("tokenize", f"n{NUM_SHARDS}"),
+        medmax=MEDMAX,
+        shards_dir=lambda wildcards, input: Path(input[0]).parent,
         num_shards=NUM_SHARDS,
     log:
         log_path("gather_tokens"),
     conda:
         "../../envs/data.yaml"
     shell:
-        "{MEDMAX} gather-tokens --shards {params.shards_dir} --num-shards {params.num_shards}"
+        "{params.medmax} gather-tokens --shards {params.shards_dir} --num-shards {params.num_shards}"
         " --output {output.tokens} --errors {output.errors} > {log} 2>&1"

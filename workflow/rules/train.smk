@@ -4,12 +4,6 @@
 TRAIN = config["train"]
 
 
-def train_launcher():
-    if TRAIN["gpus"] > 0:
-        return f"torchrun --standalone --nproc-per-node {TRAIN['gpus']} -m medmax_pipeline"
-    return MEDMAX
-
-
 rule train:
     input:
         dataset=results("assemble", "train", "dataset.parquet"),

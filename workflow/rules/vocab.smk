@@ -8,11 +8,12 @@ rule map_vocab:
     output:
         blocks=results("vocab", "image_blocks.parquet"),
     params:
+        medmax=MEDMAX,
         tokenizer=TOKENIZER,
     log:
         log_path("map_vocab"),
     conda:
         "../../envs/data.yaml"
     shell:
-        "{MEDMAX} map-vocab --tokens {input.tokens} --tokenizer {params.tokenizer}"
+        "{params.medmax} map-vocab --tokens {input.tokens} --tokenizer {params.tokenizer}"
         " --output {output.blocks} > {log} 2>&1"
