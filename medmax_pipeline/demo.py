@@ -406,8 +406,9 @@ def _write_eval_set(paths: DemoPaths, rng: random.Random, seed: int) -> dict[str
             elif question_type == "open":
                 prompt, answer = f"Which organ is shown in this image?", organ
             else:
-                options = rng.sample(ORGANS, 4)
-                letter = "ABCD"[options.index(organ)] if organ in options else "A"
+                options = rng.sample([o for o in ORGANS if o != organ], 3) + [organ]
+                rng.shuffle(options)
+                letter = "ABCD"[options.index(organ)]
                 options_text = " ".join(f"({l}) {o}" for l, o in zip("ABCD", options))
                 prompt, answer = f"Which organ is shown? Options: {options_text}", letter
             rows.append({"task_name": task_name, "question_type": question_type, "prompt": prompt, "answer": answer, "image_path": eval_image("histology" if "path" in task_name else "radiograph")})

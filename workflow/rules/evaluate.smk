@@ -59,7 +59,7 @@ rule score:
     shell:
         "{params.medmax} score --predictions {input.predictions} --output {params.output_dir} --rules {wildcards.rules}"
         " --ckpt {input.checkpoint} --image-root {input.image_root} {params.clip} {params.judge}"
-        " --bootstrap {params.bootstrap} > {log} 2>&1"
+        " --n-bootstrap {params.bootstrap} --seed 0 > {log} 2>&1"
 
 
 rule report_figures:
@@ -70,7 +70,7 @@ rule report_figures:
         coverage=expand(results("assemble", "{split}", "coverage.parquet"), split=SPLITS),
     output:
         table=report(results("report", "summary.html"), category="Evaluation", labels={"figure": "score summary"}),
-        bars=report(results("report", "task_accuracy.png"), category="Evaluation", labels={"figure": "accuracy per task"}),
+        bars=report(results("report", "vqa_accuracy.png"), category="Evaluation", labels={"figure": "accuracy per task"}),
         coverage=report(results("report", "coverage.html"), category="Dataset coverage", labels={"figure": "coverage summary"}),
     params:
         medmax=MEDMAX,

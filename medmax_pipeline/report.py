@@ -1,0 +1,225 @@
+"""Stage 6: figures and tables for the Snakemake report (self-contained, opens offline).
+
+    medmax report --summary results/scores/score_summary.parquet [--train-metrics train_metrics.parquet] \
+        [--coverage coverage.parquet] --output-dir results/report
+
+Writes into the output folder (always the same names, so Snakemake can list them as outputs):
+    vqa_accuracy.png   per-task bars, one bar per model (base vs trained), 95% bootstrap error bars
+    loss_curve.png     training (and validation) loss by step; a placeholder figure saying why
+                       when --train-metrics is not given or has no loss column
+    summary.html       the summary table (every model, task, rule set, interval, unjudged count)
+    coverage.html      the dataset coverage table, or a note that no coverage artifact was given
+No external JS or CSS: inline styles only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from medmax_pipeline.artifacts import ArtifactError, read_artifact
+from medmax_pipeline.scoring_rules import VQA_TASKS
+
+STYLE = (
+    "body{font-family:sans-serif;font-size:13px}table{border-collapse:collapse}"
+    "th,td{border:1px solid #bbb;padding:3px 6px;text-align:right}th{background:#eee}"
+    "td.t{text-align:left}caption{font-weight:bold;text-align:left;padding:4px 0}"
+)
+
+
+class ReportError(ValueError):
+    """An input of the report is missing or not what it should be."""
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], caption: str, note: str = "") -> str:
+    """A standalone HTML page holding one table; text cells are escaped."""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = []
+    for row in rows:
+        cells = []
+        for c in columns:
+            v = row.get(c)
+            cls = ' class="t"' if not isinstance(v, (int, float)) or isinstance(v, bool) else ""
+            cells.append(f"<td{cls}>{html.escape(_fmt(v))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    note_html = f"<p>{html.escape(note)}</p>" if note else ""
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(caption)}</title>"
+        f"<style>{STYLE}</style></head><body>{note_html}<table><caption>{html.escape(caption)}</caption>"
+        f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></body></html>\n"
+    )
+
+
+def vqa_bar_rows(summary: Sequence[dict[str, Any]], rule_set: str) -> tuple[list[str], dict[str, list[tuple[float, float, float]]]]:
+    """Task labels (12 tasks + average, those present) and per model (value, low, high) lists."""
+    labels_keys = [(t, q) for t, q in VQA_TASKS] + [("vqa_average", "all")]
+    present = {(r["task_name"], r["question_type"]) for r in summary if r["rule_set"] == rule_set}
+    keys = [k for k in labels_keys if k in present]
+    models = sorted({r["model"] for r in summary if r["rule_set"] == rule_set})
+    index = {(r["model"], r["task_name"], r["question_type"]): r for r in summary if r["rule_set"] == rule_set}
+    series: dict[str, list[tuple[float, float, float]]] = {}
+    for m in models:
+        vals = []
+        for k in keys:
+            r = index.get((m, *k))
+            vals.append((math.nan, math.nan, math.nan) if r is None else (r["accuracy"], r["ci_low"], r["ci_high"]))
+        series[m] = vals
+    return [f"{t}\n{q}" for t, q in keys], series
+
+
+def plot_vqa_bars(summary: Sequence[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rule_sets = sorted({r["rule_set"] for r in summary}) or ["-"]
+    fig, axes = plt.subplots(len(rule_sets), 1, figsize=(13, 3.6 * len(rule_sets)), squeeze=False)
+    for ax, rule_set in zip(axes[:, 0], rule_sets):
+        labels, series = vqa_bar_rows(summary, rule_set)
+        if not labels:
+            ax.text(0.5, 0.5, f"no VQA rows for rule set {rule_set}", ha="center", va="center")
+            ax.set_axis_off()
+            continue
+        x = np.arange(len(labels))
+        width = 0.8 / max(1, len(series))
+        for j, (model, vals) in enumerate(series.items()):
+            v = np.array([a for a, _, _ in vals]) * 100
+            lo = np.array([a - b for a, b, _ in vals]) * 100
+            hi = np.array([c - a for a, _, c in vals]) * 100
+            err = np.nan_to_num(np.vstack([lo, hi]), nan=0.0).clip(min=0)
+            ax.bar(x + (j - (len(series) - 1) / 2) * width, np.nan_to_num(v), width, yerr=err, capsize=2, label=model)
+        ax.set_xticks(x, labels, fontsize=7)
+        ax.set_ylabel("score (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(f"VQA by task, rule set '{rule_set}' (95% bootstrap intervals)", fontsize=10)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def loss_series(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[list[float], list[float]]]:
+    """Curves to draw from train_metrics rows: every numeric column whose name holds 'loss'.
+
+    The x axis is 'step' (or 'global_step'); rows where a loss is null are skipped for that loss.
+    When a 'split' column exists, each split gets its own curve.
+    """
+    if not rows:
+        return {}
+    step_col = next((c for c in ("step", "global_step") if c in rows[0]), None)
+    if step_col is None:
+        raise ReportError(f"train metrics have no step column (columns: {sorted(rows[0])})")
+    loss_cols = [c for c, v in rows[0].items() if "loss" in c.lower()]
+    curves: dict[str, tuple[list[float], list[float]]] = {}
+    for row in rows:
+        for c in loss_cols:
+            v = row.get(c)
+            if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)) and row.get(step_col) is not None:
+                name = f"{c} ({row['split']})" if "split" in row and row["split"] else c
+                xs, ys = curves.setdefault(name, ([], []))
+                xs.append(float(row[step_col]))
+                ys.append(float(v))
+    return curves
+
+
+def plot_loss(rows: Sequence[dict[str, Any]] | None, path: Path, why_missing: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    curves = loss_series(rows) if rows else {}
+    if not curves:
+        ax.text(0.5, 0.5, why_missing or "no loss values in the train metrics", ha="center", va="center", wrap=True)
+        ax.set_axis_off()
+    for name, (xs, ys) in sorted(curves.items()):
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=name)
+    if curves:
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        ax.set_title("LoRA training loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+SUMMARY_COLUMNS = ("model", "task_name", "question_type", "rule_set", "metric", "n", "unjudged", "accuracy",
+                   "accuracy_judged", "stderr", "ci_low", "ci_high", "n_tasks", "note")
+COVERAGE_PREFERRED = ("source", "task", "split", "expected", "filled", "missing", "reasons")
+
+
+def make_report(summary: Sequence[str | Path], output_dir: str | Path, train_metrics: str | Path | None = None,
+                coverage: str | Path | None = None) -> list[Path]:
+    """Write the figures and tables; returns their paths."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for path in summary:
+        try:
+            rows += read_artifact(path, artifact="score_summary").to_pylist()
+        except ArtifactError as exc:
+            raise ReportError(str(exc)) from exc
+    written = []
+    plot_vqa_bars(rows, out / "vqa_accuracy.png")
+    written.append(out / "vqa_accuracy.png")
+    train_rows, why = None, "no --train-metrics given"
+    if train_metrics is not None:
+        try:
+            train_rows = read_artifact(train_metrics, artifact="train_metrics").to_pylist()
+        except ArtifactError as exc:
+            raise ReportError(str(exc)) from exc
+    plot_loss(train_rows, out / "loss_curve.png", why)
+    written.append(out / "loss_curve.png")
+    ordered = sorted(rows, key=lambda r: (r["rule_set"], r["task_name"] == "vqa_average", r["task_name"], r["question_type"], r["model"]))
+    (out / "summary.html").write_text(html_table(
+        ordered, SUMMARY_COLUMNS, "Evaluation summary",
+        "Values are fractions: accuracy for closed/mcq, judge accuracy or token recall for open questions "
+        "(see metric), CLIP cosine for captioning / image generation. Unjudged items count as wrong "
+        "in accuracy; accuracy_judged leaves them out (as the public code did).",
+    ))
+    written.append(out / "summary.html")
+    if coverage is not None and Path(coverage).exists():
+        try:
+            cov = read_artifact(coverage, artifact="coverage").to_pylist()
+        except ArtifactError as exc:
+            raise ReportError(str(exc)) from exc
+        columns = [c for c in COVERAGE_PREFERRED if cov and c in cov[0]] + [c for c in (cov[0] if cov else {}) if c not in COVERAGE_PREFERRED]
+        page = html_table(cov, columns, "Dataset coverage", "" if cov else "the coverage artifact has no rows")
+    else:
+        why = "no coverage artifact was given" if coverage is None else f"coverage artifact {coverage} does not exist"
+        page = html_table([], ["note"], "Dataset coverage", f"Coverage not available: {why}.")
+    (out / "coverage.html").write_text(page)
+    written.append(out / "coverage.html")
+    return written
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--summary", nargs="+", required=True, help="score_summary artifacts (one per rule set)")
+    parser.add_argument("--train-metrics", help="train_metrics artifact of the training stage")
+    parser.add_argument("--coverage", help="coverage artifact of the assembly stage (optional)")
+    parser.add_argument("--output-dir", required=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        written = make_report(args.summary, args.output_dir, args.train_metrics, args.coverage)
+    except ReportError as exc:
+        print(f"error: {exc}")
+        return 1
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
