@@ -164,7 +164,7 @@ COVERAGE_PREFERRED = ("source", "task", "split", "expected", "filled", "missing"
 
 
 def make_report(summary: Sequence[str | Path], output_dir: str | Path, train_metrics: str | Path | None = None,
-                coverage: str | Path | None = None) -> list[Path]:
+                coverage: str | Path | Sequence[str | Path] | None = None) -> list[Path]:
     """Write the figures and tables; returns their paths."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -193,15 +193,19 @@ def make_report(summary: Sequence[str | Path], output_dir: str | Path, train_met
         "in accuracy; accuracy_judged leaves them out (as the public code did).",
     ))
     written.append(out / "summary.html")
-    if coverage is not None and Path(coverage).exists():
-        try:
-            cov = read_artifact(coverage, artifact="coverage").to_pylist()
-        except ArtifactError as exc:
-            raise ReportError(str(exc)) from exc
+    coverage_paths = [] if coverage is None else [coverage] if isinstance(coverage, (str, Path)) else list(coverage)
+    missing = [str(p) for p in coverage_paths if not Path(p).exists()]
+    if coverage_paths and not missing:
+        cov: list[dict[str, Any]] = []
+        for path in coverage_paths:  # one coverage artifact per split
+            try:
+                cov += read_artifact(path, artifact="coverage").to_pylist()
+            except ArtifactError as exc:
+                raise ReportError(str(exc)) from exc
         columns = [c for c in COVERAGE_PREFERRED if cov and c in cov[0]] + [c for c in (cov[0] if cov else {}) if c not in COVERAGE_PREFERRED]
         page = html_table(cov, columns, "Dataset coverage", "" if cov else "the coverage artifact has no rows")
     else:
-        why = "no coverage artifact was given" if coverage is None else f"coverage artifact {coverage} does not exist"
+        why = "no coverage artifact was given" if not coverage_paths else f"coverage artifact {', '.join(missing)} does not exist"
         page = html_table([], ["note"], "Dataset coverage", f"Coverage not available: {why}.")
     (out / "coverage.html").write_text(page)
     written.append(out / "coverage.html")
@@ -211,7 +215,7 @@ def make_report(summary: Sequence[str | Path], output_dir: str | Path, train_met
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--summary", nargs="+", required=True, help="score_summary artifacts (one per rule set)")
     parser.add_argument("--train-metrics", help="train_metrics artifact of the training stage")
-    parser.add_argument("--coverage", help="coverage artifact of the assembly stage (optional)")
+    parser.add_argument("--coverage", nargs="*", default=None, help="coverage artifacts of the assembly stage, one per split (optional)")
     parser.add_argument("--output-dir", required=True)
 
 

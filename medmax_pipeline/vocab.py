@@ -1,0 +1,252 @@
+"""Stage 3: VQGAN codes -> vocabulary image blocks, after checking the tokenizer's id layout.
+
+An image inside a sequence is [8197] + [code + 4 for each of its 1024 codes] + [8196] (1026 ids,
+MEDMAX-FACTS.md). The +4 offset is only true for a tokenizer whose IMGIMG names spell id - 4, so
+the stage first checks the tokenizer it is given (text_tokenizer.check_tokenizer_layout) and
+stops with the first mismatching id rather than write blocks a model would read as other tokens.
+
+Input: the image_tokens artifact (img_path, image_key, credential, img_tokens, orig_*).
+Output: the image_blocks artifact (image_key, img_path, credential, block list<int32> of 1026 ids),
+rows in input order. A code outside [0, 8191], a code list of another length than 1024, a null
+or a repeated image key stops the stage naming the image: a wrong block would silently corrupt
+every row that uses it. A credentialed input (or row) gives a credentialed output.
+
+`check_image_block` and `find_image_blocks` are meant for reuse by the assembly stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from medmax_pipeline import constants as C
+from medmax_pipeline.artifacts import ArtifactError, ArtifactMeta, ArtifactWriter, iter_artifact_batches, read_meta
+from medmax_pipeline.text_tokenizer import TokenizerLayoutError, check_tokenizer_layout, load_tokenizer
+
+IMAGE_BLOCKS_SCHEMA = pa.schema(
+    [
+        ("image_key", pa.string()),
+        ("img_path", pa.string()),
+        ("credential", pa.string()),
+        ("block", pa.list_(pa.int32())),
+    ]
+)
+INPUT_COLUMNS = ("image_key", "img_path", "credential", "img_tokens")
+
+
+class ImageBlockError(ValueError):
+    """Image codes cannot become a valid image block; the message names the image."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks
+# ----------------------------------------------------------------------------------------------
+
+
+def image_blocks_array(codes: np.ndarray) -> np.ndarray:
+    """(n, 1024) codes -> (n, 1026) int32 blocks. The caller has checked shape and range."""
+    n = codes.shape[0]
+    blocks = np.empty((n, C.IMAGE_BLOCK_LEN), dtype=np.int32)
+    blocks[:, 0] = C.BEGIN_IMAGE_ID
+    blocks[:, 1:-1] = codes + C.IMAGE_CODE_OFFSET
+    blocks[:, -1] = C.END_IMAGE_ID
+    return blocks
+
+
+def code_problem(codes: Sequence[int] | np.ndarray) -> str | None:
+    """Why a code list is not one image's 1024 VQGAN codes, or None."""
+    arr = np.asarray(codes)
+    if arr.ndim != 1 or arr.shape[0] != C.CODES_PER_IMAGE:
+        return f"{arr.size} codes, expected {C.CODES_PER_IMAGE}"
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        return f"codes of type {arr.dtype}, expected integers"
+    bad = np.flatnonzero((arr < 0) | (arr >= C.NUM_IMAGE_CODES))
+    if bad.size:
+        i = int(bad[0])
+        return f"code {int(arr[i])} at position {i} outside [0, {C.NUM_IMAGE_CODES - 1}] ({bad.size} such code(s))"
+    return None
+
+
+def image_block(codes: Sequence[int] | np.ndarray) -> list[int]:
+    """[8197] + [c + 4 for c in codes] + [8196]; raises ImageBlockError for a malformed code list."""
+    problem = code_problem(codes)
+    if problem is not None:
+        raise ImageBlockError(problem)
+    return image_blocks_array(np.asarray(codes, dtype=np.int64)[None, :])[0].tolist()
+
+
+def check_image_block(ids: Sequence[int] | np.ndarray) -> str | None:
+    """Why `ids` is not one well-formed image block (begin, 1024 image ids, end), or None."""
+    arr = np.asarray(ids)
+    if arr.ndim != 1:
+        return f"expected a flat id sequence, found shape {arr.shape}"
+    if arr.shape[0] != C.IMAGE_BLOCK_LEN:
+        return f"block of {arr.shape[0]} ids, expected {C.IMAGE_BLOCK_LEN}"
+    if arr[0] != C.BEGIN_IMAGE_ID:
+        return f"block starts with id {int(arr[0])}, expected {C.BEGIN_IMAGE_ID}"
+    if arr[-1] != C.END_IMAGE_ID:
+        return f"block ends with id {int(arr[-1])}, expected {C.END_IMAGE_ID}"
+    inner = arr[1:-1]
+    bad = np.flatnonzero((inner < C.FIRST_IMAGE_TOKEN_ID) | (inner > C.LAST_IMAGE_TOKEN_ID))
+    if bad.size:
+        i = int(bad[0])
+        return (f"id {int(inner[i])} at block position {i + 1} is not an image token "
+                f"[{C.FIRST_IMAGE_TOKEN_ID}, {C.LAST_IMAGE_TOKEN_ID}] ({bad.size} such id(s))")
+    return None
+
+
+def find_image_blocks(sequence: Sequence[int] | np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each image block of a token sequence, so that sequence[start:end] is the block.
+
+    A block starts at each begin id (8197) and ends just after the next end id (8196). When another
+    begin id or the end of the sequence comes first (a block cut by truncation, a missing end id),
+    the span stops there; check_image_block on the span then says what is wrong. End ids outside
+    any block are not spans: see stray_end_ids.
+    """
+    arr = np.asarray(sequence)
+    n = arr.shape[0]
+    begins = np.flatnonzero(arr == C.BEGIN_IMAGE_ID)
+    ends = np.flatnonzero(arr == C.END_IMAGE_ID)
+    spans: list[tuple[int, int]] = []
+    for k, start in enumerate(begins.tolist()):
+        next_begin = int(begins[k + 1]) if k + 1 < begins.size else n
+        j = int(np.searchsorted(ends, start))
+        end = int(ends[j]) + 1 if j < ends.size else n + 1
+        spans.append((start, min(end, next_begin, n)))
+    return spans
+
+
+def stray_end_ids(sequence: Sequence[int] | np.ndarray) -> list[int]:
+    """Positions of end ids (8196) that close no image block."""
+    arr = np.asarray(sequence)
+    inside = np.zeros(arr.shape[0], dtype=bool)
+    for start, end in find_image_blocks(arr):
+        inside[start:end] = True
+    return [int(i) for i in np.flatnonzero((arr == C.END_IMAGE_ID) & ~inside)]
+
+
+# ----------------------------------------------------------------------------------------------
+# A batch of the image_tokens artifact -> a batch of image_blocks
+# ----------------------------------------------------------------------------------------------
+
+
+def _describe(batch: pa.RecordBatch, row: int, source: str) -> str:
+    key = batch.column("image_key")[row].as_py()
+    path = batch.column("img_path")[row].as_py()
+    return f"{source}: image {key!r} ({path})"
+
+
+def blocks_for_batch(batch: pa.RecordBatch, source: str = "image_tokens") -> pa.RecordBatch:
+    """Check a batch's codes and turn them into blocks, vectorised; ImageBlockError names the first bad image."""
+    missing = [c for c in INPUT_COLUMNS if c not in batch.schema.names]
+    if missing:
+        raise ImageBlockError(f"{source}: lacks column(s) {', '.join(missing)}")
+    for name in ("image_key", "credential"):
+        nulls = np.flatnonzero(batch.column(name).is_null().to_numpy(zero_copy_only=False))
+        if nulls.size:
+            raise ImageBlockError(f"{_describe(batch, int(nulls[0]), source)}: {name} is null")
+    codes_col = batch.column("img_tokens")
+    if not (pa.types.is_list(codes_col.type) or pa.types.is_large_list(codes_col.type) or pa.types.is_fixed_size_list(codes_col.type)):
+        raise ImageBlockError(f"{source}: img_tokens is {codes_col.type}, expected a list of integer codes")
+    if not pa.types.is_integer(codes_col.type.value_type):
+        raise ImageBlockError(f"{source}: img_tokens holds {codes_col.type.value_type}, expected integer codes")
+    n = batch.num_rows
+    null_lists = codes_col.is_null().to_numpy(zero_copy_only=False)
+    lengths = pc.fill_null(pc.list_value_length(codes_col), -1).to_numpy(zero_copy_only=False)
+    bad_rows = np.flatnonzero(null_lists | (lengths != C.CODES_PER_IMAGE))
+    if bad_rows.size:
+        i = int(bad_rows[0])
+        found = "no codes (null)" if null_lists[i] else f"{int(lengths[i])} codes"
+        raise ImageBlockError(f"{_describe(batch, i, source)}: {found}, expected {C.CODES_PER_IMAGE} ({bad_rows.size} such image(s) in this batch)")
+    flat = pc.list_flatten(codes_col)
+    if flat.null_count:
+        i = int(np.flatnonzero(flat.is_null().to_numpy(zero_copy_only=False))[0]) // C.CODES_PER_IMAGE
+        raise ImageBlockError(f"{_describe(batch, i, source)}: a code is null")
+    codes = flat.to_numpy(zero_copy_only=False).astype(np.int64, copy=False).reshape(n, C.CODES_PER_IMAGE)
+    out_of_range = (codes < 0) | (codes >= C.NUM_IMAGE_CODES)
+    if out_of_range.any():
+        i = int(np.flatnonzero(out_of_range.any(axis=1))[0])
+        raise ImageBlockError(f"{_describe(batch, i, source)}: {code_problem(codes[i])}")
+    blocks = image_blocks_array(codes)
+    offsets = np.arange(n + 1, dtype=np.int32) * C.IMAGE_BLOCK_LEN
+    block_array = pa.ListArray.from_arrays(pa.array(offsets), pa.array(blocks.reshape(-1)))
+    return pa.RecordBatch.from_arrays(
+        [
+            batch.column("image_key").cast(pa.string()),
+            batch.column("img_path").cast(pa.string()),
+            batch.column("credential").cast(pa.string()),
+            block_array,
+        ],
+        schema=IMAGE_BLOCKS_SCHEMA,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage as a function
+# ----------------------------------------------------------------------------------------------
+
+
+def check_tokenizer_file(path: str | Path, require_image_placeholder: bool = True) -> None:
+    """Refuse a tokenizer whose ids do not follow the Chameleon layout (TokenizerLayoutError)."""
+    check_tokenizer_layout(load_tokenizer(path), require_image_placeholder=require_image_placeholder, source=str(path))
+
+
+def map_vocab(
+    tokens_path: str | Path,
+    tokenizer_path: str | Path,
+    output_path: str | Path,
+    batch_size: int = 4096,
+    require_image_placeholder: bool = True,
+) -> ArtifactMeta:
+    """Run stage 3: check the tokenizer, then write the image_blocks artifact (atomically)."""
+    check_tokenizer_file(tokenizer_path, require_image_placeholder)
+    # Fail on a wrong artifact before any block is computed.
+    read_meta(tokens_path)
+    seen: set[str] = set()
+    with ArtifactWriter(
+        output_path,
+        IMAGE_BLOCKS_SCHEMA,
+        artifact="image_blocks",
+        inputs=[tokens_path, tokenizer_path],
+        params={
+            "image_code_offset": C.IMAGE_CODE_OFFSET,
+            "begin_image_id": C.BEGIN_IMAGE_ID,
+            "end_image_id": C.END_IMAGE_ID,
+            "require_image_placeholder": require_image_placeholder,
+        },
+    ) as writer:
+        for batch in iter_artifact_batches(tokens_path, artifact="image_tokens", batch_size=batch_size, columns=INPUT_COLUMNS):
+            out = blocks_for_batch(batch, source=str(tokens_path))
+            # One block per image: a repeated key would make the assembly join ambiguous.
+            for key in out.column("image_key").to_pylist():
+                if key in seen:
+                    raise ImageBlockError(f"{tokens_path}: image {key!r} appears more than once")
+                seen.add(key)
+            writer.write(out)
+    assert writer.meta is not None
+    return writer.meta
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", required=True, help="the image_tokens artifact of stage 2 (image_tokens.parquet)")
+    parser.add_argument("--tokenizer", required=True, help="CKPT/tokenizer/text_tokenizer_modified.json, checked before mapping")
+    parser.add_argument("--output", required=True, help="where the image_blocks artifact goes (image_blocks.parquet)")
+    parser.add_argument("--batch-size", type=int, default=4096, help="images per batch (memory: about 12 KiB per image)")
+    parser.add_argument("--plain-tokenizer", action="store_true",
+                        help="the tokenizer is text_tokenizer.json (id 8711 not renamed to <image>): skip that one check")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        meta = map_vocab(args.tokens, args.tokenizer, args.output, args.batch_size, not args.plain_tokenizer)
+    except (TokenizerLayoutError, ImageBlockError, ArtifactError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{meta.path}: {meta.num_rows} image block(s) of {C.IMAGE_BLOCK_LEN} ids, {meta.credential}")
+    return 0
