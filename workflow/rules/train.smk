@@ -9,6 +9,7 @@ rule train:
         dataset=results("assemble", "train", "dataset.parquet"),
         eval_dataset=results("assemble", "validation", "dataset.parquet"),
         base_model=config["base_model"],
+        deepspeed=workflow.source_path("../deepspeed/zero2.json") if TRAIN["deepspeed"] == "workflow/deepspeed/zero2.json" else TRAIN["deepspeed"],
     output:
         adapter=directory(results("train", "adapter")),
         metrics=results("train", "train_metrics.parquet"),
@@ -18,7 +19,6 @@ rule train:
     params:
         output_dir=lambda wildcards, output: Path(output.metrics).parent,
         launcher=train_launcher(),
-        deepspeed=f"--deepspeed {TRAIN['deepspeed']}" if TRAIN["gpus"] > 0 else "",
         target_modules=",".join(TRAIN["target_modules"]),
         max_steps=f"--max-steps {TRAIN['max_steps']}" if TRAIN["max_steps"] else "",
         merge="--merge" if TRAIN["merge"] else "",
@@ -41,5 +41,6 @@ rule train:
     shell:
         "{params.launcher} train --dataset {input.dataset} --eval-dataset {input.eval_dataset}"
         " --base-model {input.base_model} --output {params.output_dir} {params.recipe}"
-        " --target-modules {params.target_modules} {params.deepspeed} {params.max_steps} {params.merge}"
+        " --target-modules {params.target_modules} --deepspeed {input.deepspeed} {params.max_steps} {params.merge}"
+        " --no-progress"
         " > {log} 2>&1"

@@ -1,0 +1,347 @@
+"""Stage 5: loss mask, collation, batching, DeepSpeed config, input checks, and real tiny trainings."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medmax_pipeline import artifacts
+from medmax_pipeline import constants as C
+from medmax_pipeline import hf_model as H
+from medmax_pipeline.artifacts import read_artifact, write_artifact
+from medmax_pipeline.text_tokenizer import layout_tokens
+from medmax_pipeline.train import (
+    TrainConfig,
+    TrainInputError,
+    collate,
+    length_grouped_batches,
+    load_token_rows,
+    resolve_deepspeed_config,
+    response_labels,
+    shard_batches,
+    steps_per_epoch,
+    train,
+)
+
+M = C.IGNORE_INDEX
+SEP = C.SEPARATOR_ID
+TEXT = list(range(8800, 8864))
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_vocabulary_map() -> dict[str, int]:
+    vocab = {name: i for i, name in enumerate(layout_tokens(modified=True))}
+    vocab.update({f"tok{i}": token_id for i, token_id in enumerate(TEXT)})
+    return vocab
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # initializer_range 0.2: logits wide enough for a 64-wide model to fit a few rows in seconds.
+    return H.build_tiny_chameleon(tmp_path_factory.mktemp("base"), tiny_vocabulary_map(), seed=0, initializer_range=0.2)
+
+
+def write_dataset(path: Path, train_rows: Sequence[Sequence[int]], validation_rows: Sequence[Sequence[int]] = ()) -> Path:
+    rows = [("train", r) for r in train_rows] + [("validation", r) for r in validation_rows]
+    table = pa.table(
+        {
+            "row_id": [f"{split}-{i}" for i, (split, _) in enumerate(rows)],
+            "split": [split for split, _ in rows],
+            "text": ["" for _ in rows],
+            "task": ["VQA" for _ in rows],
+            "source": ["test" for _ in rows],
+            "credential": ["no" for _ in rows],
+            "tokens": pa.array([list(r) for _, r in rows], pa.list_(pa.int32())),
+            "n_tokens": pa.array([len(r) for _, r in rows], pa.int32()),
+            "truncated": [False for _ in rows],
+        }
+    )
+    write_artifact(table, path, artifact="dataset")
+    return path
+
+
+def text_rows(n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = [rng.choice(TEXT) for _ in range(rng.randrange(3, 8))]
+        response = [rng.choice(TEXT) for _ in range(rng.randrange(3, 8))]
+        rows.append([C.BOS_ID, *prompt, SEP, *response, C.EOS_ID])
+    return rows
+
+
+def quick(base_dir: Path, dataset: Path, output: Path, **overrides) -> TrainConfig:
+    settings = dict(
+        dataset=dataset, base_model=base_dir, output=output, lr=1e-2, warmup_ratio=0.0, scheduler="constant",
+        epochs=10, batch_size=2, save_every=0, progress=False, device="cpu",
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss mask and collation
+# ----------------------------------------------------------------------------------------------
+
+
+def test_response_labels_single_turn_trains_response_and_eos() -> None:
+    ids = [0, 10, 11, SEP, 20, 21, 2]
+    assert response_labels(ids) == [M, M, M, M, 20, 21, 2]
+
+
+def test_response_labels_masks_every_user_turn_of_a_multi_turn_row() -> None:
+    # user1 SEP resp1 SEP user2 SEP resp2 eos: the public code would have trained user2 (30, 31).
+    ids = [0, 10, SEP, 20, 21, SEP, 30, 31, SEP, 40, 2]
+    assert response_labels(ids) == [M, M, M, 20, 21, SEP, M, M, M, 40, 2]
+
+
+def test_response_labels_image_blocks_follow_their_turn() -> None:
+    prompt_image = [C.BEGIN_IMAGE_ID, 4, 8195, C.END_IMAGE_ID]
+    answer_image = [C.BEGIN_IMAGE_ID, 57, 60, C.END_IMAGE_ID]
+    ids = [0, *prompt_image, 10, SEP, *answer_image, 2]
+    labels = response_labels(ids)
+    assert labels[: 1 + len(prompt_image) + 2] == [M] * (1 + len(prompt_image) + 2)
+    assert labels[-len(answer_image) - 1 :] == [*answer_image, 2]
+
+
+def test_response_labels_without_separator_trains_nothing() -> None:
+    assert response_labels([0, 10, 11, 2]) == [M, M, M, M]
+    assert response_labels([0, 10, SEP]) == [M, M, M]
+
+
+def test_collate_pads_ids_with_1_and_labels_with_ignore() -> None:
+    batch = collate([[0, 10, SEP, 20, 2], [0, 11, SEP, 21, 22, 23, 2]])
+    assert batch["input_ids"].tolist() == [[0, 10, SEP, 20, 2, 1, 1], [0, 11, SEP, 21, 22, 23, 2]]
+    assert batch["labels"].tolist() == [[M, M, M, 20, 2, M, M], [M, M, M, 21, 22, 23, 2]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0, 0], [1] * 7]
+    assert batch["input_ids"].dtype == torch.long
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching
+# ----------------------------------------------------------------------------------------------
+
+
+def test_length_grouped_batches_are_seeded_complete_and_tight() -> None:
+    lengths = np.random.default_rng(0).integers(10, 2000, size=1000)
+    a = length_grouped_batches(lengths, batch_size=4, seed=7, epoch=0, group_size=16)
+    assert a == length_grouped_batches(lengths, batch_size=4, seed=7, epoch=0, group_size=16)
+    assert a != length_grouped_batches(lengths, batch_size=4, seed=7, epoch=1, group_size=16)
+    assert a != length_grouped_batches(lengths, batch_size=4, seed=8, epoch=0, group_size=16)
+    assert sorted(i for b in a for i in b) == list(range(1000))
+
+    def padding(batches: list[list[int]]) -> int:
+        return sum(len(b) * lengths[b].max() - lengths[b].sum() for b in batches)
+
+    shuffled = np.random.default_rng(0).permutation(1000)
+    random_batches = [shuffled[i : i + 4].tolist() for i in range(0, 1000, 4)]
+    assert padding(a) < padding(random_batches) / 5
+
+
+def test_shard_batches_and_steps_per_epoch() -> None:
+    batches = [[i] for i in range(7)]
+    assert shard_batches(batches, 0, 2) == [[0], [2], [4]]
+    assert shard_batches(batches, 1, 2) == [[1], [3], [5]]  # [6] dropped so both ranks take 3 steps
+    assert steps_per_epoch(7, 2) == 4
+    assert steps_per_epoch(8, 2) == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed config
+# ----------------------------------------------------------------------------------------------
+
+
+def test_zero2_json_resolves_and_deepspeed_accepts_it() -> None:
+    cfg = resolve_deepspeed_config(
+        REPO / "workflow" / "deepspeed" / "zero2.json", micro_batch_size=1, grad_accum=4, world_size=8, bf16=True, max_grad_norm=1.0
+    )
+    assert cfg["zero_optimization"]["stage"] == 2
+    assert cfg["train_micro_batch_size_per_gpu"] == 1
+    assert cfg["gradient_accumulation_steps"] == 4
+    assert cfg["train_batch_size"] == 32
+    assert cfg["bf16"]["enabled"] is True
+    assert cfg["gradient_clipping"] == 1.0
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    parsed = DeepSpeedConfig({k: v for k, v in cfg.items() if k != "train_batch_size"})
+    assert parsed.zero_optimization_stage == 2
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"train_micro_batch_size_per_gpu": 2}, "train_micro_batch_size_per_gpu is 2 but the command line implies 1"),
+        ({"optimizer": {"type": "AdamW"}}, "remove the 'optimizer' section"),
+        ({"zero_optimization": {"stage": 3}}, "stage 3 is not supported"),
+        ({"bf16": {"enabled": False}}, "bf16.enabled is False"),
+        ({"zero_optimization": {"stage": 2, "no_such_key": 1}}, "DeepSpeed rejects it"),
+    ],
+)
+def test_deepspeed_config_contradictions_are_refused(config: dict, message: str) -> None:
+    with pytest.raises(TrainInputError, match=message):
+        resolve_deepspeed_config(config, micro_batch_size=1, grad_accum=1, world_size=1, bf16=True, max_grad_norm=1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks
+# ----------------------------------------------------------------------------------------------
+
+
+def test_load_token_rows_truncates_and_drops_rows_without_response(tmp_path: Path) -> None:
+    rows = [[0, 10, SEP, 20, 21, 22, 2], [0, 10, 11, 12, 2], [0, 10, 11, 12, 13, SEP, 20, 2]]
+    path = write_dataset(tmp_path / "d.parquet", [[t + 8790 if t >= 10 and t < 30 else t for t in r] for r in rows])
+    loaded = load_token_rows(path, "train", max_length=6, vocab_size=8864)
+    # Row 2 keeps a response; row 3, cut to 6 ids, ends on its separator and is dropped with row 2.
+    assert loaded.row_ids == ["train-0"]
+    assert loaded.sequence(0) == [0, 8800, SEP, 8810, 8811, 8812]
+    assert (loaded.truncated, loaded.dropped_no_response) == (2, 2)
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([[0, 8800, SEP, 9000, 2]], "token id\\(s\\) outside the model's vocabulary \\[0, 8864\\), first 9000 in row 'train-0'"),
+        ([[0, C.IMAGE_PLACEHOLDER_ID, SEP, 8800, 2]], "still holds the <image> placeholder 8711"),
+        ([[0, 8800, SEP, 8801, 2], []], "1 train row\\(s\\) have no tokens, first 'train-1'"),
+        ([[0, 8800, 8801, 2]], "none of the 1 train row\\(s\\) has a response"),
+    ],
+)
+def test_bad_rows_are_refused_with_one_message(tmp_path: Path, rows: list, message: str) -> None:
+    path = write_dataset(tmp_path / "d.parquet", rows)
+    with pytest.raises(TrainInputError, match=message):
+        load_token_rows(path, "train", max_length=2048, vocab_size=8864)
+
+
+def test_bad_artifacts_and_empty_split_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    only_validation = write_dataset(tmp_path / "v.parquet", [], [[0, 8800, SEP, 8801, 2]])
+    with pytest.raises(TrainInputError, match="split 'train' has no rows \\(splits present: \\['validation'\\]\\)"):
+        load_token_rows(only_validation, "train", 2048, 8864)
+    other = tmp_path / "other.parquet"
+    write_artifact(pa.table({"step": [1]}), other, artifact="train_metrics")
+    with pytest.raises(TrainInputError, match="found artifact 'train_metrics', expected 'dataset'"):
+        load_token_rows(other, "train", 2048, 8864)
+    monkeypatch.setitem(artifacts.ARTIFACT_SCHEMA_VERSIONS, "dataset", 99)
+    future = write_dataset(tmp_path / "future.parquet", [[0, 8800, SEP, 8801, 2]])
+    monkeypatch.undo()
+    with pytest.raises(TrainInputError, match="schema version 99, expected 1"):
+        load_token_rows(future, "train", 2048, 8864)
+
+
+def test_cli_reports_bad_base_model_in_one_line(base_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from medmax_pipeline.cli import main
+
+    dataset = write_dataset(tmp_path / "d.parquet", text_rows(2))
+    tokenizer = tmp_path / "tok.json"
+    # A tokenizer whose text tokens sit at other ids than the model's vocabulary_map says.
+    swapped = {**tiny_vocabulary_map(), "tok0": TEXT[1], "tok1": TEXT[0]}
+    tokenizer.write_text(json.dumps({"model": {"type": "BPE", "vocab": swapped, "merges": []}, "added_tokens": []}))
+    code = main(["train", "--dataset", str(dataset), "--base-model", str(base_dir), "--output", str(tmp_path / "out"), "--tokenizer", str(tokenizer), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "medmax train: error: base model:" in err and "disagree at 2 id(s)" in err
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+def test_tiny_model_overfits_and_writes_outputs(base_dir: Path, tmp_path: Path) -> None:
+    from medmax_pipeline.cli import main
+
+    dataset = write_dataset(tmp_path / "d.parquet", text_rows(4), text_rows(1, seed=1))
+    out = tmp_path / "out"
+    code = main([
+        "train", "--dataset", str(dataset), "--eval-dataset", str(dataset), "--base-model", str(base_dir), "--output", str(out),
+        "--lr", "1e-2", "--warmup-ratio", "0.1", "--epochs", "10", "--batch-size", "2", "--lora-dropout", "0",
+        "--save-every", "0", "--no-progress", "--device", "cpu",
+        "--deepspeed", str(REPO / "workflow" / "deepspeed" / "zero2.json"),  # validated, then unused on CPU
+    ])
+    assert code == 0
+    metrics = read_artifact(out / "train_metrics.parquet", artifact="train_metrics").to_pylist()
+    assert len(metrics) == 20  # 2 batches per epoch x 10 epochs
+    assert [m["step"] for m in metrics] == list(range(1, 21))
+    first, last = metrics[0]["loss"], np.mean([m["loss"] for m in metrics[-3:]])
+    assert last < first / 2, (first, last)
+    assert metrics[0]["lr"] == 0.0 and metrics[2]["lr"] == pytest.approx(1e-2)  # 2 warmup steps, then cosine
+    assert metrics[-1]["lr"] < 1e-3
+    assert all(np.isfinite(m["grad_norm"]) and m["tokens_per_s"] > 0 for m in metrics)
+    evals = [m["eval_loss"] for m in metrics if m["eval_loss"] is not None]
+    assert len(evals) == 10  # one per epoch
+    assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 16
+    assert json.loads((out / "adapter" / "medmax_provenance.json").read_text())["credential"] == "public"
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-20"]
+
+
+def test_image_token_labels_train_and_the_model_emits_them(base_dir: Path, tmp_path: Path) -> None:
+    image = [C.BEGIN_IMAGE_ID, 57, 1000, 8000, C.END_IMAGE_ID]
+    rows = [[C.BOS_ID, TEXT[i], TEXT[i + 1], SEP, *image, C.EOS_ID] for i in range(4)]
+    dataset = write_dataset(tmp_path / "d.parquet", rows)
+    result = train(quick(base_dir, dataset, tmp_path / "out", epochs=12, lora_dropout=0.0))
+    losses = [m["loss"] for m in result.metrics]
+    assert all(np.isfinite(losses))
+    assert losses[-1] < losses[0] / 2
+    prompt = torch.tensor([[C.BOS_ID, TEXT[0], TEXT[1], SEP, C.BEGIN_IMAGE_ID]])
+    model = H.load_model_for_generation(base_dir, result.adapter_dir, allow_image_output=True, device="cpu")
+    with torch.no_grad():
+        assert int(model(input_ids=prompt).logits[0, -1].argmax()) == 57
+        H.set_image_logits(model, False)  # with HF's mask back, the image token cannot be chosen
+        assert int(model(input_ids=prompt).logits[0, -1].argmax()) != 57
+
+
+def test_resume_after_kill_ends_where_an_uninterrupted_run_ends(base_dir: Path, tmp_path: Path) -> None:
+    dataset = write_dataset(tmp_path / "d.parquet", text_rows(8))
+    # Dropout on, cosine with warmup, accumulation: RNG, scheduler and data position all matter.
+    common = dict(epochs=3, grad_accum=2, lora_dropout=0.1, scheduler="cosine", warmup_ratio=0.2, save_every=2, keep_checkpoints=0)
+    whole = train(quick(base_dir, dataset, tmp_path / "whole", **common))
+    assert whole.steps == 6
+
+    killed = train(quick(base_dir, dataset, tmp_path / "killed", stop_after_step=3, **common))
+    assert not killed.completed and killed.adapter_dir is None
+    ckpts = tmp_path / "killed" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-2"]  # step 3 was lost with the "kill"
+    (ckpts / ".tmp-step-4").mkdir()  # as if killed while writing a checkpoint
+    resumed = train(quick(base_dir, dataset, tmp_path / "killed", **common))
+    assert resumed.resumed_from_step == 2 and resumed.completed
+    assert not (ckpts / ".tmp-step-4").exists()
+
+    a = load_file(str(whole.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    columns = ["step", "epoch", "loss", "lr", "grad_norm", "label_tokens", "tokens", "eval_loss"]
+    ma = read_artifact(tmp_path / "whole" / "train_metrics.parquet", columns=columns)
+    mb = read_artifact(tmp_path / "killed" / "train_metrics.parquet", columns=columns)
+    assert ma.equals(mb)
+
+    with pytest.raises(TrainInputError, match="other settings \\(lr\\)"):
+        train(quick(base_dir, dataset, tmp_path / "killed", **{**common, "lr": 2e-2}))
+
+
+def test_adapter_and_merged_model_reproduce_the_trained_logits(base_dir: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    dataset = write_dataset(tmp_path / "d.parquet", text_rows(4))
+    result = train(quick(base_dir, dataset, tmp_path / "out", epochs=2, merge=True))
+    ids = torch.tensor([[C.BOS_ID, *TEXT[:6], SEP, TEXT[7]]])
+    trained = result.model.eval()
+    reloaded = PeftModel.from_pretrained(H.load_base_model(base_dir), str(result.adapter_dir)).eval()
+    merged = H.load_base_model(result.merged_dir).eval()
+    base = H.load_base_model(base_dir).eval()
+    for m in (reloaded, merged, base):
+        H.allow_image_logits(m)
+    with torch.no_grad():
+        expected = trained(input_ids=ids).logits
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+        assert (base(input_ids=ids).logits - expected).abs().max() > 1e-2  # training changed something
