@@ -1,0 +1,109 @@
+"""The embedded demo: deterministic from its seed, in the real layouts, with every kind of image and row."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from medmax_pipeline import constants as C
+from medmax_pipeline.demo import TASKS, VQA_TASKS, DemoPaths, default_paths, generate_demo
+from medmax_pipeline.rows import read_row_batches
+from medmax_pipeline.text_tokenizer import check_tokenizer_layout, load_tokenizer
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DemoPaths, dict]:
+    root = tmp_path_factory.mktemp("demo")
+    paths = default_paths(root)
+    counts = generate_demo(paths, seed=3, vqgan_channels=32, rows_per_task=2)
+    return root, paths, counts
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(demo, tmp_path: Path) -> None:
+    root, _, _ = demo
+    again = tmp_path / "again"
+    generate_demo(default_paths(again), seed=3, vqgan_channels=32, rows_per_task=2)
+    first, second = tree_digest(root), tree_digest(again)
+    assert first.keys() == second.keys()
+    different = [name for name in first if first[name] != second[name]]
+    assert different == [], f"not deterministic: {different[:5]}"
+    other = tmp_path / "other"
+    generate_demo(default_paths(other), seed=4, vqgan_channels=32, rows_per_task=2)
+    assert tree_digest(other)[ "data/train.jsonl"] != first["data/train.jsonl"]
+
+
+def test_checkpoint_folder_has_the_original_layout(demo) -> None:
+    _, paths, _ = demo
+    tokenizer_dir = paths.checkpoint / "tokenizer"
+    for name in ("vqgan.yaml", "vqgan.ckpt", "text_tokenizer.json", "text_tokenizer_modified.json"):
+        assert (tokenizer_dir / name).is_file(), name
+    assert (paths.checkpoint / "models" / "7b" / "params.json").is_file()
+    check_tokenizer_layout(load_tokenizer(tokenizer_dir / "text_tokenizer_modified.json"), require_image_placeholder=True)
+    plain = load_tokenizer(tokenizer_dir / "text_tokenizer.json")
+    check_tokenizer_layout(plain, require_image_placeholder=False)
+    assert plain.id_to_token(C.IMAGE_PLACEHOLDER_ID) == "<reserved08707>"
+    config = json.loads((paths.base_model / "config.json").read_text())
+    assert config["vocabulary_map"]["<image>"] == C.IMAGE_PLACEHOLDER_ID
+    assert config["vocabulary_map"]["IMGIMGFDZ"] == 57
+
+
+def test_rows_cover_every_task_with_public_and_credentialed_rows(demo) -> None:
+    _, paths, _ = demo
+    rows, problems = [], []
+    for split_path, split in ((paths.train, "train"), (paths.validation, "validation")):
+        for batch, batch_problems in read_row_batches(split_path, split):
+            rows += batch.to_pylist()
+            problems += batch_problems
+    assert {r["task"] for r in rows} == set(TASKS)
+    public = [r for r in rows if r["credential"] == "no"]
+    credentialed = [r for r in rows if r["credential"] == "yes"]
+    assert credentialed and all(r["tokens"] == [] and r["image_path"] is None for r in credentialed)
+    assert all(json.loads(r["extra"]).keys() == {"subject_id", "study_id", "dicom_id"} for r in credentialed)
+    filled = [r for r in public if r["image_path"] and "<image>" in r["text"]]
+    assert filled and all(r["tokens"][0] == C.BOS_ID and r["tokens"][-1] == C.EOS_ID for r in filled)
+    assert all(C.BEGIN_IMAGE_ID in r["tokens"] and C.END_IMAGE_ID in r["tokens"] for r in filled)
+    assert len(problems) == 2  # the truncated JSON line and the wrong type
+
+
+def test_images_of_every_kind_and_broken_credentialed_files(demo) -> None:
+    _, paths, _ = demo
+    modes, sizes, formats = set(), set(), set()
+    for path in paths.public_root.rglob("*"):
+        if path.is_file():
+            with Image.open(path) as image:
+                modes.add(image.mode)
+                sizes.add(image.size)
+                formats.add(image.format)
+    assert {"L", "RGB", "RGBA", "P", "I;16"} <= modes
+    assert {"JPEG", "PNG"} <= formats
+    assert any(w < 128 for w, _ in sizes) and any(w > 1000 for w, _ in sizes) and any(h > 2 * w for w, h in sizes)
+    credentialed = [p for p in paths.credentialed_root.rglob("*") if p.is_file()]
+    assert all(p.relative_to(paths.credentialed_root).parts[0] == "files" for p in credentialed)
+    assert any(p.stat().st_size == 0 for p in credentialed)
+    assert any(p.read_bytes().startswith(b"this is a text file") for p in credentialed)
+    unreadable = 0
+    for p in credentialed:
+        try:
+            with Image.open(p) as image:
+                image.load()
+        except Exception:
+            unreadable += 1
+    assert unreadable == 3
+
+
+def test_eval_set_covers_the_twelve_vqa_tasks(demo) -> None:
+    _, paths, counts = demo
+    rows = [json.loads(line) for line in paths.eval_set.read_text().splitlines()]
+    assert len(rows) == counts["eval_rows"]
+    assert {(r["task_name"], r["question_type"]) for r in rows} >= set(VQA_TASKS)
+    assert {"image_captioning", "image_generation"} <= {r["task_name"] for r in rows}
+    assert set(rows[0]) == {"task_name", "question_type", "prompt", "answer", "image_path"}
+    assert all((paths.eval_image_root / r["image_path"]).is_file() for r in rows)
