@@ -1,0 +1,259 @@
+"""Stage 2: sharding, broken images, resume after a kill, gather, and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_preprocess import png_with_header_size  # noqa: E402
+from vqgan_fixtures import write_checkpoint, write_images  # noqa: E402
+
+from medmax_pipeline.artifacts import ArtifactError, read_artifact, read_meta, write_artifact  # noqa: E402
+from medmax_pipeline.preprocess import load_image_pixels  # noqa: E402
+from medmax_pipeline.tokenize import (  # noqa: E402
+    STOP_AFTER_CHUNKS_ENV,
+    STOPPED_EXIT_CODE,
+    ImageRow,
+    TokenizeInputError,
+    chunk_ranges,
+    gather_tokens,
+    rank_chunks,
+    read_image_list,
+    shard_of,
+    shard_paths,
+    shard_rows,
+    tokenize_shard,
+)
+from medmax_pipeline.vqgan import load_vqgan  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure logic
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 3, 7, 64])
+def test_every_image_lands_in_exactly_one_shard(num_shards: int) -> None:
+    rows = [ImageRow(f"images/{i:04d}/scan {i}.png", f"public:{i}", "no") for i in range(500)]
+    shards = [shard_rows(rows, s, num_shards) for s in range(num_shards)]
+    paths = [r.img_path for shard in shards for r in shard]
+    assert len(paths) == len(set(paths)) == len(rows)
+    assert set(paths) == {r.img_path for r in rows}
+    assert all([r.img_path for r in shard] == sorted(r.img_path for r in shard) for shard in shards)
+    # an image's shard does not depend on the other images of the list
+    for s, shard in enumerate(shards):
+        assert all(r in shard_rows([r], s, num_shards) for r in shard[:5])
+    if num_shards > 1:
+        assert sum(1 for shard in shards if shard) >= min(num_shards, 2)
+
+
+def test_shard_of_rejects_bad_counts() -> None:
+    with pytest.raises(ValueError):
+        shard_of("a.png", 0)
+    with pytest.raises(ValueError):
+        shard_rows([], 3, 3)
+
+
+def test_chunks_and_ranks_partition_the_shard() -> None:
+    ranges = chunk_ranges(10, 3)
+    assert [list(r) for r in ranges] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    for world in (1, 2, 3, 5):
+        owned = [c for rank in range(world) for c in rank_chunks(len(ranges), rank, world)]
+        assert sorted(owned) == list(range(len(ranges)))
+
+
+def test_read_image_list_carries_columns_and_checks_them(tmp_path: Path) -> None:
+    good = write_csv(
+        tmp_path / "a.csv",
+        [
+            {"img_path": "b.png", "image_key": "public:b", "credential": "yes", "extra": "1"},
+            {"img_path": "a.png", "image_key": "public:a", "credential": "", "extra": "2"},
+            {"img_path": "b.png", "image_key": "public:b", "credential": "yes", "extra": "3"},
+        ],
+    )
+    assert read_image_list(good) == [ImageRow("b.png", "public:b", "yes"), ImageRow("a.png", "public:a", "no")]
+    plain = write_csv(tmp_path / "plain.csv", [{"img_path": "00123.png"}])  # digits stay text
+    assert read_image_list(plain) == [ImageRow("00123.png", None, "no")]
+    cases = {
+        "no img_path column": [{"path": "a.png"}],
+        "data row 2: empty img_path": [{"img_path": "a.png"}, {"img_path": ""}],
+        "data row 1: credential must be 'yes' or 'no'": [{"img_path": "a.png", "credential": "maybe"}],
+        "data row 2: img_path 'a.png' repeats data row 1": [
+            {"img_path": "a.png", "credential": "no"}, {"img_path": "a.png", "credential": "yes"},
+        ],
+    }
+    for message, rows in cases.items():
+        path = write_csv(tmp_path / "bad.csv", rows)
+        with pytest.raises(TokenizeInputError, match=message) as info:
+            read_image_list(path)
+        assert str(path) in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end on a small random VQGAN
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("tokenize")
+    write_checkpoint(root / "ckpt", seed=7)
+    good = write_images(root / "images", seed=3, count=4)
+    broken_dir = root / "broken"
+    broken_dir.mkdir()
+    jpeg = good[1].read_bytes()
+    (broken_dir / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    (broken_dir / "zero.png").write_bytes(b"")
+    (broken_dir / "text.png").write_text("<html>not found</html>\n")
+    png_with_header_size(broken_dir / "bomb.png", 100_000, 100_000)
+    broken = {
+        broken_dir / "truncated.jpg": "truncated",
+        broken_dir / "zero.png": "empty file",
+        broken_dir / "text.png": "not a recognised image",
+        broken_dir / "missing.png": "file not found",
+        broken_dir / "bomb.png": "decompression bomb",
+    }
+    rows = [
+        {"img_path": str(p), "image_key": f"public:{p.name}", "credential": "yes" if i == 0 else "no"}
+        for i, p in enumerate([*good, *broken])
+    ]
+    csv_path = write_csv(root / "img_paths.csv", rows)
+    return {"root": root, "ckpt": root / "ckpt", "csv": csv_path, "good": good, "broken": broken}
+
+
+@pytest.fixture(scope="module")
+def two_shard_run(dataset: dict) -> dict:
+    out = dataset["root"] / "n2"
+    results = [
+        tokenize_shard(dataset["csv"], out, dataset["ckpt"], shard=s, num_shards=2, batch_size=2, workers=w, chunk_size=2, progress=False)
+        for s, w in ((0, 1), (1, 0))
+    ]
+    gathered = gather_tokens(out, 2, out / "image_tokens.parquet", out / "image_token_errors.parquet")
+    return {"out": out, "results": results, "gathered": gathered}
+
+
+def test_tokens_and_errors_account_for_every_image(dataset: dict, two_shard_run: dict) -> None:
+    out = two_shard_run["out"]
+    tokens = read_artifact(out / "image_tokens.parquet", "image_tokens")
+    errors = read_artifact(out / "image_token_errors.parquet", "image_token_errors")
+    assert sorted(tokens.column("img_path").to_pylist()) == sorted(str(p) for p in dataset["good"])
+    reasons = dict(zip(errors.column("img_path").to_pylist(), errors.column("reason").to_pylist()))
+    assert set(reasons) == {str(p) for p in dataset["broken"]}
+    for path, expected in dataset["broken"].items():
+        assert expected in reasons[str(path)]
+    assert tokens.column("img_path").to_pylist() == sorted(tokens.column("img_path").to_pylist())
+    assert tokens.schema.field("img_tokens").type == pa.list_(pa.int16())
+    # shards hold only their own images, and both shards got some
+    per_shard = [read_artifact(r.tokens_path).num_rows + read_artifact(r.errors_path).num_rows for r in two_shard_run["results"]]
+    assert sum(per_shard) == 9 and all(n > 0 for n in per_shard)
+
+
+def test_codes_and_metadata_match_a_direct_encode(dataset: dict, two_shard_run: dict) -> None:
+    tokens = read_artifact(two_shard_run["out"] / "image_tokens.parquet", "image_tokens").to_pylist()
+    model = load_vqgan(dataset["ckpt"])
+    first = next(r for r in tokens if r["img_path"] == str(dataset["good"][3]))  # a 16-bit PNG
+    loaded = load_image_pixels(first["img_path"])
+    expected = model.encode_codes(loaded.pixels.unsqueeze(0))[0].tolist()
+    assert first["img_tokens"] == expected and len(expected) == 1024
+    assert (first["orig_width"], first["orig_height"], first["orig_mode"]) == (loaded.orig_width, loaded.orig_height, loaded.orig_mode)
+    assert all(len(r["img_tokens"]) == 1024 and 0 <= min(r["img_tokens"]) and max(r["img_tokens"]) < 8192 for r in tokens)
+    assert {r["image_key"] for r in tokens} == {f"public:{p.name}" for p in dataset["good"]}
+
+
+def test_credential_and_lineage(dataset: dict, two_shard_run: dict) -> None:
+    out = two_shard_run["out"]
+    meta = read_meta(out / "image_tokens.parquet")
+    assert meta.credential == "credentialed"  # the first good image is credential = yes
+    tokens = read_artifact(out / "image_tokens.parquet").to_pylist()
+    assert {r["img_path"]: r["credential"] for r in tokens}[str(dataset["good"][0])] == "yes"
+    assert sorted(Path(i["path"]).name for i in meta.lineage["inputs"]) == sorted(
+        [f"shard-{s}-of-2{x}.parquet" for s in (0, 1) for x in ("", ".errors")]
+    )
+    shard_meta = read_meta(two_shard_run["results"][0].tokens_path)
+    assert shard_meta.lineage["params"]["precision"] == "fp32" and shard_meta.lineage["params"]["device"] == "cpu"
+    assert shard_meta.lineage["params"]["vqgan_fingerprint"] == load_vqgan(dataset["ckpt"]).encoder_fingerprint()
+    assert not shard_paths(out, 0, 2)[2].exists()  # chunk files removed once the shard is written
+
+
+def test_gather_refuses_missing_or_wrong_shards(two_shard_run: dict, tmp_path: Path) -> None:
+    out = two_shard_run["out"]
+    with pytest.raises(ArtifactError, match="shard files missing"):
+        gather_tokens(out, 3, tmp_path / "t.parquet", tmp_path / "e.parquet")
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    for name in ("shard-0-of-1.parquet", "shard-0-of-1.errors.parquet"):
+        write_artifact(pa.table({"img_path": ["a.png"], "credential": ["no"]}), fake / name, artifact="image_paths")
+    with pytest.raises(ArtifactError, match="found artifact 'image_paths', expected 'image_tokens'"):
+        gather_tokens(fake, 1, tmp_path / "t.parquet", tmp_path / "e.parquet")
+    assert not (tmp_path / "t.parquet").exists()
+
+
+def test_resume_after_kill_equals_uninterrupted_run(dataset: dict, two_shard_run: dict, tmp_path: Path) -> None:
+    """One shard (N=1) killed after its first chunk, then resumed: the gathered result has the same
+    fingerprints as the uninterrupted two-shard run (so resume and the shard count change nothing)."""
+    out = tmp_path / "n1"
+    command = [
+        sys.executable, "-m", "medmax_pipeline", "tokenize", "--input", str(dataset["csv"]), "--output", str(out),
+        "--ckpt", str(dataset["ckpt"]), "--shard", "0", "--num-shards", "1", "--batch-size", "2", "--workers", "1",
+        "--chunk-size", "2",
+    ]
+    env = {**os.environ, STOP_AFTER_CHUNKS_ENV: "2", "PYTHONPATH": str(REPO)}
+    killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == STOPPED_EXIT_CODE, killed.stderr[-2000:]
+    tokens_path, errors_path, chunk_dir = shard_paths(out, 0, 1)
+    assert not tokens_path.exists() and len(list(chunk_dir.glob("chunk-*.parquet"))) == 2
+    env.pop(STOP_AFTER_CHUNKS_ENV)
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "3 chunks computed, 2 reused" in resumed.stdout
+    assert "img/s" in resumed.stderr  # tqdm progress bar on stderr
+    gather = [sys.executable, "-m", "medmax_pipeline", "gather-tokens", "--shards", str(out), "--num-shards", "1",
+              "--output", str(out / "t.parquet"), "--errors", str(out / "e.parquet")]
+    assert subprocess.run(gather, env=env, capture_output=True, timeout=120).returncode == 0
+    reference = two_shard_run["out"]
+    assert read_meta(out / "t.parquet").fingerprint == read_meta(reference / "image_tokens.parquet").fingerprint
+    assert read_meta(out / "e.parquet").fingerprint == read_meta(reference / "image_token_errors.parquet").fingerprint
+
+
+def test_stale_chunks_are_recomputed(dataset: dict, tmp_path: Path) -> None:
+    """A chunk made with other weights is not reused."""
+    out = tmp_path / "stale"
+    rows = [{"img_path": str(dataset["good"][0]), "credential": "no"}]
+    csv_path = write_csv(tmp_path / "one.csv", rows)
+    first = tokenize_shard(csv_path, out, dataset["ckpt"], chunk_size=1, workers=0, keep_chunks=True, progress=False)
+    assert (first.chunks_done, first.chunks_reused) == (1, 0)
+    other_ckpt = tmp_path / "other"
+    write_checkpoint(other_ckpt, seed=8)
+    second = tokenize_shard(csv_path, out, other_ckpt, chunk_size=1, workers=0, keep_chunks=True, progress=False)
+    assert (second.chunks_done, second.chunks_reused) == (1, 0)
+    third = tokenize_shard(csv_path, out, other_ckpt, chunk_size=1, workers=0, progress=False)
+    assert (third.chunks_done, third.chunks_reused) == (0, 1)
+    assert read_artifact(third.tokens_path).column("img_tokens").to_pylist() != [
+        load_vqgan(dataset["ckpt"]).encode_codes(load_image_pixels(rows[0]["img_path"]).pixels[None])[0].tolist()
+    ]
+
+
+def test_tf32_on_cpu_is_refused(dataset: dict, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="tf32 only exists on CUDA"):
+        tokenize_shard(dataset["csv"], tmp_path, dataset["ckpt"], precision="tf32", progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="cuda"):
+            tokenize_shard(dataset["csv"], tmp_path, dataset["ckpt"], device="cuda", progress=False)
