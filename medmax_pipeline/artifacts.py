@@ -302,8 +302,11 @@ class ArtifactWriter:
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         os.close(fd)
         self._tmp_path = Path(tmp)
+        # Dictionary encoding only for flat columns: for list columns (token ids, image blocks) it
+        # never pays (tens of thousands of distinct ids) and cost ~30% of the write time.
+        flat_columns = [f.name for f in self.schema if not pa.types.is_nested(f.type)]
         self._writer: pq.ParquetWriter | None = pq.ParquetWriter(
-            self._tmp_path, self.schema, compression="zstd", write_statistics=True
+            self._tmp_path, self.schema, compression="zstd", write_statistics=True, use_dictionary=flat_columns
         )
         self.meta: ArtifactMeta | None = None
 

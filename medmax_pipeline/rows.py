@@ -12,10 +12,13 @@ reads) is kept, as a JSON object in the column `extra`.
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -100,10 +103,14 @@ def _iter_raw_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             stripped = raw_line.strip()
             if not stripped:
                 continue
-            try:
-                yield line_no, json.loads(stripped), None
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                yield line_no, None, f"bad JSON: {exc}"
+            yield (line_no, *_decode_line(stripped))
+
+
+def _decode_line(stripped: bytes) -> tuple[Any, str | None]:
+    try:
+        return json.loads(stripped), None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return None, f"bad JSON: {exc}"
 
 
 def _iter_raw_parquet(path: Path) -> Iterator[tuple[int, Any, str | None]]:
@@ -124,11 +131,176 @@ def iter_raw_rows(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
     return _iter_raw_jsonl(path)
 
 
+# ----------------------------------------------------------------------------------------------
+# Fast jsonl path. A MedMax row is ~1.3k token ids (~9 KB of JSON digits): decoding them with
+# json.loads into Python ints is what made reading slow. Here each line's "tokens" array is cut
+# out as bytes, the arrays of many lines are parsed in one numpy call (np.fromstring, ~0.5 GB/s),
+# and only the small remainder of the line (text, task, ...) goes through json.loads and
+# validate_row, so the checks and reasons are exactly those of the per-line reader. Any line the
+# fast path is not sure about (no or repeated "tokens" key, an array that is not a plain list of
+# integers) is decoded whole, per line, as before.
+# ----------------------------------------------------------------------------------------------
+
+_TOKENS_KEY = b'"tokens"'
+_TOKENS_OPEN = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*\[")
+_INT32_MAX = 2**31 - 1
+
+
+class _SlowBlock(Exception):
+    """The block's token arrays did not parse as plain integer lists: decode its lines one by one."""
+
+
+def _split_tokens(line: bytes) -> tuple[bytes, bytes] | None:
+    """(line with its tokens array emptied, the array's inner bytes), or None when unsure."""
+    key = line.find(_TOKENS_KEY)
+    if key < 0 or line.find(_TOKENS_KEY, key + len(_TOKENS_KEY)) >= 0:
+        return None
+    opened = _TOKENS_OPEN.match(line, key + len(_TOKENS_KEY))
+    if opened is None:
+        return None
+    start = opened.end()
+    stop = line.find(b"]", start)
+    if stop < 0:
+        return None
+    return line[:start] + line[stop:], line[start:stop]
+
+
+def _parse_int_lists(segments: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Parse comma-separated integer lists; (values int64, per-segment counts). Raises _SlowBlock."""
+    counts = np.fromiter(
+        (seg.count(b",") + 1 if seg.strip() else 0 for seg in segments), dtype=np.int64, count=len(segments)
+    )
+    data = b",".join(seg for seg in segments if seg.strip())
+    if b"+" in data:  # numpy accepts "+5", JSON does not
+        raise _SlowBlock
+    with warnings.catch_warnings():
+        # numpy warns (here: raises) when the text does not parse to its end: "1.0", "true", "1 2".
+        warnings.simplefilter("error")
+        try:
+            values = np.fromstring(data, dtype=np.int64, sep=",") if data else np.zeros(0, np.int64)
+        except (ValueError, DeprecationWarning):
+            raise _SlowBlock from None
+    if values.size != int(counts.sum()):  # "1,2," parses as two values where three were counted
+        raise _SlowBlock
+    return values, counts
+
+
+def _rows_from_lines(
+    path: Path, split: str, lines: list[tuple[int, bytes]], fast: bool
+) -> tuple[pa.RecordBatch, list[RowProblem]]:
+    """Decode and check (line number, stripped line) pairs into a ROW_SCHEMA batch and problems."""
+    columns: dict[str, list[Any]] = {name: [] for name in ROW_SCHEMA.names if name != "tokens"}
+    token_pieces: list[np.ndarray] = []
+    token_counts: list[int] = []
+    pending: list[bytes] = []  # token array bytes of consecutive fast lines, parsed together
+    pending_rows: list[int] = []  # index into the kept rows of each pending segment
+    problems: list[RowProblem] = []
+    kept_line_for_check: list[int] = []
+
+    def flush_pending() -> None:
+        if not pending:
+            return
+        values, counts = _parse_int_lists(pending)
+        token_pieces.append(values)
+        for row_index, count in zip(pending_rows, counts.tolist()):
+            token_counts[row_index] = count
+        pending.clear()
+        pending_rows.clear()
+
+    for line_no, stripped in lines:
+        row_id = row_id_for(split, line_no)
+        parts = _split_tokens(stripped) if fast else None
+        raw, parse_error = _decode_line(parts[0] if parts is not None else stripped)
+        if parts is not None and (parse_error or not isinstance(raw, dict) or raw.get("tokens") != []):
+            # Not the top-level tokens array, or a line that is bad elsewhere: decode it whole, so
+            # that the reason (and its character offsets) are those of the original line.
+            parts = None
+            raw, parse_error = _decode_line(stripped)
+        row, reason = (None, parse_error) if parse_error else validate_row(raw)
+        if row is None:
+            problems.append(RowProblem(str(path), line_no, reason or "unreadable row", row_id))
+            continue
+        columns["row_id"].append(row_id)
+        columns["split"].append(split)
+        columns["line"].append(line_no)
+        for key in ("text", "image_path", "task", "source", "credential", "extra"):
+            columns[key].append(row[key])
+        kept_line_for_check.append(line_no)
+        token_counts.append(0)
+        if parts is not None:
+            pending.append(parts[1])
+            pending_rows.append(len(token_counts) - 1)
+        else:
+            flush_pending()
+            token_pieces.append(np.asarray(row["tokens"], dtype=np.int64))
+            token_counts[-1] = len(row["tokens"])
+    flush_pending()
+
+    values = np.concatenate(token_pieces) if token_pieces else np.zeros(0, np.int64)
+    counts = np.asarray(token_counts, dtype=np.int64)
+    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    keep = np.ones(len(counts), dtype=bool)
+    if values.size and (values.min() < 0 or values.max() > _INT32_MAX):
+        # Same reason as validate_row gives; only rows of the fast path can get here.
+        bad = (values < 0) | (values > _INT32_MAX)
+        bad_rows = np.unique(np.repeat(np.arange(len(counts)), counts)[bad])
+        for i in bad_rows.tolist():
+            keep[i] = False
+            line_no = kept_line_for_check[i]
+            problems.append(
+                RowProblem(str(path), line_no, "column 'tokens' has an id outside the int32 range", row_id_for(split, line_no))
+            )
+    # Ids outside int32 only occur in rows filtered out just below, so the cast cannot corrupt kept rows.
+    tokens = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values.astype(np.int32)))
+    arrays = [
+        tokens if name == "tokens" else pa.array(columns[name], type=ROW_SCHEMA.field(name).type)
+        for name in ROW_SCHEMA.names
+    ]
+    batch = pa.RecordBatch.from_arrays(arrays, schema=ROW_SCHEMA)
+    if not keep.all():
+        batch = batch.filter(pa.array(keep))
+    problems.sort(key=lambda p: p.line)
+    return batch, problems
+
+
+def _read_jsonl_batches(path: Path, split: str, batch_size: int) -> Iterator[tuple[pa.RecordBatch, list[RowProblem]]]:
+    block: list[tuple[int, bytes]] = []
+
+    def convert() -> tuple[pa.RecordBatch, list[RowProblem]]:
+        try:
+            return _rows_from_lines(path, split, block, fast=True)
+        except _SlowBlock:
+            # A token array numpy could not read exactly: decode every line of the block with
+            # json.loads, which gives each bad line its own reason.
+            return _rows_from_lines(path, split, block, fast=False)
+
+    with open(path, "rb") as f:
+        for line_no, raw_line in enumerate(f, start=1):
+            stripped = raw_line.strip()
+            if not stripped:
+                continue
+            block.append((line_no, stripped))
+            if len(block) >= batch_size:
+                yield convert()
+                block = []
+    if block:
+        yield convert()
+
+
 def read_row_batches(
     path: str | Path, split: str, batch_size: int = 8192
 ) -> Iterator[tuple[pa.RecordBatch, list[RowProblem]]]:
-    """Stream checked rows as record batches of ROW_SCHEMA, with the problems found in each batch."""
+    """Stream checked rows as record batches of ROW_SCHEMA, with the problems found in each batch.
+
+    Rows are in file order; each batch covers at most `batch_size` input rows (kept + problems).
+    """
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file {path} does not exist")
+    if path.suffix != ".parquet":
+        yield from _read_jsonl_batches(path, split, batch_size)
+        return
     columns: dict[str, list[Any]] = {name: [] for name in ROW_SCHEMA.names}
     problems: list[RowProblem] = []
 

@@ -1,0 +1,287 @@
+"""Stage 4, dataset assembly: sequence building, checks, truncation, credentials, coverage, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from medmax_pipeline import constants as C
+from medmax_pipeline.artifacts import CredentialLeakError, ArtifactWriter, read_artifact, read_meta, write_artifact
+from medmax_pipeline.assemble import (
+    CATEGORIES,
+    DATASET_SCHEMA,
+    AssemblyError,
+    assemble,
+    build_sequence,
+    check_image_block,
+    check_published_tokens,
+    take_prefixes,
+    truncation_lengths,
+)
+from medmax_pipeline.cli import main as cli_main
+from medmax_pipeline.text_tokenizer import build_chameleon_tokenizer, encode_text, load_tokenizer
+
+CORPUS = ["What does the chest x-ray show? <reserved08706> No acute findings.", "Describe the image. <image> A lesion."] * 20
+SOURCE = "mimic"
+TEMPLATE = "files/{subject_id}/{dicom_id}.jpg"
+
+
+def block_for(seed: int) -> list[int]:
+    rng = np.random.default_rng(seed)
+    return [C.BEGIN_IMAGE_ID] + (rng.integers(0, C.NUM_IMAGE_CODES, C.CODES_PER_IMAGE) + C.IMAGE_CODE_OFFSET).tolist() + [C.END_IMAGE_ID]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory) -> Path:
+    _, modified = build_chameleon_tokenizer(tmp_path_factory.mktemp("tok"), CORPUS, text_vocab_size=300)
+    return modified
+
+
+def published(tokenizer_path: Path, text: str, image_seed: int | None) -> list[int]:
+    ids = encode_text(load_tokenizer(tokenizer_path), text)
+    return build_sequence(ids, block_for(image_seed) if image_seed is not None else None).tolist()
+
+
+def cred_row(i: int, text: str = "Describe the image. <image> A lesion.", **extra) -> dict:
+    row = {"text": text, "tokens": [], "task": "Report Understanding", "source": SOURCE, "credential": "yes",
+           "subject_id": f"1000{i:04d}", "dicom_id": f"d{i}"}
+    row.update(extra)
+    return row
+
+
+def cred_key(i: int) -> str:
+    return f"{SOURCE}:files/1000{i:04d}/d{i}.jpg"
+
+
+@pytest.fixture()
+def inputs(tmp_path, tokenizer_path):
+    """A small world: row file with public and credentialed rows, and the upstream artifacts."""
+    text = "Describe the image. <image> A lesion."
+    lines = [
+        json.dumps({"text": text, "tokens": published(tokenizer_path, text, 1), "image_path": "a/1.jpg", "task": "VQA", "source": "slake", "credential": "no"}),
+        json.dumps({"text": "What does the chest x-ray show?", "tokens": published(tokenizer_path, "What does the chest x-ray show?", None), "task": "Visual Chat", "source": "slake", "credential": "no"}),
+        "{not json",  # malformed line 3
+        json.dumps(cred_row(1)),  # filled from its block
+        json.dumps(cred_row(2)),  # image missing (path problem)
+        json.dumps(cred_row(3)),  # image unreadable (token error)
+        json.dumps(cred_row(4, dicom_id=None)),  # no image key
+        json.dumps(cred_row(5, text="No image here.")),  # names an image but no <image>: malformed
+        json.dumps({"text": text, "tokens": published(tokenizer_path, text, 2)[:-1] + [5], "image_path": "a/2.jpg", "task": "VQA", "source": "pathvqa", "credential": "no"}),  # bad eos
+        json.dumps({"text": text, "tokens": published(tokenizer_path, text, 3), "task": "VQA", "source": "pathvqa", "credential": "no"}),  # <image> without image_path
+        json.dumps(cred_row(6)),  # not collected at all
+    ]
+    rows = tmp_path / "train.jsonl"
+    rows.write_text("\n".join(lines) + "\n")
+    blocks = tmp_path / "image_blocks.parquet"
+    write_artifact(
+        pa.table({"image_key": [cred_key(1), "public:a/1.jpg"], "img_path": ["/x/d1.jpg", "/p/a/1.jpg"], "credential": ["yes", "no"],
+                  "block": pa.array([block_for(11), block_for(1)], pa.list_(pa.int32()))}),
+        blocks, artifact="image_blocks")
+    path_problems = tmp_path / "image_path_problems.parquet"
+    write_artifact(
+        pa.table({"file": [str(rows)], "line": pa.array([5], pa.int64()), "row_id": ["train:5"], "split": ["train"], "source": [SOURCE],
+                  "credential": ["yes"], "image_key": [cred_key(2)], "reason": ["missing file"]}),
+        path_problems, artifact="image_path_problems")
+    token_errors = tmp_path / "image_token_errors.parquet"
+    write_artifact(
+        pa.table({"img_path": ["/x/d3.jpg"], "image_key": [cred_key(3)], "credential": ["yes"], "reason": ["cannot identify image file"]}),
+        token_errors, artifact="image_token_errors")
+    return {"rows": rows, "image_blocks": blocks, "path_problems": path_problems, "token_errors": token_errors, "tokenizer_path": tokenizer_path}
+
+
+def run_stage(inputs, out: Path, credentialed=(f"{SOURCE}=/data/mimic={TEMPLATE}",), **kwargs):
+    return assemble(inputs["rows"], "train", out, tokenizer_path=inputs["tokenizer_path"], image_blocks=inputs["image_blocks"],
+                    path_problems=inputs["path_problems"], token_errors=inputs["token_errors"], credentialed=list(credentialed),
+                    max_error_fraction=kwargs.pop("max_error_fraction", 0.5), **kwargs)
+
+
+# --- pure functions -----------------------------------------------------------------------------
+
+
+def test_build_sequence_against_hand_computed_ids():
+    block = [8197] + [4] * 1024 + [8196]
+    seq = build_sequence([9000, 8711, 9001], block)
+    assert seq.tolist() == [0, 9000, 8197] + [4] * 1024 + [8196, 9001, 2]
+    assert build_sequence([9000], None).tolist() == [0, 9000, 2]
+    with pytest.raises(ValueError):
+        build_sequence([8711], None)
+
+
+def test_check_image_block():
+    assert check_image_block(block_for(0)) is None
+    assert "1026" in check_image_block([8197, 8196])
+    assert "outside" in check_image_block([8197] + [8196] * 1024 + [8196])
+
+
+def test_check_published_tokens_reasons():
+    good = [0, 9000] + block_for(0) + [9001, 2]
+    cases = [good, good[:-1] + [3], [5] + good[1:], [0, 70000, 2], [0, 8711, 2], [0, 9000] + block_for(0)[:-1] + [9, 2], [0, 5, 2], []]
+    offsets = np.cumsum([0] + [len(c) for c in cases])
+    reasons, truncated = check_published_tokens(np.concatenate([np.array(c, np.int64) for c in cases]), offsets,
+                                                np.array([1, 1, 1, 0, 0, 1, 0, 0]))
+    assert reasons[0] is None
+    assert "eos" in reasons[1] and "bos" in reasons[2] and "outside" in reasons[3] and "8711" in reasons[4]
+    assert "image block" in reasons[5] and "image block" in reasons[6] and "empty" in reasons[7]
+    assert not truncated.any()
+    # Same row, but text has no <image>: count mismatch.
+    reasons, _ = check_published_tokens(np.array(good), np.array([0, len(good)]), np.array([0]))
+    assert "1 image block(s), text has 0" in reasons[0]
+
+
+def test_publisher_truncated_rows_are_accepted():
+    seq = ([0] + [9000] * 1000 + block_for(0) + block_for(1))[:2048]  # ends inside the second block
+    reasons, truncated = check_published_tokens(np.array(seq), np.array([0, 2048]), np.array([2]), published_max_length=2048)
+    assert reasons == [None] and truncated.tolist() == [True]
+    # The partial block is cut off: the row keeps its first complete block only.
+    assert truncation_lengths(np.array(seq), np.array([0, 2048]), 4096).tolist() == [1 + 1000 + 1026]
+
+
+def test_truncation_never_cuts_inside_an_image_block():
+    seq = np.array([0] + [9000] * 10 + block_for(0) + [9001] * 20 + [2])
+    offsets = np.array([0, len(seq)])
+    assert truncation_lengths(seq, offsets, 500).tolist() == [11]  # cut before the block's 8197
+    assert truncation_lengths(seq, offsets, 1037).tolist() == [1037]  # right after the 8196
+    assert truncation_lengths(seq, offsets, 5000).tolist() == [len(seq)]
+    values, new_offsets = take_prefixes(seq, offsets, np.array([11]))
+    assert values.tolist() == seq[:11].tolist() and new_offsets.tolist() == [0, 11]
+
+
+# --- the stage ----------------------------------------------------------------------------------
+
+
+def test_every_row_is_in_dataset_or_problems_and_coverage_adds_up(inputs, tmp_path):
+    out = tmp_path / "out"
+    coverage = run_stage(inputs, out)
+    dataset = read_artifact(out / "dataset.parquet", "dataset")
+    problems = read_artifact(out / "dataset_problems.parquet", "dataset_problems")
+    n_input = sum(1 for line in inputs["rows"].read_text().splitlines() if line.strip())
+    assert dataset.num_rows + problems.num_rows == n_input
+    assert sorted(dataset.column("line").to_pylist() + problems.column("line").to_pylist()) == list(range(1, n_input + 1))
+    by_line = {r["line"]: r for r in problems.to_pylist()}
+    assert by_line[3]["category"] == "malformed_row" and by_line[3]["file"] == str(inputs["rows"])
+    assert by_line[5]["category"] == "image_missing" and "missing file" in by_line[5]["reason"]
+    assert by_line[6]["category"] == "image_unreadable"
+    assert by_line[7]["category"] == "no_image_key"
+    assert by_line[8]["category"] == "malformed_row"
+    assert by_line[9]["category"] == "invalid_published_tokens" and "eos" in by_line[9]["reason"]
+    assert by_line[10]["category"] == "malformed_row"
+    assert by_line[11]["category"] == "image_missing"
+    table = read_artifact(out / "coverage.parquet", "coverage")
+    for row in table.to_pylist():
+        assert row["rows_missing"] == sum(row[c] for c in CATEGORIES)
+        assert row["rows_expected"] == row["rows_filled"] + row["rows_missing"]
+    assert sum(table.column("rows_expected").to_pylist()) == n_input
+    assert sum(table.column("rows_filled").to_pylist()) == dataset.num_rows == coverage.totals()["rows_filled"]
+    assert "rows filled" in (out / "coverage_summary.txt").read_text()
+
+
+def test_credentialed_row_gets_built_tokens(inputs, tmp_path):
+    out = tmp_path / "out"
+    run_stage(inputs, out)
+    dataset = read_artifact(out / "dataset.parquet", "dataset")
+    row = [r for r in dataset.to_pylist() if r["line"] == 4][0]
+    text_ids = encode_text(load_tokenizer(inputs["tokenizer_path"]), row["text"])
+    place = text_ids.index(C.IMAGE_PLACEHOLDER_ID)
+    assert row["tokens"] == [0] + text_ids[:place] + block_for(11) + text_ids[place + 1:] + [2]
+    assert row["n_tokens"] == len(row["tokens"]) and row["truncated"] is False
+    public_row = [r for r in dataset.to_pylist() if r["line"] == 1][0]
+    assert public_row["tokens"] == json.loads(inputs["rows"].read_text().splitlines()[0])["tokens"]
+
+
+def test_public_dataset_never_holds_credentialed_data_across_reruns(inputs, tmp_path):
+    runs = {}
+    for name, creds in (("with", (f"{SOURCE}=/data/mimic={TEMPLATE}",)), ("without", ()), ("again", (f"{SOURCE}=/data/mimic={TEMPLATE}",))):
+        out = tmp_path / name
+        run_stage(inputs, out, credentialed=creds)
+        meta = read_meta(out / "dataset_public.parquet")
+        table = read_artifact(out / "dataset_public.parquet", "dataset_public")
+        assert meta.credential == "public"
+        assert set(table.column("credential").to_pylist()) == {"no"}
+        assert [i["path"] for i in meta.lineage["inputs"]] == [str(inputs["rows"])]
+        assert read_meta(out / "dataset.parquet").credential == "credentialed" or name == "without"
+        runs[name] = (meta.fingerprint, table.column("row_id").to_pylist())
+    assert runs["with"] == runs["without"] == runs["again"]
+    # Public rows of dataset and dataset_public are the same rows.
+    dataset = read_artifact(tmp_path / "with" / "dataset.parquet")
+    public = dataset.filter(pa.compute.equal(dataset.column("credential"), "no"))
+    assert public.equals(read_artifact(tmp_path / "with" / "dataset_public.parquet"))
+
+
+def test_leak_through_the_writer_is_refused(tmp_path):
+    row = {name: [None] for name in DATASET_SCHEMA.names}
+    row.update(row_id=["train:1"], credential=["yes"], tokens=[[0, 2]])
+    with pytest.raises(CredentialLeakError):
+        with ArtifactWriter(tmp_path / "x.parquet", DATASET_SCHEMA, artifact="dataset_public", credential="public") as writer:
+            writer.write(pa.Table.from_pydict(row, schema=DATASET_SCHEMA))
+    # Nor can a public artifact name a credentialed input.
+    with pytest.raises(CredentialLeakError):
+        ArtifactWriter(tmp_path / "y.parquet", DATASET_SCHEMA, artifact="dataset_public", credential="public",
+                       inputs=[{"path": "blocks", "artifact": "image_blocks", "fingerprint": "x", "credential": "credentialed"}])
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_truncate_and_drop(inputs, tmp_path):
+    run_stage(inputs, tmp_path / "t", max_length=600)
+    dataset = read_artifact(tmp_path / "t" / "dataset.parquet")
+    by_line = {r["line"]: r for r in dataset.to_pylist()}
+    assert by_line[1]["truncated"] and C.BEGIN_IMAGE_ID not in by_line[1]["tokens"] and by_line[1]["n_tokens"] < 600
+    assert by_line[2]["truncated"] is False
+    run_stage(inputs, tmp_path / "d", max_length=600, overflow="drop")
+    dropped = read_artifact(tmp_path / "d" / "dataset_problems.parquet").to_pylist()
+    assert {r["line"] for r in dropped if r["category"] == "dropped_too_long"} == {1, 4}
+    assert set(read_artifact(tmp_path / "d" / "dataset.parquet").column("line").to_pylist()) == {2}
+
+
+def test_too_many_malformed_rows_fail_and_write_nothing(inputs, tmp_path):
+    out = tmp_path / "out"
+    run_stage(inputs, out)  # a complete earlier run must not survive a failed one
+    with pytest.raises(AssemblyError, match=r"train.jsonl:3:"):
+        run_stage(inputs, out, max_error_fraction=0.01)
+    assert not list(out.glob("*.parquet"))
+    assert not list(out.glob(".*tmp"))
+
+
+def test_determinism_of_row_ids_and_fingerprints(inputs, tmp_path):
+    metas = []
+    for name, batch_size in (("a", 2048), ("b", 3)):
+        run_stage(inputs, tmp_path / name, batch_size=batch_size)
+        metas.append({f: read_meta(tmp_path / name / f).fingerprint for f in ("dataset.parquet", "dataset_public.parquet", "dataset_problems.parquet", "coverage.parquet")})
+        assert read_artifact(tmp_path / name / "dataset.parquet").column("row_id").to_pylist()[:2] == ["train:1", "train:2"]
+    assert metas[0] == metas[1]
+
+
+def test_outputs_load_with_datasets_and_polars(inputs, tmp_path):
+    import datasets
+    import polars as pl
+
+    out = tmp_path / "out"
+    run_stage(inputs, out)
+    for name in ("dataset.parquet", "dataset_public.parquet"):
+        expected = pq.read_table(out / name)
+        ds = datasets.load_dataset("parquet", data_files=str(out / name), split="train", cache_dir=str(tmp_path / "hf"))
+        assert ds.num_rows == expected.num_rows and ds[0]["tokens"] == expected.column("tokens")[0].as_py()
+        df = pl.read_parquet(out / name)
+        assert df.height == expected.num_rows and df["n_tokens"].to_list() == [len(t) for t in df["tokens"].to_list()]
+
+
+def test_cli(inputs, tmp_path):
+    out = tmp_path / "cli"
+    argv = ["assemble", "--rows", str(inputs["rows"]), "--split", "train", "--image-blocks", str(inputs["image_blocks"]),
+            "--path-problems", str(inputs["path_problems"]), "--token-errors", str(inputs["token_errors"]),
+            "--tokenizer", str(inputs["tokenizer_path"]), "--credentialed", f"{SOURCE}=/data/mimic={TEMPLATE}",
+            "--max-length", "2048", "--overflow", "truncate", "--max-error-fraction", "0.5", "--output-dir", str(out)]
+    assert cli_main(argv) == 0
+    assert read_meta(out / "dataset.parquet").num_rows == 3
+    argv[argv.index("0.5")] = "0.01"
+    assert cli_main(argv) == 1
+
+
+def test_plain_tokenizer_is_refused(inputs, tmp_path):
+    plain = inputs["tokenizer_path"].parent / "text_tokenizer.json"
+    with pytest.raises(AssemblyError, match="modified"):
+        run_stage({**inputs, "tokenizer_path": plain}, tmp_path / "out")
