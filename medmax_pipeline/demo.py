@@ -32,7 +32,9 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from medmax_pipeline import constants as C
+from medmax_pipeline.assemble import build_sequence
 from medmax_pipeline.image_keys import TEMPLATE_PRESETS, CredentialedSource, image_key_for_row
+from medmax_pipeline.vocab import image_block
 from medmax_pipeline.text_tokenizer import (
     MODIFIED_TOKENIZER_FILE,
     build_chameleon_tokenizer,
@@ -200,25 +202,6 @@ def corpus_for_tokenizer(rng: random.Random, n: int = 400) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Sequences
-# ----------------------------------------------------------------------------------------------
-
-
-def image_block(codes: list[int]) -> list[int]:
-    return [C.BEGIN_IMAGE_ID] + [int(c) + C.IMAGE_CODE_OFFSET for c in codes] + [C.END_IMAGE_ID]
-
-
-def published_tokens(text_ids: list[int], blocks: list[list[int]]) -> list[int]:
-    """[0] + text ids with each <image> replaced by the next image block + [2] (the public release's rule)."""
-    out = [C.BOS_ID]
-    remaining = iter(blocks)
-    for token_id in text_ids:
-        out.extend(next(remaining) if token_id == C.IMAGE_PLACEHOLDER_ID else [token_id])
-    out.append(C.EOS_ID)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
 # The generator
 # ----------------------------------------------------------------------------------------------
 
@@ -353,7 +336,8 @@ def generate_demo(paths: DemoPaths, seed: int = 0, vqgan_channels: int = 32, row
         public = [r for r in rows if r["credential"] == "no"]
         for row, text_ids in zip(public, encode_texts(tokenizer, [r["text"] for r in public])):
             images = row.pop("_images")
-            row["tokens"] = published_tokens(text_ids, [public_blocks[n] for n in images])
+            assert len(images) == 1, "demo rows hold one image each"
+            row["tokens"] = build_sequence(text_ids, public_blocks[images[0]]).tolist()
         for row in rows:
             if row["credential"] == "yes":  # the template must name each credentialed row's image
                 extra = json.dumps({k: row[k] for k in ("subject_id", "study_id", "dicom_id")})

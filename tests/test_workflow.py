@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 
 def snakemake(workdir: Path, *args: str, configfiles: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2"]
-    command += ["--configfile", str(REPO / "config.yaml"), *map(str, configfiles)] if configfiles else []
+    # The default config (the demo) with its relative paths resolved inside `workdir`, plus overlays.
+    command += ["--configfile", str(REPO / "config.yaml"), *map(str, configfiles)]
     return subprocess.run([*command, *args], capture_output=True, text=True, cwd=workdir)
 
 
