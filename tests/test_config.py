@@ -46,7 +46,10 @@ def test_bad_config_names_the_key(config: dict, mutate, message: str) -> None:
         validate_config(config)
 
 
-def test_missing_path_is_reported_when_the_demo_does_not_make_it(config: dict, tmp_path: Path) -> None:
+def test_missing_path_is_reported_when_the_demo_does_not_make_it(
+    config: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the config's relative paths resolve here, where no demo was made
     config["demo"]["enabled"] = False
     with pytest.raises(ConfigError, match=r"key 'checkpoint': folder results/demo/checkpoint does not exist"):
         validate_config(config)
