@@ -111,24 +111,68 @@ def head_lines(src: Path, dst: Path, n: int) -> Path:
     return dst
 
 
-def run_stage(paths: dict[str, Path], rows: Path, out: Path) -> dict[str, float]:
-    """Run `medmax assemble` in a child; wall time and the child's peak RSS."""
+def _tree_memory_kb(root: int) -> tuple[int, int]:
+    """(sum of RSS, sum of PSS) in kB over `root` and all its descendants, read from /proc.
+    PSS splits shared pages (libraries, the workers' shared-memory handoff files) between the
+    processes that map them, so its sum is the memory the whole stage holds."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry))
+    rss = pss = 0
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        todo.extend(parents.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1])
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+        except OSError:
+            continue
+    return rss, pss
+
+
+def run_stage(paths: dict[str, Path], rows: Path, out: Path, workers: int | None = None) -> dict[str, float]:
+    """Run `medmax assemble` in a child; wall time and peak memory: the largest single process
+    (ru_maxrss, as before the stage had worker processes) and the sampled sum over the stage's
+    process tree (the stage's main process and its workers)."""
     argv = [sys.executable, "-m", "medmax_pipeline", "assemble", "--rows", str(rows), "--split", "train",
             "--image-blocks", str(paths["image_blocks"]), "--path-problems", str(paths["path_problems"]),
             "--token-errors", str(paths["token_errors"]), "--tokenizer", str(paths["tokenizer"]),
             "--credentialed", f"{SOURCE}=/nonexistent={TEMPLATE}", "--max-length", "2048", "--overflow", "truncate",
             "--max-error-fraction", "0.01", "--output-dir", str(out)]
+    if workers is not None:
+        argv += ["--workers", str(workers)]
     # A fresh wrapper per run, so RUSAGE_CHILDREN holds this run's peak only.
     wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); r = subprocess.run(sys.argv[1:]);"
-               "print('BENCH', r.returncode, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+               "u = resource.getrusage(resource.RUSAGE_CHILDREN);"
+               "print('BENCH', r.returncode, time.perf_counter() - t, u.ru_maxrss, u.ru_utime + u.ru_stime)")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.run([sys.executable, "-c", wrapper, *argv], capture_output=True, text=True, env=env)
-    bench = [line for line in proc.stdout.splitlines() if line.startswith("BENCH")]
+    proc = subprocess.Popen([sys.executable, "-c", wrapper, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    peak_rss_kb = peak_pss_kb = 0
+    while proc.poll() is None:
+        rss_kb, pss_kb = _tree_memory_kb(proc.pid)
+        peak_rss_kb, peak_pss_kb = max(peak_rss_kb, rss_kb), max(peak_pss_kb, pss_kb)
+        time.sleep(1.0)  # reading smaps_rollup walks the page tables: sampling more often costs the stage CPU
+    stdout, stderr = proc.communicate()
+    bench = [line for line in stdout.splitlines() if line.startswith("BENCH")]
     if not bench or bench[-1].split()[1] != "0":
-        raise SystemExit(f"stage failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    _, _, wall, rss_kb = bench[-1].split()
+        raise SystemExit(f"stage failed:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    _, _, wall, rss_kb, cpu = bench[-1].split()
     n_rows = sum(1 for _ in open(rows, "rb"))
     return {"rows": n_rows, "wall_s": float(wall), "rows_per_s": n_rows / float(wall), "peak_rss_mb": int(rss_kb) / 1024,
+            # CPU seconds of the stage and its workers: unlike wall time, not skewed by other work
+            # on the machine; cpu_s / cores is the least wall time the stage could take here.
+            "cpu_s": float(cpu), "peak_tree_rss_mb": peak_rss_kb / 1024, "peak_tree_pss_mb": peak_pss_kb / 1024,
             "output_mb": sum(p.stat().st_size for p in out.glob("*.parquet")) / 1e6}
 
 
@@ -192,6 +236,7 @@ def main() -> None:
     parser.add_argument("--credentialed-share", type=float, default=0.1)
     parser.add_argument("--pandas-rows", type=int, default=20000, help="slice for the pandas comparison")
     parser.add_argument("--workdir", help="keep inputs and outputs here (default: a temporary folder, removed)")
+    parser.add_argument("--workers", type=int, help="passed to the stage (default: the stage's own, one per core up to 4)")
     args = parser.parse_args()
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="assemble_bench_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -203,19 +248,22 @@ def main() -> None:
         print(f"generated {n_rows} rows ({size_gb:.2f} GB jsonl) in {time.perf_counter() - t:.0f} s", flush=True)
         results = {}
         tenth = head_lines(paths["rows"], work / "train_10pct.jsonl", max(1, n_rows // 10))
-        results["stage_10pct"] = run_stage(paths, tenth, work / "out_10pct")
+        results["stage_10pct"] = run_stage(paths, tenth, work / "out_10pct", args.workers)
         print(json.dumps({"stage_10pct": results["stage_10pct"]}), flush=True)
-        results["stage_100pct"] = run_stage(paths, paths["rows"], work / "out_100pct")
+        results["stage_100pct"] = run_stage(paths, paths["rows"], work / "out_100pct", args.workers)
         print(json.dumps({"stage_100pct": results["stage_100pct"]}), flush=True)
         slice_rows = head_lines(paths["rows"], work / "train_slice.jsonl", min(args.pandas_rows, n_rows))
-        results["stage_slice"] = run_stage(paths, slice_rows, work / "out_slice")
+        results["stage_slice"] = run_stage(paths, slice_rows, work / "out_slice", args.workers)
         (work / "out_pandas").mkdir(exist_ok=True)
         results["pandas_slice"] = pandas_job(paths, slice_rows, work / "out_pandas")
         results["ratio_stage_vs_pandas_rows_per_s_on_slice"] = results["stage_slice"]["rows_per_s"] / results["pandas_slice"]["rows_per_s"]
         results["ratio_stage_full_vs_pandas_rows_per_s"] = results["stage_100pct"]["rows_per_s"] / results["pandas_slice"]["rows_per_s"]
         results["rss_growth_100_vs_10"] = results["stage_100pct"]["peak_rss_mb"] / results["stage_10pct"]["peak_rss_mb"]
+        results["tree_pss_growth_100_vs_10"] = results["stage_100pct"]["peak_tree_pss_mb"] / results["stage_10pct"]["peak_tree_pss_mb"]
+        results["tree_rss_growth_100_vs_10"] = results["stage_100pct"]["peak_tree_rss_mb"] / results["stage_10pct"]["peak_tree_rss_mb"]
         results["input_gb"] = size_gb
         results["cpus"] = os.cpu_count()
+        results["load_average_after"] = os.getloadavg()  # other work on the machine skews the timings
         print(json.dumps(results, indent=2))
     finally:
         if not args.workdir:

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from medmax_pipeline import constants as C
-from medmax_pipeline.artifacts import CredentialLeakError, ArtifactWriter, read_artifact, read_meta, write_artifact
+from medmax_pipeline.artifacts import CredentialLeakError, ArtifactWriter, describe_input, read_artifact, read_meta, write_artifact
 from medmax_pipeline.assemble import (
     CATEGORIES,
     DATASET_SCHEMA,
@@ -285,3 +285,29 @@ def test_plain_tokenizer_is_refused(inputs, tmp_path):
     plain = inputs["tokenizer_path"].parent / "text_tokenizer.json"
     with pytest.raises(AssemblyError, match="modified"):
         run_stage({**inputs, "tokenizer_path": plain}, tmp_path / "out")
+
+
+def test_parallel_workers_give_the_serial_outputs(inputs, tmp_path):
+    """Worker processes (byte ranges of the row file, merged in order) write the same files as the
+    serial path: fingerprints, lineage (the row file hashed while read) and the parquet bytes, with
+    malformed lines reported with their own file and line, whatever the batch size."""
+    rows = inputs["rows"]
+    lines = rows.read_text().splitlines()
+    # Blank lines and a last line without a newline move line numbers and batch boundaries.
+    rows.write_text("\n".join(lines[:4] + ["", "   "] + lines[4:] + ["[1, 2]", "{\"text\": 5}"] + lines[:2]) + "\n" + lines[0])
+    names = ("dataset.parquet", "dataset_public.parquet", "dataset_problems.parquet", "coverage.parquet")
+    for batch_size in (2048, 3):
+        outs = {}
+        for workers in (1, 2):
+            out = tmp_path / f"w{workers}-b{batch_size}"
+            run_stage(inputs, out, workers=workers, batch_size=batch_size)
+            outs[workers] = out
+        for name in names:
+            serial, parallel = read_meta(outs[1] / name), read_meta(outs[2] / name)
+            assert (serial.fingerprint, serial.lineage) == (parallel.fingerprint, parallel.lineage), name
+            assert (outs[1] / name).read_bytes() == (outs[2] / name).read_bytes(), name
+        problems = read_artifact(outs[2] / "dataset_problems.parquet").to_pylist()
+        malformed = {(p["file"], p["line"]) for p in problems if p["category"] == "malformed_row"}
+        assert {(str(rows), 3), (str(rows), 14), (str(rows), 15)} <= malformed
+        assert read_meta(outs[2] / "dataset.parquet").lineage["inputs"][0]["fingerprint"] == describe_input(rows)["fingerprint"]
+        assert not list(tmp_path.glob("w2-*/*.arrow"))
