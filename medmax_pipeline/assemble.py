@@ -115,19 +115,6 @@ class AssemblyError(Exception):
 # ----------------------------------------------------------------------------------------------
 
 
-def check_image_block(block: Sequence[int] | np.ndarray) -> str | None:
-    """None if `block` is 8197, 1024 ids in 4..8195, 8196; else why not."""
-    ids = np.asarray(block)
-    if ids.shape != (C.IMAGE_BLOCK_LEN,):
-        return f"image block has {ids.size} ids, expected {C.IMAGE_BLOCK_LEN}"
-    if ids[0] != C.BEGIN_IMAGE_ID or ids[-1] != C.END_IMAGE_ID:
-        return f"image block is not framed by {C.BEGIN_IMAGE_ID} ... {C.END_IMAGE_ID}"
-    codes = ids[1:-1]
-    if codes.min() < C.FIRST_IMAGE_TOKEN_ID or codes.max() > C.LAST_IMAGE_TOKEN_ID:
-        return f"image block has a code id outside {C.FIRST_IMAGE_TOKEN_ID}..{C.LAST_IMAGE_TOKEN_ID}"
-    return None
-
-
 def build_sequence(text_ids: Sequence[int], block: Sequence[int] | np.ndarray | None) -> np.ndarray:
     """[0] + text ids with every 8711 replaced by `block` + [2] (int32)."""
     ids = np.asarray(text_ids, dtype=np.int32)
@@ -291,7 +278,7 @@ class ImageLookup:
 
 
 def _block_reasons(blocks: np.ndarray) -> list[str | None]:
-    """check_image_block for every row of an (n, 1026) array, vectorized."""
+    """vocab.check_image_block for every row of an (n, 1026) array, vectorized."""
     framed = (blocks[:, 0] == C.BEGIN_IMAGE_ID) & (blocks[:, -1] == C.END_IMAGE_ID)
     codes = blocks[:, 1:-1]
     in_range = (codes.min(axis=1) >= C.FIRST_IMAGE_TOKEN_ID) & (codes.max(axis=1) <= C.LAST_IMAGE_TOKEN_ID)

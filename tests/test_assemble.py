@@ -12,13 +12,13 @@ import pytest
 
 from medmax_pipeline import constants as C
 from medmax_pipeline.artifacts import CredentialLeakError, ArtifactWriter, describe_input, read_artifact, read_meta, write_artifact
+from medmax_pipeline.vocab import check_image_block
 from medmax_pipeline.assemble import (
     CATEGORIES,
     DATASET_SCHEMA,
     AssemblyError,
     assemble,
     build_sequence,
-    check_image_block,
     check_published_tokens,
     take_prefixes,
     truncation_lengths,
@@ -115,7 +115,7 @@ def test_build_sequence_against_hand_computed_ids():
 def test_check_image_block():
     assert check_image_block(block_for(0)) is None
     assert "1026" in check_image_block([8197, 8196])
-    assert "outside" in check_image_block([8197] + [8196] * 1024 + [8196])
+    assert "not an image token" in check_image_block([8197] + [8196] * 1024 + [8196])
 
 
 def test_check_published_tokens_reasons():
