@@ -257,3 +257,18 @@ def test_tf32_on_cpu_is_refused(dataset: dict, tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="cuda"):
             tokenize_shard(dataset["csv"], tmp_path, dataset["ckpt"], device="cuda", progress=False)
+
+
+def test_torchrun_ranks_split_the_shard_and_give_the_same_artifact(dataset: dict, two_shard_run: dict, tmp_path: Path) -> None:
+    """Two torchrun ranks (gloo on CPU) share shard 0 of 2: the artifact equals the single-process one."""
+    out = tmp_path / "ranks"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "medmax_pipeline",
+        "tokenize", "--input", str(dataset["csv"]), "--output", str(out), "--ckpt", str(dataset["ckpt"]),
+        "--shard", "0", "--num-shards", "2", "--batch-size", "2", "--workers", "0", "--chunk-size", "1", "--no-progress",
+    ]
+    result = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = two_shard_run["out"]
+    for name in ("shard-0-of-2.parquet", "shard-0-of-2.errors.parquet"):
+        assert read_meta(out / name).fingerprint == read_meta(single / name).fingerprint, name
