@@ -43,6 +43,7 @@ import pyarrow as pa
 
 from medmax_pipeline import constants as C
 from medmax_pipeline.artifacts import write_artifact
+from medmax_pipeline.vocab import image_block
 
 EVAL_COLUMNS = ("task_name", "question_type", "prompt", "answer", "image_path")
 PREDICTIONS_SCHEMA = pa.schema([
@@ -117,12 +118,6 @@ def baseline_prompt_text(question: str, question_type: str) -> str:
     if not question.endswith("\n"):
         question += "\n"
     return f"{BASELINE_TEMPLATES[question_type]}Question: {question}Answer:"
-
-
-def image_block(codes: Sequence[int]) -> list[int]:
-    if len(codes) != C.CODES_PER_IMAGE:
-        raise GenerateError(f"an image has {len(codes)} codes, expected {C.CODES_PER_IMAGE}")
-    return [C.BEGIN_IMAGE_ID, *(int(c) + C.IMAGE_CODE_OFFSET for c in codes), C.END_IMAGE_ID]
 
 
 def build_prompt_ids(text_ids: Sequence[int], block: Sequence[int] | None, style: str, image_generation: bool = False) -> list[int]:

@@ -7,13 +7,13 @@ import random
 import pytest
 
 from medmax_pipeline import constants as C
+from medmax_pipeline.vocab import ImageBlockError, image_block
 from medmax_pipeline.generate import (
     DEFAULT_MAX_NEW_TOKENS,
     GenerateError,
     GenerationSettings,
     baseline_prompt_text,
     build_prompt_ids,
-    image_block,
     left_pad,
     plan_batches,
     read_eval_set,
@@ -39,7 +39,7 @@ def test_prompt_ids_layout():
     assert base[-1] == 9000 and C.SEPARATOR_ID not in base
     gen = build_prompt_ids([9000], None, "finetuned", image_generation=True)
     assert gen == [C.BOS_ID, 9000, C.SEPARATOR_ID, C.BEGIN_IMAGE_ID]
-    with pytest.raises(GenerateError):
+    with pytest.raises(ImageBlockError):
         image_block([1, 2, 3])
 
 
