@@ -231,27 +231,13 @@ def _fresh_dir(path: Path) -> Path:
     return path
 
 
-def _encode_images(vqgan: Any, paths: list[Path]) -> list[list[int]]:
-    """VQGAN codes of images, with the pipeline's own preprocessing (as the public release did)."""
-    import torch
-
-    from medmax_pipeline.preprocess import load_image_pixels
-
-    codes: list[list[int]] = []
-    with torch.no_grad():
-        for path in paths:
-            pixels = load_image_pixels(path).pixels.unsqueeze(0)
-            codes.append(vqgan.encode_codes(pixels)[0].tolist())
-    return codes
-
-
 def generate_demo(paths: DemoPaths, seed: int = 0, vqgan_channels: int = 32, rows_per_task: int = 4) -> dict[str, int]:
     """Write the whole demo; returns counts of what was written."""
     import torch
 
     from medmax_pipeline.clip_score import make_random_clip
     from medmax_pipeline.hf_model import build_tiny_chameleon
-    from medmax_pipeline.vqgan import make_random_vqgan, save_original_checkpoint
+    from medmax_pipeline.vqgan import encode_image_files, make_random_vqgan, save_original_checkpoint
 
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -285,7 +271,7 @@ def generate_demo(paths: DemoPaths, seed: int = 0, vqgan_channels: int = 32, row
         path = paths.public_root / spec.name
         _write_bytes(path, render_image(spec, seed * 1000 + i))
         public_images.append(path)
-    public_codes = _encode_images(vqgan, public_images)
+    public_codes = encode_image_files(vqgan, public_images)
     public_blocks = {p.relative_to(paths.public_root).as_posix(): image_block(c) for p, c in zip(public_images, public_codes)}
 
     # Credentialed images, MIMIC-CXR-JPG layout, with broken files.

@@ -252,32 +252,23 @@ def _image_only_processor():
 def tokenize_eval_images(rows: Sequence[Mapping[str, Any]], image_root: Path, vqgan: Any, source: str,
                          batch_size: int = 4) -> dict[str, list[int]]:
     """VQGAN codes of every distinct input image (image generation rows have no input image)."""
-    import torch
-
-    from medmax_pipeline.preprocess import load_image_pixels
+    from medmax_pipeline.preprocess import ImageDecodeError
+    from medmax_pipeline.vqgan import encode_image_files
 
     wanted: dict[str, int] = {}
     for i, row in enumerate(rows):
         if row["task_name"] != IMAGE_GENERATION and row["image_path"]:
             wanted.setdefault(row["image_path"], i)
-    codes: dict[str, list[int]] = {}
     names = list(wanted)
-    for j in range(0, len(names), batch_size):
-        chunk = names[j : j + batch_size]
-        pixels = []
-        for name in chunk:
-            path = image_root / name
-            if not path.is_file():
-                raise GenerateError(f"{source} row {wanted[name]}: image {path} does not exist (check --image-root)")
-            try:
-                pixels.append(load_image_pixels(path).pixels)
-            except Exception as exc:
-                raise GenerateError(f"{source} row {wanted[name]}: image {path} is unreadable: {exc}") from exc
-        with torch.no_grad():
-            out = vqgan.encode_codes(torch.stack(pixels).float())
-        for name, c in zip(chunk, out.tolist()):
-            codes[name] = c
-    return codes
+    for name in names:
+        if not (image_root / name).is_file():
+            raise GenerateError(f"{source} row {wanted[name]}: image {image_root / name} does not exist (check --image-root)")
+    try:
+        encoded = encode_image_files(vqgan, [image_root / name for name in names], batch_size)
+    except ImageDecodeError as exc:
+        name = Path(exc.path).relative_to(image_root).as_posix()
+        raise GenerateError(f"{source} row {wanted[name]}: image {exc.path} is unreadable: {exc.reason}") from exc
+    return dict(zip(names, encoded))
 
 
 def generate_batch(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, image_generation: bool,

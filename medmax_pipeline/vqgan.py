@@ -367,6 +367,21 @@ class VQGAN(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
+def encode_image_files(model: VQGAN, paths: Sequence[str | Path], batch_size: int = 4) -> list[list[int]]:
+    """Codes of image files, in order, with the exact Chameleon preprocessing; one batch at a time.
+
+    A file that cannot become pixels raises preprocess.ImageDecodeError naming it.
+    """
+    from medmax_pipeline.preprocess import load_image_pixels
+
+    codes: list[list[int]] = []
+    for start in range(0, len(paths), batch_size):
+        pixels = torch.stack([load_image_pixels(p).pixels for p in paths[start : start + batch_size]])
+        with torch.no_grad():
+            codes += model.encode_codes(pixels.to(model.device, model.dtype)).tolist()
+    return codes
+
+
 def codes_to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     """Decoded pixels [B, 3, H, W] in [-1, 1] -> RGB images: ((clamp(x) + 1) / 2 * 255) truncated to uint8."""
     if pixels.ndim == 3:
