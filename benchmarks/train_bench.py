@@ -3,9 +3,13 @@
     python benchmarks/train_bench.py --preset cpu-small            # CPU, small Chameleon, fp32
     python benchmarks/train_bench.py --preset chameleon-7b         # one GPU, Chameleon-7B shape, bf16
 
+    python benchmarks/train_bench.py --preset cpu-small --engines torch,deepspeed   # side by side
+
 The step is the one medmax_pipeline.train runs (collate -> forward with image logits allowed ->
-token-summed cross entropy on response tokens -> backward -> clip -> AdamW), without DeepSpeed
-(ZeRO-2 shards optimizer state across GPUs; one GPU's arithmetic is the same).
+token-summed cross entropy on response tokens -> backward -> clip -> AdamW), on plain torch
+and/or on the DeepSpeed ZeRO-2 engine of workflow/deepspeed/zero2.json in a world of one (ZeRO-2
+shards optimizer state across GPUs; one GPU's arithmetic is the same). Each engine gets a fresh
+model built from the same seed; they run one after the other in the same process.
 
 Model FLOPs utilisation (MFU). N = parameters that do matrix multiplies per token: every
 decoder linear (q, k, v, o, gate, up, down) plus lm_head; the embedding is a lookup and the
@@ -41,7 +45,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from medmax_pipeline import constants as C  # noqa: E402
 from medmax_pipeline.hf_model import allow_image_logits, check_image_logits, tiny_vq_config  # noqa: E402
 from medmax_pipeline.text_tokenizer import layout_tokens  # noqa: E402
-from medmax_pipeline.train import DEFAULT_TARGET_MODULES, _label_tokens, _token_loss_sum, collate  # noqa: E402
+from medmax_pipeline.train import (  # noqa: E402
+    DEFAULT_TARGET_MODULES,
+    _label_tokens,
+    _token_loss_sum,
+    collate,
+    init_deepspeed,
+    resolve_deepspeed_config,
+)
+
+ZERO2 = Path(__file__).resolve().parents[1] / "workflow" / "deepspeed" / "zero2.json"
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0}
 
@@ -92,33 +105,14 @@ def matmul_params(model: torch.nn.Module) -> int:
     return total
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
-    parser.add_argument("--seq-len", type=int, help="default: the preset's")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps")
-    parser.add_argument("--warmup-steps", type=int, default=2)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--peak-tflops", type=float, help="device peak bf16 dense TFLOP/s for MFU (default: by GPU name)")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    args = parser.parse_args(argv)
-
+def measure(engine: str, args: argparse.Namespace, shape: Shape, seq: int, device: torch.device, precision: str) -> dict:
+    """Median step time and memory of one engine on a fresh model."""
     from peft import LoraConfig, get_peft_model
 
-    shape, default_seq = PRESETS[args.preset]
-    seq = args.seq_len or default_seq
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-
     model = build_model(shape, dtype, device)
     model.config.use_cache = False
     allow_image_logits(model)
@@ -130,6 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    forward = model
+    ds_engine = None
+    if engine == "deepspeed":
+        import deepspeed
+
+        init_deepspeed(device)
+        config = resolve_deepspeed_config(ZERO2, micro_batch_size=args.batch_size, grad_accum=1, world_size=1, bf16=precision == "bf16", max_grad_norm=1.0)
+        ds_engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        forward = ds_engine
     model.train()
 
     # Random rows of exactly `seq` ids: a text prompt, an image block, the separator, a response.
@@ -145,12 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     labels = _label_tokens(batch)
 
     def step() -> float:
-        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False)
+        out = forward(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False)
         loss = _token_loss_sum(out.logits, batch["labels"]) / labels
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if ds_engine is not None:
+            ds_engine.backward(loss)
+            ds_engine.step()  # clips (gradient_clipping) and steps AdamW
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
     for _ in range(args.warmup_steps):
@@ -163,31 +170,72 @@ def main(argv: list[str] | None = None) -> int:
         loss = step()  # float() synchronises
         times.append(time.perf_counter() - t0)
     step_s = sorted(times)[len(times) // 2]
-    tokens = args.batch_size * seq
-    tokens_per_s = tokens / step_s
+    tokens_per_s = args.batch_size * seq / step_s
     flops_lora = 4 * n_matmul + 6 * shape.layers * seq * shape.hidden + 6 * n_lora
     flops_6n = 6 * n_matmul + 12 * shape.layers * seq * shape.hidden
     result = {
-        "preset": args.preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(), "precision": precision, "seq_len": seq, "batch_size": args.batch_size,
-        "gradient_checkpointing": args.gradient_checkpointing, "matmul_params": n_matmul, "lora_params": n_lora,
+        "engine": engine, "matmul_params": n_matmul, "lora_params": n_lora,
         "median_step_s": step_s, "tokens_per_s": tokens_per_s, "loss": loss,
         "model_tflops_per_s": tokens_per_s * flops_lora / 1e12,
     }
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in result["device"]), None)
+        peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
         if peak:
             result["peak_tflops"] = peak
             result["mfu_lora"] = tokens_per_s * flops_lora / (peak * 1e12)
             result["mfu_6n_convention"] = tokens_per_s * flops_6n / (peak * 1e12)
     else:
-        # ru_maxrss is KiB on Linux: the whole process's peak, model and imports included.
-        result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    for key, value in result.items():
-        print(f"{key:24s} {value:.4g}" if isinstance(value, float) else f"{key:24s} {value}")
+        # ru_maxrss is KiB on Linux: the process's peak so far, imports and earlier engines included.
+        result["process_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    del forward, ds_engine, model, optimizer
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
+    parser.add_argument("--engines", default="torch", help="comma-separated: torch, deepspeed")
+    parser.add_argument("--seq-len", type=int, help="default: the preset's")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--peak-tflops", type=float, help="device peak bf16 dense TFLOP/s for MFU (default: by GPU name)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if not engines or set(engines) - {"torch", "deepspeed"}:
+        parser.error(f"--engines {args.engines!r}: choose from torch, deepspeed")
+
+    shape, default_seq = PRESETS[args.preset]
+    seq = args.seq_len or default_seq
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    header = {
+        "preset": args.preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(), "precision": precision, "seq_len": seq, "batch_size": args.batch_size,
+        "gradient_checkpointing": args.gradient_checkpointing,
+    }
+    for key, value in header.items():
+        print(f"{key:24s} {value}")
+    results = []
+    for engine in engines:
+        result = measure(engine, args, shape, seq, device, precision)
+        results.append(result)
+        print()
+        for key, value in result.items():
+            print(f"{key:24s} {value:.4g}" if isinstance(value, float) else f"{key:24s} {value}")
+    if len(results) == 2:
+        ratio = results[1]["tokens_per_s"] / results[0]["tokens_per_s"]
+        print(f"\n{engines[1]} / {engines[0]} tokens/s  {ratio:.3f}")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+        args.json.write_text(json.dumps({**header, "engines": results}, indent=1))
     return 0
 
 

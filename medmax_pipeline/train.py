@@ -20,10 +20,12 @@ The training loop is written out (no HF Trainer) in the flat style of torchtune 
 collate -> forward -> token-summed cross entropy / label tokens of the whole optimizer step ->
 backward -> clip -> AdamW step -> scheduler step, checkpoints at step boundaries.
 
-Launch: `medmax train ...` runs one process (CPU, or one GPU). Several GPUs:
-`torchrun --nproc_per_node N -m medmax_pipeline train ... --deepspeed workflow/deepspeed/zero2.json`
-(DeepSpeed ZeRO-2; "auto" values in the JSON are filled from the command line). On a machine
-without CUDA, --deepspeed is validated and then ignored (single process, fp32).
+Launch: `medmax train ...` runs one process (CPU, or one GPU) with plain torch. With
+`--deepspeed workflow/deepspeed/zero2.json` the same loop runs on a DeepSpeed ZeRO-2 engine ("auto"
+values in the JSON are filled from the command line), in one process or under
+`torchrun --nproc-per-node N -m medmax_pipeline train ...` over N ranks: NCCL on GPUs, gloo on CPU.
+The CPU path is what the demo and the tests take, so the engine, its checkpoints and resumption
+run everywhere; on CPU it gives the same numbers as the plain loop (tested to ~1e-8).
 
 Resumption: checkpoints are written to OUTPUT/checkpoints/step-K atomically (temporary folder,
 then rename) with the adapter, optimizer, scheduler, data position, metrics so far and RNG
@@ -455,6 +457,39 @@ class Dist:
         return tensor.tolist()
 
 
+def init_deepspeed(device: torch.device) -> None:
+    """Set up DeepSpeed's process group: NCCL on GPUs, gloo on CPU; a world of one without torchrun."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # also on a host that has CUDA
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != device.type:
+        raise TrainInputError(
+            f"DeepSpeed's accelerator is {get_accelerator().device_name()!r} but training runs on {device.type!r}; "
+            f"set DS_ACCELERATOR={device.type}"
+        )
+    # A plain `medmax train --deepspeed ...` (no torchrun) is a world of one; without these
+    # variables DeepSpeed would try MPI discovery.
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())  # two single-process runs on one host must not collide
+    if device.type == "cpu":
+        # DeepSpeed's CPU accelerator would JIT-compile a shared-memory all-reduce (a C++
+        # toolchain and ~40 s on first use); plain gloo is enough for CPU runs, which are checks.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -561,26 +596,16 @@ def train(cfg: TrainConfig) -> TrainResult:
     precision = resolve_precision(cfg.precision, device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
-    # --- DeepSpeed: validated everywhere, used only with CUDA --------------------------------
+    # --- DeepSpeed: NCCL on GPUs, gloo on CPU ------------------------------------------------
     ds_config = None
     if cfg.deepspeed is not None:
         ds_config = resolve_deepspeed_config(
             cfg.deepspeed, micro_batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
             world_size=dist.world_size, bf16=precision == "bf16", max_grad_norm=cfg.max_grad_norm,
         )
-        if device.type != "cuda":
-            _log(dist, f"no CUDA device: {cfg.deepspeed} validated, training without DeepSpeed in one process")
-            ds_config = None
-        else:
-            import deepspeed
-
-            # A plain `medmax train --deepspeed ...` (no torchrun) is a world of one; without these
-            # variables DeepSpeed would try MPI discovery.
-            for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
-                os.environ.setdefault(key, value)
-            deepspeed.init_distributed(dist_backend="nccl")
+        init_deepspeed(device)
     if dist.world_size > 1 and ds_config is None:
-        raise TrainInputError(f"{dist.world_size} processes need --deepspeed (ZeRO-2) and CUDA devices")
+        raise TrainInputError(f"{dist.world_size} processes need --deepspeed (workflow/deepspeed/zero2.json)")
 
     # --- Inputs, all checked before any model is built ----------------------------------------
     try:
@@ -909,7 +934,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="newest checkpoints kept (0: all)")
     parser.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between eval losses (0: each epoch end)")
     parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--deepspeed", type=Path, help="DeepSpeed JSON (workflow/deepspeed/zero2.json); used with CUDA, validated always")
+    parser.add_argument("--deepspeed", type=Path, help="train on a DeepSpeed engine with this JSON (workflow/deepspeed/zero2.json); NCCL on GPUs, gloo on CPU")
     parser.add_argument("--merge", action="store_true", help="also save OUTPUT/merged, the base model with the adapter folded in")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (the schedule is fitted to it)")
     parser.add_argument("--gradient-checkpointing", action="store_true")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -255,7 +258,21 @@ def test_cli_reports_bad_base_model_in_one_line(base_dir: Path, tmp_path: Path, 
 # ----------------------------------------------------------------------------------------------
 
 
-def test_tiny_model_overfits_and_writes_outputs(base_dir: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def world_of_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The variables torchrun would set, for an in-process DeepSpeed run; restored afterwards."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+
+
+def test_tiny_model_overfits_and_writes_outputs(base_dir: Path, tmp_path: Path, world_of_one: None) -> None:
+    """Through the command line and a DeepSpeed ZeRO-2 engine, as the demo's rule runs it."""
     from medmax_pipeline.cli import main
 
     dataset = write_dataset(tmp_path / "d.parquet", text_rows(4), text_rows(1, seed=1))
@@ -264,7 +281,7 @@ def test_tiny_model_overfits_and_writes_outputs(base_dir: Path, tmp_path: Path) 
         "train", "--dataset", str(dataset), "--eval-dataset", str(dataset), "--base-model", str(base_dir), "--output", str(out),
         "--lr", "1e-2", "--warmup-ratio", "0.1", "--epochs", "10", "--batch-size", "2", "--lora-dropout", "0",
         "--save-every", "0", "--no-progress", "--device", "cpu",
-        "--deepspeed", str(REPO / "workflow" / "deepspeed" / "zero2.json"),  # validated, then unused on CPU
+        "--deepspeed", str(REPO / "workflow" / "deepspeed" / "zero2.json"),  # gloo on CPU
     ])
     assert code == 0
     metrics = read_artifact(out / "train_metrics.parquet", artifact="train_metrics").to_pylist()
@@ -279,8 +296,11 @@ def test_tiny_model_overfits_and_writes_outputs(base_dir: Path, tmp_path: Path) 
     assert len(evals) == 10  # one per epoch
     assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 16
-    assert json.loads((out / "adapter" / "medmax_provenance.json").read_text())["credential"] == "public"
+    provenance = json.loads((out / "adapter" / "medmax_provenance.json").read_text())
+    assert provenance["credential"] == "public"
+    assert provenance["run_config"]["engine"] == "deepspeed"
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-20"]
+    assert (out / "checkpoints" / "step-20" / "engine").is_dir()  # DeepSpeed's own checkpoint
 
 
 def test_image_token_labels_train_and_the_model_emits_them(base_dir: Path, tmp_path: Path) -> None:
@@ -345,3 +365,87 @@ def test_adapter_and_merged_model_reproduce_the_trained_logits(base_dir: Path, t
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=0, atol=1e-6)
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
         assert (base(input_ids=ids).logits - expected).abs().max() > 1e-2  # training changed something
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-2: ranks, resumption, bf16
+# ----------------------------------------------------------------------------------------------
+
+
+def torchrun_train(base_dir: Path, dataset: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "medmax_pipeline",
+        "train", "--dataset", str(dataset), "--base-model", str(base_dir), "--output", str(output), "--device", "cpu",
+        "--deepspeed", str(REPO / "workflow" / "deepspeed" / "zero2.json"), "--no-progress", *extra,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_deepspeed_ranks_equal_the_plain_loop_and_resume_after_a_kill(base_dir: Path, tmp_path: Path) -> None:
+    """torchrun, 2 ranks, ZeRO-2 over gloo: a killed and resumed run ends where one plain process
+    with the same global batch (2 ranks x 1 micro-batch = 1 process x 2 accumulated) ends."""
+    dataset = write_dataset(tmp_path / "d.parquet", text_rows(8))
+    recipe = dict(lr=1e-2, epochs=3, batch_size=2, lora_dropout=0.0, scheduler="cosine", warmup_ratio=0.2, save_every=2, keep_checkpoints=0)
+    plain = train(quick(base_dir, dataset, tmp_path / "plain", grad_accum=2, **recipe))
+    assert plain.steps == 6
+
+    flags = [
+        "--lr", "1e-2", "--epochs", "3", "--batch-size", "2", "--lora-dropout", "0", "--scheduler", "cosine",
+        "--warmup-ratio", "0.2", "--save-every", "2", "--keep-checkpoints", "0",
+    ]
+    out = tmp_path / "ranks"
+    killed = torchrun_train(base_dir, dataset, out, *flags, "--stop-after-step", "3")
+    assert killed.returncode == 0, killed.stderr[-3000:]
+    step2 = out / "checkpoints" / "step-2"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
+    assert {"engine", "adapter", "rng-rank0.pt", "rng-rank1.pt", "trainer_state.json"} <= {p.name for p in step2.iterdir()}
+    assert not (out / "adapter").exists()
+
+    resumed = torchrun_train(base_dir, dataset, out, *flags)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "(step 2 of 6)" in resumed.stderr
+
+    columns = ["step", "epoch", "loss", "lr", "grad_norm", "label_tokens", "tokens"]
+    expected = read_artifact(tmp_path / "plain" / "train_metrics.parquet", columns=columns).to_pydict()
+    got = read_artifact(out / "train_metrics.parquet", columns=columns).to_pydict()
+    for name in ("step", "epoch", "lr", "label_tokens", "tokens"):
+        assert got[name] == expected[name], name
+    np.testing.assert_allclose(got["loss"], expected["loss"], rtol=1e-6)
+    np.testing.assert_allclose(got["grad_norm"], expected["grad_norm"], rtol=1e-5)
+    a = load_file(str(plain.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+    assert max(float(a[k].abs().max()) for k in a if "lora_B" in k) > 1e-2  # training moved the adapter
+    run_config = json.loads((out / "adapter" / "medmax_provenance.json").read_text())["run_config"]
+    assert (run_config["engine"], run_config["world_size"]) == ("deepspeed", 2)
+
+
+def test_deepspeed_bf16_engine_resumes_bitwise_and_saves_fp32_masters(base_dir: Path, tmp_path: Path, world_of_one: None) -> None:
+    """The GPU recipe's engine (bf16 compute, fp32 master weights in the ZeRO optimizer) on CPU."""
+    dataset = write_dataset(tmp_path / "d.parquet", text_rows(8))
+    zero2 = REPO / "workflow" / "deepspeed" / "zero2.json"
+    common = dict(
+        epochs=2, grad_accum=2, lora_dropout=0.1, scheduler="cosine", warmup_ratio=0.2, save_every=1, keep_checkpoints=0,
+        precision="bf16", deepspeed=zero2,
+    )
+    whole = train(quick(base_dir, dataset, tmp_path / "whole", **common))
+    killed = train(quick(base_dir, dataset, tmp_path / "killed", stop_after_step=3, **common))
+    assert not killed.completed
+    resumed = train(quick(base_dir, dataset, tmp_path / "killed", **common))
+    assert resumed.resumed_from_step == 3 and resumed.completed and resumed.steps == whole.steps == 4
+
+    a = load_file(str(whole.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    assert {t.dtype for t in a.values()} == {torch.float32}
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # fp32 masters, not bf16 copies: some entries are not representable in bf16.
+    assert any(not torch.equal(t, t.bfloat16().float()) for k, t in a.items() if "lora_B" in k)
+    columns = ["step", "loss", "lr", "grad_norm"]
+    assert read_artifact(tmp_path / "whole" / "train_metrics.parquet", columns=columns).equals(
+        read_artifact(tmp_path / "killed" / "train_metrics.parquet", columns=columns)
+    )

@@ -15,9 +15,15 @@ except ConfigError as exc:
 # Rules run the package's command line: under --sdm conda the env's python with the package taken
 # from the workflow folder, else the interpreter that runs Snakemake (the project's virtualenv).
 if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
-    MEDMAX = f"env PYTHONPATH={workflow.basedir} python -m medmax_pipeline"
+    PYTHON = f"env PYTHONPATH={workflow.basedir} python"
 else:
-    MEDMAX = f"{sys.executable} -m medmax_pipeline"
+    PYTHON = sys.executable
+MEDMAX = f"{PYTHON} -m medmax_pipeline"
+
+
+def torchrun(nproc):
+    """The package's command line under torchrun, nproc ranks inside this one job."""
+    return f"{PYTHON} -m torch.distributed.run --standalone --nproc-per-node {nproc} -m medmax_pipeline"
 
 RESULTS = config["results_dir"]
 SPLITS = ["train", "validation"]
@@ -49,11 +55,9 @@ def tokenize_gpus():
 
 
 def train_launcher():
-    """torchrun (DeepSpeed ZeRO-2) over train.gpus GPUs, or one process on the CPU."""
+    """torchrun over train.gpus GPUs, or one process (on the CPU) when gpus is 0."""
     gpus = config["train"]["gpus"]
-    if gpus > 0:
-        return f"torchrun --standalone --nproc-per-node {gpus} -m medmax_pipeline"
-    return MEDMAX
+    return torchrun(gpus) if gpus > 0 else MEDMAX
 
 
 def final_targets():

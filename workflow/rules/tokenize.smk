@@ -18,11 +18,7 @@ rule tokenize_shard:
         chunk_size=config["tokenize"]["chunk_size"],
         device=config["tokenize"]["device"],
         precision=config["tokenize"]["precision"],
-        launcher=(
-            f"torchrun --standalone --nproc-per-node {config['tokenize']['gpus_per_job']} -m medmax_pipeline"
-            if tokenize_gpus() > 1
-            else MEDMAX
-        ),
+        launcher=torchrun(tokenize_gpus()) if tokenize_gpus() > 1 else MEDMAX,
     wildcard_constraints:
         shard=r"\d+",
     threads: max(1, config["tokenize"]["workers"])

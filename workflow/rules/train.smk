@@ -1,5 +1,6 @@
 # Stage 5: LoRA finetune of the HF-format base model on the assembled train split.
-# gpus: 0 runs one process on the CPU; N > 0 runs torchrun with DeepSpeed ZeRO-2 over N GPUs.
+# Always through DeepSpeed ZeRO-2 (train.deepspeed): gpus 0 runs one process on the CPU (gloo),
+# N > 0 runs torchrun over N GPUs (NCCL, bf16).
 
 TRAIN = config["train"]
 
