@@ -135,27 +135,42 @@ def loss_series(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[list[float], 
     return curves
 
 
-def plot_loss(rows: Sequence[dict[str, Any]] | None, path: Path, why_missing: str = "") -> None:
+def plot_loss(rows: Sequence[dict[str, Any]] | None, path: str | Path, why_missing: str = "") -> Path:
+    """Loss curves of train_metrics rows (see loss_series), with the learning rate on a second axis
+    when the rows have an 'lr' column; a placeholder saying why when there is nothing to draw.
+    Used by `medmax train` for its own figure and by the report for any train_metrics file."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     curves = loss_series(rows) if rows else {}
     if not curves:
         ax.text(0.5, 0.5, why_missing or "no loss values in the train metrics", ha="center", va="center", wrap=True)
         ax.set_axis_off()
     for name, (xs, ys) in sorted(curves.items()):
-        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=name)
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 or name != "loss" else None, lw=1, label=name)
     if curves:
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.legend()
-        ax.set_title("LoRA training loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (response tokens)")
+        handles, labels = ax.get_legend_handles_labels()
+        lr = [(float(r["step"]), float(r["lr"])) for r in rows or () if r.get("lr") is not None and r.get("step") is not None]
+        if lr:
+            ax2 = ax.twinx()
+            ax2.plot(*zip(*lr), color="grey", lw=0.8, ls="--", label="lr")
+            ax2.set_ylabel("learning rate")
+            more = ax2.get_legend_handles_labels()
+            handles, labels = handles + more[0], labels + more[1]
+        ax.legend(handles, labels, loc="upper right")
+        ax.set_title("LoRA training")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
     plt.close(fig)
+    tmp.replace(path)  # atomic: a killed run leaves no half-written figure
+    return path
 
 
 SUMMARY_COLUMNS = ("model", "task_name", "question_type", "rule_set", "metric", "n", "unjudged", "accuracy",

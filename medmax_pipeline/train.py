@@ -58,6 +58,7 @@ import torch
 
 from medmax_pipeline import constants as C
 from medmax_pipeline.artifacts import ArtifactError, read_meta, check_meta, write_artifact
+from medmax_pipeline.report import plot_loss
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
@@ -816,7 +817,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if dist.is_main:
         result.adapter_dir = _save_adapter(model, output, cfg, run_config)
         result.metrics_path = _write_metrics(metrics, output / "train_metrics.parquet", cfg, run_config)
-        result.loss_curve_path = plot_loss_curve(metrics, output / "loss_curve.png")
+        result.loss_curve_path = plot_loss(metrics, output / "loss_curve.png")
         if cfg.merge:
             result.merged_dir = merge_adapter(cfg.base_model, result.adapter_dir, output / "merged", dtype=dtype, tokenizer=cfg.tokenizer)
         _log(dist, f"done: {global_step} steps, final loss {metrics[-1]['loss']:.4f}; adapter in {result.adapter_dir}")
@@ -849,37 +850,6 @@ def _write_metrics(metrics: list[dict[str, Any]], path: Path, cfg: TrainConfig, 
     identity = hashlib.blake2b(json.dumps(run_config["base_model"], sort_keys=True).encode(), digest_size=32).hexdigest()
     inputs.append({"path": str(cfg.base_model), "artifact": None, "fingerprint": f"config+sizes:{identity}", "credential": "public"})
     write_artifact(table, path, artifact="train_metrics", inputs=inputs, params=dict(run_config))
-    return path
-
-
-def plot_loss_curve(metrics: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """Training loss (and evaluation loss where measured) per step, with the learning rate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [m["step"] for m in metrics]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(steps, [m["loss"] for m in metrics], lw=1, label="train loss")
-    evals = [(m["step"], m["eval_loss"]) for m in metrics if m.get("eval_loss") is not None]
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (response tokens)")
-    ax2 = ax.twinx()
-    ax2.plot(steps, [m["lr"] for m in metrics], color="grey", lw=0.8, ls="--", label="lr")
-    ax2.set_ylabel("learning rate")
-    lines = ax.get_legend_handles_labels()
-    lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper right")
-    ax.set_title("LoRA training")
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -448,4 +449,55 @@ def test_deepspeed_bf16_engine_resumes_bitwise_and_saves_fp32_masters(base_dir: 
     columns = ["step", "loss", "lr", "grad_norm"]
     assert read_artifact(tmp_path / "whole" / "train_metrics.parquet", columns=columns).equals(
         read_artifact(tmp_path / "killed" / "train_metrics.parquet", columns=columns)
+    )
+
+
+def test_sigkill_mid_run_then_rerun_ends_where_an_uninterrupted_run_ends(base_dir: Path, tmp_path: Path) -> None:
+    """A real kill (SIGKILL of `medmax train`, the demo rule's command, on the DeepSpeed engine) at
+    whatever point it lands after the first checkpoint, then the same command again."""
+    import signal
+    import time
+
+    dataset = write_dataset(tmp_path / "d.parquet", text_rows(48))
+    command = [
+        sys.executable, "-m", "medmax_pipeline", "train", "--dataset", str(dataset), "--base-model", str(base_dir),
+        "--device", "cpu", "--lr", "1e-2", "--epochs", "2", "--batch-size", "2", "--lora-dropout", "0.1",
+        "--save-every", "2", "--keep-checkpoints", "2", "--no-progress",
+        "--deepspeed", str(REPO / "workflow" / "deepspeed" / "zero2.json"),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+
+    def run_to_end(out: Path) -> subprocess.CompletedProcess:
+        done = subprocess.run([*command, "--output", str(out)], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    run_to_end(tmp_path / "whole")
+
+    killed_out = tmp_path / "killed"
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen([*command, "--output", str(killed_out)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while not any(p.name.startswith("step-") for p in (killed_out / "checkpoints").glob("step-*")):
+        assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL  # killed mid-run: 48 steps, the first checkpoint after 2
+    log.close()
+    assert not (killed_out / "adapter").exists()
+
+    resumed = run_to_end(killed_out)
+    match = re.search(r"resumed from \S+step-(\d+) \(step \d+ of 48\)", resumed.stderr)
+    assert match and int(match.group(1)) >= 2, resumed.stderr[-3000:]
+    assert not list((killed_out / "checkpoints").glob(".tmp-*"))
+
+    a = load_file(str(tmp_path / "whole" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(killed_out / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    columns = ["step", "epoch", "loss", "lr", "grad_norm", "label_tokens", "tokens", "eval_loss"]
+    assert read_artifact(tmp_path / "whole" / "train_metrics.parquet", columns=columns).equals(
+        read_artifact(killed_out / "train_metrics.parquet", columns=columns)
     )

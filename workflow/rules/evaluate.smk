@@ -72,6 +72,8 @@ rule report_figures:
         table=report(results("report", "summary.html"), category="Evaluation", labels={"figure": "score summary"}),
         bars=report(results("report", "vqa_accuracy.png"), category="Evaluation", labels={"figure": "accuracy per task"}),
         coverage=report(results("report", "coverage.html"), category="Dataset coverage", labels={"figure": "coverage summary"}),
+        # The same figure as train's loss_curve.png (one plotting function); only train's is in the report.
+        loss_curve=results("report", "loss_curve.png"),
     params:
         medmax=MEDMAX,
         output_dir=lambda wildcards, output: Path(output.table).parent,
