@@ -501,3 +501,14 @@ def test_sigkill_mid_run_then_rerun_ends_where_an_uninterrupted_run_ends(base_di
     assert read_artifact(tmp_path / "whole" / "train_metrics.parquet", columns=columns).equals(
         read_artifact(killed_out / "train_metrics.parquet", columns=columns)
     )
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(base_dir: Path, tmp_path: Path) -> None:
+    dataset = write_dataset(tmp_path / "d.parquet", text_rows(4))
+    plain = train(quick(base_dir, dataset, tmp_path / "plain", epochs=2, lora_dropout=0.0))
+    recomputed = train(quick(base_dir, dataset, tmp_path / "recomputed", epochs=2, lora_dropout=0.0, gradient_checkpointing=True))
+    a = load_file(str(plain.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(recomputed.adapter_dir / "adapter_model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+    assert max(float(a[k].abs().max()) for k in a if "lora_B" in k) > 1e-3
