@@ -126,6 +126,17 @@ def read_model_config(folder: str | Path) -> dict[str, Any]:
         )
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise ModelLayoutError(f"{folder} has a Chameleon config.json but no weight files (*.safetensors)")
+    for index_path in sorted(folder.glob("*.index.json")):  # sharded weights, as Anole-7B's HF folder
+        try:
+            shards = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
+            raise ModelLayoutError(f"{index_path} is not a weight index (no 'weight_map'): {exc}") from exc
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            raise ModelLayoutError(
+                f"{folder}: {len(missing)} of the {len(shards)} weight shards listed in {index_path.name} are missing, "
+                f"first {missing[0]} (an incomplete download or copy?)"
+            )
     return config
 
 

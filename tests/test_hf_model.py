@@ -120,6 +120,22 @@ def test_load_base_model_refuses_bad_folders(base_dir: Path, tmp_path: Path) -> 
         H.load_base_model(llama)
 
 
+def test_sharded_weights_load_and_a_missing_shard_is_named(base_dir: Path, tmp_path: Path) -> None:
+    """Anole-7B's HF folder holds sharded safetensors with an index; a partial copy fails up front."""
+    sharded = tmp_path / "sharded"
+    H.load_base_model(base_dir).save_pretrained(str(sharded), max_shard_size="300KB")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2
+    H.check_base_model_folder(sharded)
+    ids = torch.tensor([[C.BOS_ID, *TEXT_IDS[:5]]])
+    with torch.no_grad():
+        torch.testing.assert_close(H.load_base_model(sharded)(input_ids=ids).logits, H.load_base_model(base_dir)(input_ids=ids).logits)
+    (sharded / shards[1]).unlink()
+    with pytest.raises(H.ModelLayoutError, match=f"1 of the {len(shards)} weight shards listed in model.safetensors.index.json are missing, first {shards[1]}"):
+        H.check_base_model_folder(sharded)
+
+
 def _copy_with_vocabulary(base_dir: Path, dest: Path, vocab: dict[str, int], vocab_size: int | None = None) -> Path:
     dest.mkdir()
     config = json.loads((base_dir / "config.json").read_text())

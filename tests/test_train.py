@@ -388,13 +388,13 @@ def torchrun_train(base_dir: Path, dataset: Path, output: Path, *extra: str) -> 
 def test_two_deepspeed_ranks_equal_the_plain_loop_and_resume_after_a_kill(base_dir: Path, tmp_path: Path) -> None:
     """torchrun, 2 ranks, ZeRO-2 over gloo: a killed and resumed run ends where one plain process
     with the same global batch (2 ranks x 1 micro-batch = 1 process x 2 accumulated) ends."""
-    dataset = write_dataset(tmp_path / "d.parquet", text_rows(8))
+    dataset = write_dataset(tmp_path / "d.parquet", text_rows(8), text_rows(3, seed=1))
     recipe = dict(lr=1e-2, epochs=3, batch_size=2, lora_dropout=0.0, scheduler="cosine", warmup_ratio=0.2, save_every=2, keep_checkpoints=0)
-    plain = train(quick(base_dir, dataset, tmp_path / "plain", grad_accum=2, **recipe))
+    plain = train(quick(base_dir, dataset, tmp_path / "plain", grad_accum=2, eval_dataset=dataset, **recipe))
     assert plain.steps == 6
 
     flags = [
-        "--lr", "1e-2", "--epochs", "3", "--batch-size", "2", "--lora-dropout", "0", "--scheduler", "cosine",
+        "--eval-dataset", str(dataset), "--lr", "1e-2", "--epochs", "3", "--batch-size", "2", "--lora-dropout", "0", "--scheduler", "cosine",
         "--warmup-ratio", "0.2", "--save-every", "2", "--keep-checkpoints", "0",
     ]
     out = tmp_path / "ranks"
@@ -409,12 +409,15 @@ def test_two_deepspeed_ranks_equal_the_plain_loop_and_resume_after_a_kill(base_d
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "(step 2 of 6)" in resumed.stderr
 
-    columns = ["step", "epoch", "loss", "lr", "grad_norm", "label_tokens", "tokens"]
+    columns = ["step", "epoch", "loss", "lr", "grad_norm", "label_tokens", "tokens", "eval_loss"]
     expected = read_artifact(tmp_path / "plain" / "train_metrics.parquet", columns=columns).to_pydict()
     got = read_artifact(out / "train_metrics.parquet", columns=columns).to_pydict()
     for name in ("step", "epoch", "lr", "label_tokens", "tokens"):
         assert got[name] == expected[name], name
     np.testing.assert_allclose(got["loss"], expected["loss"], rtol=1e-6)
+    # The validation rows are split over the ranks and the loss summed back (3 evaluations).
+    assert [v is None for v in got["eval_loss"]] == [v is None for v in expected["eval_loss"]] == [True, False, True, False, True, False]
+    np.testing.assert_allclose([v for v in got["eval_loss"] if v], [v for v in expected["eval_loss"] if v], rtol=1e-6)
     np.testing.assert_allclose(got["grad_norm"], expected["grad_norm"], rtol=1e-5)
     a = load_file(str(plain.adapter_dir / "adapter_model.safetensors"))
     b = load_file(str(out / "adapter" / "adapter_model.safetensors"))
