@@ -188,8 +188,7 @@ def measure(engine: str, args: argparse.Namespace, shape: Shape, seq: int, devic
     else:
         # ru_maxrss is KiB on Linux: the process's peak so far, imports and earlier engines included.
         result["process_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    del forward, ds_engine, model, optimizer
-    return result
+    return result  # the model and engine go with this frame, before the next engine is built
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from test_train import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -34,8 +34,7 @@ def test_train_bench_runs_both_engines_on_the_same_step(tmp_path: Path) -> None:
     out = tmp_path / "train_bench.json"
     command = [sys.executable, str(REPO / "benchmarks" / "train_bench.py"), "--preset", "cpu-tiny", "--engines", "torch,deepspeed",
                "--steps", "2", "--warmup-steps", "1", "--json", str(out)]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    done = subprocess.run(command, env={**env, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "deepspeed / torch tokens/s" in done.stdout
     figures = json.loads(out.read_text())

@@ -32,6 +32,7 @@ from medmax_pipeline.train import (
     response_labels,
     shard_batches,
     steps_per_epoch,
+    _free_port,
     train,
 )
 
@@ -262,12 +263,7 @@ def test_cli_reports_bad_base_model_in_one_line(base_dir: Path, tmp_path: Path, 
 @pytest.fixture
 def world_of_one(monkeypatch: pytest.MonkeyPatch) -> None:
     """The variables torchrun would set, for an in-process DeepSpeed run; restored afterwards."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
 
@@ -373,16 +369,20 @@ def test_adapter_and_merged_model_reproduce_the_trained_logits(base_dir: Path, t
 # ----------------------------------------------------------------------------------------------
 
 
+def child_env() -> dict[str, str]:
+    """Environment for a child `medmax train`: DeepSpeed on CPU, and none of the rank variables
+    that torchrun sets (or an in-process run left behind)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    return {**env, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
+
+
 def torchrun_train(base_dir: Path, dataset: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "medmax_pipeline",
         "train", "--dataset", str(dataset), "--base-model", str(base_dir), "--output", str(output), "--device", "cpu",
         "--deepspeed", str(REPO / "workflow" / "deepspeed" / "zero2.json"), "--no-progress", *extra,
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=600)
 
 
 def test_two_deepspeed_ranks_equal_the_plain_loop_and_resume_after_a_kill(base_dir: Path, tmp_path: Path) -> None:
@@ -468,9 +468,7 @@ def test_sigkill_mid_run_then_rerun_ends_where_an_uninterrupted_run_ends(base_di
         "--save-every", "2", "--keep-checkpoints", "2", "--no-progress",
         "--deepspeed", str(REPO / "workflow" / "deepspeed" / "zero2.json"),
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = child_env()
 
     def run_to_end(out: Path) -> subprocess.CompletedProcess:
         done = subprocess.run([*command, "--output", str(out)], env=env, capture_output=True, text=True, timeout=600)
