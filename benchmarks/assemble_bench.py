@@ -28,9 +28,9 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medmax_pipeline import constants as C  # noqa: E402
-from medmax_pipeline.artifacts import ArtifactWriter, write_artifact  # noqa: E402
-from medmax_pipeline.text_tokenizer import build_chameleon_tokenizer  # noqa: E402
+from medmax_pipeline.core import constants as C  # noqa: E402
+from medmax_pipeline.core.artifacts import ArtifactWriter, write_artifact  # noqa: E402
+from medmax_pipeline.core.text_tokenizer import build_chameleon_tokenizer  # noqa: E402
 
 FULL_ROWS = 1_470_000
 SOURCE = "mimic_cxr"
@@ -180,9 +180,9 @@ def pandas_job(paths: dict[str, Path], rows: Path, out: Path) -> dict[str, float
     """The same job written plainly with pandas: per-row Python checks and sequence building."""
     import pandas as pd
 
-    from medmax_pipeline.assemble import check_image_block
-    from medmax_pipeline.image_keys import CredentialedSource, image_key_for_row
-    from medmax_pipeline.text_tokenizer import load_tokenizer
+    from medmax_pipeline.core.sequences import check_image_block
+    from medmax_pipeline.core.image_keys import CredentialedSource, image_key_for_row
+    from medmax_pipeline.core.text_tokenizer import load_tokenizer
 
     start = time.perf_counter()
     df = pd.read_json(rows, lines=True, dtype=False)

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from medmax_pipeline.artifacts import read_artifact
-from medmax_pipeline.preprocess import load_image_pixels
-from medmax_pipeline.tokenize import tokenize_shard
-from medmax_pipeline.vqgan import load_vqgan, make_random_vqgan, save_original_checkpoint
+from medmax_pipeline.core.artifacts import read_artifact
+from medmax_pipeline.models.image_preprocess import load_image_pixels
+from medmax_pipeline.stages.tokenize_images import tokenize_shard
+from medmax_pipeline.models.vqgan import load_vqgan, make_random_vqgan, save_original_checkpoint
 
 ENCODER_GFLOP_PER_IMAGE = 554.0  # MEDMAX-FACTS, measured with FlopCounterMode at ch 128
 
@@ -104,7 +104,7 @@ def cpu_benchmark(args: argparse.Namespace) -> None:
 
 
 def gpu_benchmark(args: argparse.Namespace) -> None:
-    from medmax_pipeline.tokenize import set_cuda_precision
+    from medmax_pipeline.stages.tokenize_images import set_cuda_precision
 
     model, _ = make_random_vqgan(ch=128, seed=0)
     model = model.cuda().eval()

@@ -5,7 +5,7 @@
 
     python benchmarks/train_bench.py --preset cpu-small --engines torch,deepspeed   # side by side
 
-The step is the one medmax_pipeline.train runs (collate -> forward with image logits allowed ->
+The step is the one medmax_pipeline.stages.train runs (collate -> forward with image logits allowed ->
 token-summed cross entropy on response tokens -> backward -> clip -> AdamW), on plain torch
 and/or on the DeepSpeed ZeRO-2 engine of workflow/deepspeed/zero2.json in a world of one (ZeRO-2
 shards optimizer state across GPUs; one GPU's arithmetic is the same). Each engine gets a fresh
@@ -42,10 +42,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medmax_pipeline import constants as C  # noqa: E402
-from medmax_pipeline.hf_model import allow_image_logits, check_image_logits, tiny_vq_config  # noqa: E402
-from medmax_pipeline.text_tokenizer import layout_tokens  # noqa: E402
-from medmax_pipeline.train import (  # noqa: E402
+from medmax_pipeline.core import constants as C  # noqa: E402
+from medmax_pipeline.models.chameleon import allow_image_logits, check_image_logits, tiny_vq_config  # noqa: E402
+from medmax_pipeline.core.text_tokenizer import layout_tokens  # noqa: E402
+from medmax_pipeline.stages.train import (  # noqa: E402
     DEFAULT_TARGET_MODULES,
     _label_tokens,
     _token_loss_sum,

@@ -31,11 +31,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from medmax_pipeline import constants as C
-from medmax_pipeline.assemble import build_sequence
-from medmax_pipeline.image_keys import TEMPLATE_PRESETS, CredentialedSource, image_key_for_row
-from medmax_pipeline.vocab import image_block
-from medmax_pipeline.text_tokenizer import (
+from medmax_pipeline.core import constants as C
+from medmax_pipeline.core.image_keys import TEMPLATE_PRESETS, CredentialedSource, image_key_for_row
+from medmax_pipeline.core.sequences import build_sequence, image_block
+from medmax_pipeline.core.text_tokenizer import (
     MODIFIED_TOKENIZER_FILE,
     build_chameleon_tokenizer,
     encode_texts,
@@ -235,9 +234,9 @@ def generate_demo(paths: DemoPaths, seed: int = 0, vqgan_channels: int = 32, row
     """Write the whole demo; returns counts of what was written."""
     import torch
 
-    from medmax_pipeline.clip_score import make_random_clip
-    from medmax_pipeline.hf_model import build_tiny_chameleon
-    from medmax_pipeline.vqgan import encode_image_files, make_random_vqgan, save_original_checkpoint
+    from medmax_pipeline.models.clip import make_random_clip
+    from medmax_pipeline.models.chameleon import build_tiny_chameleon
+    from medmax_pipeline.models.vqgan import encode_image_files, make_random_vqgan, save_original_checkpoint
 
     rng = random.Random(seed)
     torch.manual_seed(seed)

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from medmax_pipeline import artifacts
-from medmax_pipeline.artifacts import (
+from medmax_pipeline.core import artifacts
+from medmax_pipeline.core.artifacts import (
     ARTIFACT_SCHEMA_VERSIONS,
     ArtifactError,
     ArtifactWriter,
@@ -116,7 +116,7 @@ def test_killed_process_never_leaves_a_complete_looking_file(tmp_path: Path) -> 
     # A writer process killed before close() leaves only a hidden temporary file.
     script = f"""
 import os, pyarrow as pa
-from medmax_pipeline.artifacts import ArtifactWriter
+from medmax_pipeline.core.artifacts import ArtifactWriter
 t = pa.table({{"x": list(range(1000))}})
 w = ArtifactWriter({str(tmp_path / 'out.parquet')!r}, t.schema, artifact="coverage")
 w.write(t)

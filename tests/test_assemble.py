@@ -10,21 +10,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from medmax_pipeline import constants as C
-from medmax_pipeline.artifacts import CredentialLeakError, ArtifactWriter, describe_input, read_artifact, read_meta, write_artifact
-from medmax_pipeline.vocab import check_image_block
-from medmax_pipeline.assemble import (
+from medmax_pipeline.core import constants as C
+from medmax_pipeline.core.artifacts import CredentialLeakError, ArtifactWriter, describe_input, read_artifact, read_meta, write_artifact
+from medmax_pipeline.core.sequences import build_sequence, check_image_block
+from medmax_pipeline.stages.assemble import (
     CATEGORIES,
     DATASET_SCHEMA,
     AssemblyError,
     assemble,
-    build_sequence,
     check_published_tokens,
     take_prefixes,
     truncation_lengths,
 )
 from medmax_pipeline.cli import main as cli_main
-from medmax_pipeline.text_tokenizer import build_chameleon_tokenizer, encode_text, load_tokenizer
+from medmax_pipeline.core.text_tokenizer import build_chameleon_tokenizer, encode_text, load_tokenizer
 
 CORPUS = ["What does the chest x-ray show? <reserved08706> No acute findings.", "Describe the image. <image> A lesion."] * 20
 SOURCE = "mimic"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from medmax_pipeline.clip_score import CONFIG_NAME, WEIGHT_NAMES, ClipLoadError, load_clip, make_random_clip
+from medmax_pipeline.models.clip import CONFIG_NAME, WEIGHT_NAMES, ClipLoadError, load_clip, make_random_clip
 
 
 def _image(seed, size=(48, 40)):
@@ -84,7 +84,7 @@ def test_reads_pytorch_bin(tmp_path):
 
 
 def test_captioning_rows_scored_through_score(tmp_path, clip_dir):
-    from medmax_pipeline.score import ScoreError, score_rows
+    from medmax_pipeline.stages.evaluate.score import ScoreError, score_rows
 
     _image(5).save(tmp_path / "x.png")
     row = {"task_name": "image_captioning", "question_type": "pmc_oa", "prompt": "Describe.", "answer": "ref",
@@ -99,8 +99,8 @@ def test_captioning_rows_scored_through_score(tmp_path, clip_dir):
 
 
 def test_image_generation_rows_decoded_and_scored(tmp_path, clip_dir):
-    vqgan_module = pytest.importorskip("medmax_pipeline.vqgan", reason="stage 2 VQGAN module not present")
-    from medmax_pipeline.score import score_rows
+    vqgan_module = pytest.importorskip("medmax_pipeline.models.vqgan", reason="stage 2 VQGAN module not present")
+    from medmax_pipeline.stages.evaluate.score import score_rows
 
     vqgan, _ = vqgan_module.make_random_vqgan(ch=32, seed=0)
     _image(6).save(tmp_path / "ref.png")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from medmax_pipeline import cli
-from medmax_pipeline.artifacts import read_artifact, read_meta
-from medmax_pipeline.collect import (
+from medmax_pipeline.core.artifacts import read_artifact, read_meta
+from medmax_pipeline.stages.collect import (
     CSV_COLUMNS,
     REASON_ABSOLUTE,
     REASON_IN_CREDENTIALED,
@@ -30,7 +30,7 @@ from medmax_pipeline.collect import (
     resolve_inside_root,
     row_needs_image,
 )
-from medmax_pipeline.image_keys import TEMPLATE_PRESETS, CredentialedSource
+from medmax_pipeline.core.image_keys import TEMPLATE_PRESETS, CredentialedSource
 
 IMG = "<image>"
 SEP = "<reserved08706>"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medmax_pipeline.config import ConfigError, load_config, validate_config
+from medmax_pipeline.core.config import ConfigError, load_config, validate_config
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from medmax_pipeline import constants as C
+from medmax_pipeline.core import constants as C
 from medmax_pipeline.demo import TASKS, VQA_TASKS, DemoPaths, default_paths, generate_demo
-from medmax_pipeline.rows import read_row_batches
-from medmax_pipeline.text_tokenizer import check_tokenizer_layout, load_tokenizer
+from medmax_pipeline.core.rows import read_row_batches
+from medmax_pipeline.core.text_tokenizer import check_tokenizer_layout, load_tokenizer
 
 
 def tree_digest(root: Path) -> dict[str, str]:

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from medmax_pipeline import constants as C
-from medmax_pipeline.vocab import ImageBlockError, image_block
-from medmax_pipeline.generate import (
+from medmax_pipeline.core import constants as C
+from medmax_pipeline.core.sequences import ImageBlockError, image_block
+from medmax_pipeline.stages.evaluate.generate import (
     DEFAULT_MAX_NEW_TOKENS,
     GenerateError,
     GenerationSettings,
@@ -73,8 +73,8 @@ def test_read_eval_set_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from medmax_pipeline.hf_model import build_tiny_chameleon, load_model_for_generation
-    from medmax_pipeline.text_tokenizer import build_chameleon_tokenizer, load_tokenizer, vocabulary_map
+    from medmax_pipeline.models.chameleon import build_tiny_chameleon, load_model_for_generation
+    from medmax_pipeline.core.text_tokenizer import build_chameleon_tokenizer, load_tokenizer, vocabulary_map
 
     root = tmp_path_factory.mktemp("tiny")
     corpus = ["Is there a lesion in the lung? yes no", "Which organ is shown? liver heart lung aorta"] * 20
@@ -99,7 +99,7 @@ class CountingModel:
 
 
 def _rows_and_prompts(tokenizer, n=5):
-    from medmax_pipeline.text_tokenizer import encode_text
+    from medmax_pipeline.core.text_tokenizer import encode_text
 
     rng = random.Random(0)
     rows, prompts = [], []
@@ -142,8 +142,8 @@ def test_batched_equals_unbatched_and_resume_is_identical(tiny, tmp_path):
 
 
 def test_image_generation_emits_only_image_tokens(tiny):
-    from medmax_pipeline.hf_model import image_logits_allowed
-    from medmax_pipeline.text_tokenizer import encode_text
+    from medmax_pipeline.models.chameleon import image_logits_allowed
+    from medmax_pipeline.core.text_tokenizer import encode_text
 
     model, tokenizer = tiny
     rows = [{"task_name": "image_generation", "question_type": "pmc_oa", "prompt": "a lung", "answer": "", "image_path": None}]
@@ -157,12 +157,12 @@ def test_image_generation_emits_only_image_tokens(tiny):
     assert image_logits_allowed(model)  # switched on for this batch
 
 
-HAVE_VQGAN = importlib.util.find_spec("medmax_pipeline.vqgan") is not None and importlib.util.find_spec("medmax_pipeline.preprocess") is not None
+HAVE_VQGAN = importlib.util.find_spec("medmax_pipeline.models.vqgan") is not None and importlib.util.find_spec("medmax_pipeline.models.image_preprocess") is not None
 
 
-@pytest.mark.skipif(not HAVE_VQGAN, reason="medmax_pipeline.vqgan / preprocess (another helper's stage 2) not present yet")
+@pytest.mark.skipif(not HAVE_VQGAN, reason="medmax_pipeline.models.vqgan / preprocess (another helper's stage 2) not present yet")
 def test_generate_predictions_end_to_end(tmp_path):
-    from medmax_pipeline.artifacts import read_artifact
+    from medmax_pipeline.core.artifacts import read_artifact
     from medmax_pipeline.cli import main
     from medmax_pipeline.demo import default_paths, generate_demo
 

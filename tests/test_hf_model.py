@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from medmax_pipeline import constants as C
-from medmax_pipeline import hf_model as H
-from medmax_pipeline.text_tokenizer import layout_tokens
+from medmax_pipeline.core import constants as C
+from medmax_pipeline.models import chameleon as H
+from medmax_pipeline.core.text_tokenizer import layout_tokens
 
 TEXT_IDS = list(range(8800, 8864))
 

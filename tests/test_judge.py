@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from medmax_pipeline.judge import (
+from medmax_pipeline.stages.evaluate.judge import (
     JudgeConfig,
     JudgeError,
     LLMJudge,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from medmax_pipeline.preprocess import (
+from medmax_pipeline.models.image_preprocess import (
     ImageDecodeError,
     blend_onto_white,
     center_crop_box,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from medmax_pipeline import rows
+from medmax_pipeline.core import rows
 
 TRICKY = [
     '{"text": 123, "task":"a","source":"b","credential":"no"}',

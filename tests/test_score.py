@@ -7,9 +7,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from medmax_pipeline.artifacts import read_artifact, read_meta, write_artifact
-from medmax_pipeline.judge import JudgeVerdict
-from medmax_pipeline.score import (
+from medmax_pipeline.core.artifacts import read_artifact, read_meta, write_artifact
+from medmax_pipeline.stages.evaluate.judge import JudgeVerdict
+from medmax_pipeline.stages.evaluate.score import (
     AVERAGE_TASK,
     ScoreError,
     bootstrap_average_ci,
@@ -21,7 +21,7 @@ from medmax_pipeline.score import (
     score_rows,
     summarize,
 )
-from medmax_pipeline.scoring_rules import VQA_TASKS
+from medmax_pipeline.stages.evaluate.scoring_rules import VQA_TASKS
 
 
 def test_mean_and_stderr_known_values():
@@ -183,7 +183,8 @@ def test_missing_columns_error(tmp_path):
 
 
 def test_report_writes_self_contained_outputs(tmp_path):
-    from medmax_pipeline.report import loss_series, make_report
+    from medmax_pipeline.core.plots import loss_series
+    from medmax_pipeline.stages.evaluate.report import make_report
 
     rng = np.random.default_rng(1)
     preds = tmp_path / "p.parquet"

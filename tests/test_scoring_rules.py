@@ -2,7 +2,7 @@
 
 import pytest
 
-from medmax_pipeline.scoring_rules import (
+from medmax_pipeline.stages.evaluate.scoring_rules import (
     VQA_TASKS,
     ScoringInputError,
     approx_first_token,

@@ -9,17 +9,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from medmax_pipeline import constants as C
-from medmax_pipeline.image_keys import (
+from medmax_pipeline.core import constants as C
+from medmax_pipeline.core.image_keys import (
     TEMPLATE_PRESETS,
     CredentialedSource,
     credentialed_sources_from_config,
     image_key_for_row,
     template_fields,
 )
-from medmax_pipeline.rows import ROW_SCHEMA, iter_raw_rows, problems_table, read_row_batches, row_extra, validate_row
-from medmax_pipeline.text_tokenizer import (
-    LAST_RESERVED_ID,
+from medmax_pipeline.core.rows import ROW_SCHEMA, iter_raw_rows, problems_table, read_row_batches, row_extra, validate_row
+from medmax_pipeline.core.constants import LAST_RESERVED_ID
+from medmax_pipeline.core.text_tokenizer import (
     TokenizerLayoutError,
     build_chameleon_tokenizer,
     check_tokenizer_layout,

@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_preprocess import png_with_header_size  # noqa: E402
 from vqgan_fixtures import write_checkpoint, write_images  # noqa: E402
 
-from medmax_pipeline.artifacts import ArtifactError, read_artifact, read_meta, write_artifact  # noqa: E402
-from medmax_pipeline.preprocess import load_image_pixels  # noqa: E402
-from medmax_pipeline.tokenize import (  # noqa: E402
+from medmax_pipeline.core.artifacts import ArtifactError, read_artifact, read_meta, write_artifact  # noqa: E402
+from medmax_pipeline.models.image_preprocess import load_image_pixels  # noqa: E402
+from medmax_pipeline.stages.tokenize_images import (  # noqa: E402
     STOP_AFTER_CHUNKS_ENV,
     STOPPED_EXIT_CODE,
     ImageRow,
@@ -32,7 +32,7 @@ from medmax_pipeline.tokenize import (  # noqa: E402
     shard_rows,
     tokenize_shard,
 )
-from medmax_pipeline.vqgan import load_vqgan  # noqa: E402
+from medmax_pipeline.models.vqgan import load_vqgan  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

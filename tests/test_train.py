@@ -17,12 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from medmax_pipeline import artifacts
-from medmax_pipeline import constants as C
-from medmax_pipeline import hf_model as H
-from medmax_pipeline.artifacts import read_artifact, write_artifact
-from medmax_pipeline.text_tokenizer import layout_tokens
-from medmax_pipeline.train import (
+from medmax_pipeline.core import artifacts
+from medmax_pipeline.core import constants as C
+from medmax_pipeline.models import chameleon as H
+from medmax_pipeline.core.artifacts import read_artifact, write_artifact
+from medmax_pipeline.core.text_tokenizer import layout_tokens
+from medmax_pipeline.stages.train import (
     TrainConfig,
     TrainInputError,
     collate,

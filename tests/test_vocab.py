@@ -10,18 +10,11 @@ import pyarrow as pa
 import pytest
 
 from medmax_pipeline import cli
-from medmax_pipeline import constants as C
-from medmax_pipeline.artifacts import read_artifact, read_meta, write_artifact
-from medmax_pipeline.text_tokenizer import TokenizerLayoutError, build_chameleon_tokenizer, image_token_name, load_tokenizer
-from medmax_pipeline.vocab import (
-    ImageBlockError,
-    blocks_for_batch,
-    check_image_block,
-    find_image_blocks,
-    image_block,
-    map_vocab,
-    stray_end_ids,
-)
+from medmax_pipeline.core import constants as C
+from medmax_pipeline.core.artifacts import read_artifact, read_meta, write_artifact
+from medmax_pipeline.core.text_tokenizer import TokenizerLayoutError, build_chameleon_tokenizer, image_token_name, load_tokenizer
+from medmax_pipeline.core.sequences import ImageBlockError, check_image_block, find_image_blocks, image_block, stray_end_ids
+from medmax_pipeline.stages.vocab import blocks_for_batch, map_vocab
 
 CORPUS = ["the chest radiograph shows no acute disease", "is there a fracture? yes", "histology of the liver"] * 5
 

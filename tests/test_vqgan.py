@@ -17,8 +17,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from vqgan_fixtures import build_hf_folder, cheap_params, smooth_image, write_checkpoint  # noqa: E402
 
-from medmax_pipeline.preprocess import load_image_pixels  # noqa: E402
-from medmax_pipeline.vqgan import (  # noqa: E402
+from medmax_pipeline.models.image_preprocess import load_image_pixels  # noqa: E402
+from medmax_pipeline.models.vqgan import (  # noqa: E402
     VQGANLoadError,
     codes_to_pil,
     load_vqgan,

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from medmax_pipeline.artifacts import ARTIFACT_SCHEMA_VERSIONS, read_artifact, read_meta
+from medmax_pipeline.core.artifacts import ARTIFACT_SCHEMA_VERSIONS, read_artifact, read_meta
 
 REPO = Path(__file__).resolve().parent.parent
 REQUIRED_KEYS = {"medmax.artifact", "medmax.schema_version", "medmax.fingerprint", "medmax.lineage", "medmax.credential", "medmax.pipeline_version"}

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from medmax_pipeline.vqgan import VQGAN, random_vqgan, real_vqgan_params, save_original_checkpoint, vqgan_yaml_dict
+from medmax_pipeline.models.vqgan import VQGAN, random_vqgan, real_vqgan_params, save_original_checkpoint, vqgan_yaml_dict
 
 
 def cheap_params(latent: int = 32, attn_resolutions: list[int] | None = None) -> dict[str, Any]:
@@ -39,7 +39,7 @@ def build_hf_folder(folder: Path, model: VQGAN) -> Path:
     import torch
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
-    from medmax_pipeline.vqgan import hf_vq_config
+    from medmax_pipeline.models.vqgan import hf_vq_config
 
     vocabulary_map = {f"IMGIMG{''.join(chr(ord('A') + int(d)) for d in str(i))}Z": i + 4 for i in range(16)}
     vocabulary_map["<image>"] = 8711

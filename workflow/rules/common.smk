@@ -4,7 +4,7 @@ from pathlib import Path
 
 from snakemake.settings.types import DeploymentMethod
 
-from medmax_pipeline.config import ConfigError, validate_config
+from medmax_pipeline.core.config import ConfigError, validate_config
 
 try:
     validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))

@@ -55,20 +55,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from medmax_pipeline import constants as C
-from medmax_pipeline.artifacts import (
+from medmax_pipeline.core import constants as C
+from medmax_pipeline.core.artifacts import (
     FINGERPRINT_PREFIX,
     ArtifactWriter,
     describe_input,
-    _new_hash,
+    new_hash,
     iter_artifact_batches,
     read_artifact,
     read_meta,
     write_artifact,
 )
-from medmax_pipeline.image_keys import CredentialedSource, image_key_for_row
-from medmax_pipeline.rows import ROW_SCHEMA, RowProblem, plan_jsonl_batches, read_jsonl_range, read_row_batches
-from medmax_pipeline.text_tokenizer import encode_texts, load_tokenizer
+from medmax_pipeline.core.sequences import block_problems, build_sequence
+from medmax_pipeline.core.image_keys import CredentialedSource, image_key_for_row
+from medmax_pipeline.core.rows import ROW_SCHEMA, RowProblem, plan_jsonl_batches, read_jsonl_range, read_row_batches
+from medmax_pipeline.core.text_tokenizer import encode_texts, load_tokenizer
 
 # Categories of a missing row: the coverage columns, in this order.
 IMAGE_MISSING = "image_missing"
@@ -113,23 +114,6 @@ class AssemblyError(Exception):
 # ----------------------------------------------------------------------------------------------
 # Pure sequence logic
 # ----------------------------------------------------------------------------------------------
-
-
-def build_sequence(text_ids: Sequence[int], block: Sequence[int] | np.ndarray | None) -> np.ndarray:
-    """[0] + text ids with every 8711 replaced by `block` + [2] (int32)."""
-    ids = np.asarray(text_ids, dtype=np.int32)
-    places = np.flatnonzero(ids == C.IMAGE_PLACEHOLDER_ID)
-    if places.size and block is None:
-        raise ValueError("text has <image> but the row has no image block")
-    pieces: list[np.ndarray] = [np.array([C.BOS_ID], np.int32)]
-    start = 0
-    for place in places.tolist():
-        pieces.append(ids[start:place])
-        pieces.append(np.asarray(block, dtype=np.int32))
-        start = place + 1
-    pieces.append(ids[start:])
-    pieces.append(np.array([C.EOS_ID], np.int32))
-    return np.concatenate(pieces)
 
 
 def _rows_of(offsets: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -277,16 +261,6 @@ class ImageLookup:
         return out
 
 
-def _block_reasons(blocks: np.ndarray) -> list[str | None]:
-    """vocab.check_image_block for every row of an (n, 1026) array, vectorized."""
-    framed = (blocks[:, 0] == C.BEGIN_IMAGE_ID) & (blocks[:, -1] == C.END_IMAGE_ID)
-    codes = blocks[:, 1:-1]
-    in_range = (codes.min(axis=1) >= C.FIRST_IMAGE_TOKEN_ID) & (codes.max(axis=1) <= C.LAST_IMAGE_TOKEN_ID)
-    not_framed = f"image block is not framed by {C.BEGIN_IMAGE_ID} ... {C.END_IMAGE_ID}"
-    outside = f"image block has a code id outside {C.FIRST_IMAGE_TOKEN_ID}..{C.LAST_IMAGE_TOKEN_ID}"
-    return [None if f and r else (not_framed if not f else outside) for f, r in zip(framed.tolist(), in_range.tolist())]
-
-
 def load_image_lookup(
     image_blocks: Path | None, path_problems: Path | None, token_errors: Path | None, sources: Mapping[str, CredentialedSource]
 ) -> ImageLookup:
@@ -318,7 +292,7 @@ def load_image_lookup(
             keys = batch.column(0).to_pylist()
             flat = batch.column(1).filter(pa.array(good)).flatten().to_numpy(zero_copy_only=False)
             blocks = flat.reshape(-1, C.IMAGE_BLOCK_LEN)
-            reasons = iter(_block_reasons(blocks))
+            reasons = iter(block_problems(blocks))
             rows = iter(range(len(blocks)))
             for key, ok in zip(keys, good.tolist()):
                 if not ok:
@@ -715,7 +689,7 @@ def _parallel_batches(
     bounds memory however large the file."""
     tasks: queue.Queue = queue.Queue()
     done = object()
-    hasher = _new_hash()  # the hash of describe_input (artifacts._hash_file), fed block by block
+    hasher = new_hash()  # the hash of describe_input (artifacts._hash_file), fed block by block
 
     def plan() -> None:
         try:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from medmax_pipeline.constants import IMAGE_SIZE
+from medmax_pipeline.core.constants import IMAGE_SIZE
 
 # PIL's own bomb threshold (it only warns above it, and errors above twice it). We raise above it.
 DEFAULT_MAX_PIXELS: int = 89_478_485

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from medmax_pipeline.artifacts import ArtifactError, check_meta, format_meta, lineage_tree, read_meta
+from medmax_pipeline.core.artifacts import ArtifactError, check_meta, format_meta, lineage_tree, read_meta
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

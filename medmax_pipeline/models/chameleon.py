@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from medmax_pipeline import constants as C
+from medmax_pipeline.core import constants as C
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json", "processor_config.json", "chat_template.json")
 
@@ -50,7 +50,7 @@ def check_model_vocabulary(vocab_map: Mapping[str, int], vocab_size: int, source
     text_tokenizer.check_vocabulary_map, the same rule the tokenizer stage applies. `<image>`
     (8711) is not required: training data has every placeholder already expanded.
     """
-    from medmax_pipeline.text_tokenizer import TokenizerLayoutError, check_vocabulary_map
+    from medmax_pipeline.core.text_tokenizer import TokenizerLayoutError, check_vocabulary_map
 
     if not vocab_map:
         raise ModelLayoutError(f"{source}: config.json has no vocabulary_map; it is not a Chameleon/Anole HF model")
@@ -95,7 +95,7 @@ def compare_vocabularies(model_map: Mapping[str, int], tokenizer_map: Mapping[st
 def _tokenizer_vocabulary(tokenizer: str | Path | Mapping[str, int]) -> dict[str, int]:
     if isinstance(tokenizer, Mapping):
         return {str(k): int(v) for k, v in tokenizer.items()}
-    from medmax_pipeline.text_tokenizer import vocabulary_map
+    from medmax_pipeline.core.text_tokenizer import vocabulary_map
 
     return vocabulary_map(tokenizer)
 
@@ -338,7 +338,7 @@ def check_image_logits(model: torch.nn.Module, expect_allowed: bool = True) -> N
         raise ImageLogitsMaskedError(
             f"{int(masked.sum())} image-token logits are still at the dtype minimum after allow_image_logits "
             f"(transformers {transformers.__version__}); the model could not learn or emit image tokens. "
-            "medmax_pipeline/hf_model.py must be adapted to how this transformers version masks them."
+            "medmax_pipeline/models/chameleon.py must be adapted to how this transformers version masks them."
         )
     if not expect_allowed and not bool(masked.all()):
         raise ImageLogitsMaskedError("image-token logits were expected masked (HF default) but are not")

@@ -20,8 +20,9 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from medmax_pipeline.artifacts import ArtifactError, read_artifact
-from medmax_pipeline.scoring_rules import VQA_TASKS
+from medmax_pipeline.core.artifacts import ArtifactError, read_artifact
+from medmax_pipeline.core.plots import PlotError, plot_loss
+from medmax_pipeline.stages.evaluate.scoring_rules import VQA_TASKS
 
 STYLE = (
     "body{font-family:sans-serif;font-size:13px}table{border-collapse:collapse}"
@@ -111,68 +112,6 @@ def plot_vqa_bars(summary: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def loss_series(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[list[float], list[float]]]:
-    """Curves to draw from train_metrics rows: every numeric column whose name holds 'loss'.
-
-    The x axis is 'step' (or 'global_step'); rows where a loss is null are skipped for that loss.
-    When a 'split' column exists, each split gets its own curve.
-    """
-    if not rows:
-        return {}
-    step_col = next((c for c in ("step", "global_step") if c in rows[0]), None)
-    if step_col is None:
-        raise ReportError(f"train metrics have no step column (columns: {sorted(rows[0])})")
-    loss_cols = [c for c, v in rows[0].items() if "loss" in c.lower()]
-    curves: dict[str, tuple[list[float], list[float]]] = {}
-    for row in rows:
-        for c in loss_cols:
-            v = row.get(c)
-            if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)) and row.get(step_col) is not None:
-                name = f"{c} ({row['split']})" if "split" in row and row["split"] else c
-                xs, ys = curves.setdefault(name, ([], []))
-                xs.append(float(row[step_col]))
-                ys.append(float(v))
-    return curves
-
-
-def plot_loss(rows: Sequence[dict[str, Any]] | None, path: str | Path, why_missing: str = "") -> Path:
-    """Loss curves of train_metrics rows (see loss_series), with the learning rate on a second axis
-    when the rows have an 'lr' column; a placeholder saying why when there is nothing to draw.
-    Used by `medmax train` for its own figure and by the report for any train_metrics file."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    curves = loss_series(rows) if rows else {}
-    if not curves:
-        ax.text(0.5, 0.5, why_missing or "no loss values in the train metrics", ha="center", va="center", wrap=True)
-        ax.set_axis_off()
-    for name, (xs, ys) in sorted(curves.items()):
-        ax.plot(xs, ys, marker="o" if len(xs) < 30 or name != "loss" else None, lw=1, label=name)
-    if curves:
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss (response tokens)")
-        handles, labels = ax.get_legend_handles_labels()
-        lr = [(float(r["step"]), float(r["lr"])) for r in rows or () if r.get("lr") is not None and r.get("step") is not None]
-        if lr:
-            ax2 = ax.twinx()
-            ax2.plot(*zip(*lr), color="grey", lw=0.8, ls="--", label="lr")
-            ax2.set_ylabel("learning rate")
-            more = ax2.get_legend_handles_labels()
-            handles, labels = handles + more[0], labels + more[1]
-        ax.legend(handles, labels, loc="upper right")
-        ax.set_title("LoRA training")
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)  # atomic: a killed run leaves no half-written figure
-    return path
-
-
 SUMMARY_COLUMNS = ("model", "task_name", "question_type", "rule_set", "metric", "n", "unjudged", "accuracy",
                    "accuracy_judged", "stderr", "ci_low", "ci_high", "n_tasks", "note")
 COVERAGE_PREFERRED = ("source", "task", "split", "expected", "filled", "missing", "reasons")
@@ -198,7 +137,10 @@ def make_report(summary: Sequence[str | Path], output_dir: str | Path, train_met
             train_rows = read_artifact(train_metrics, artifact="train_metrics").to_pylist()
         except ArtifactError as exc:
             raise ReportError(str(exc)) from exc
-    plot_loss(train_rows, out / "loss_curve.png", why)
+    try:
+        plot_loss(train_rows, out / "loss_curve.png", why)
+    except PlotError as exc:
+        raise ReportError(str(exc)) from exc
     written.append(out / "loss_curve.png")
     ordered = sorted(rows, key=lambda r: (r["rule_set"], r["task_name"] == "vqa_average", r["task_name"], r["question_type"], r["model"]))
     (out / "summary.html").write_text(html_table(

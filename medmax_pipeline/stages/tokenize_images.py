@@ -42,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from medmax_pipeline.artifacts import (
+from medmax_pipeline.core.artifacts import (
     ArtifactError,
     ArtifactWriter,
     check_meta,
@@ -51,8 +51,8 @@ from medmax_pipeline.artifacts import (
     read_meta,
     write_artifact,
 )
-from medmax_pipeline.constants import CODES_PER_IMAGE, NUM_IMAGE_CODES
-from medmax_pipeline.preprocess import DEFAULT_MAX_PIXELS
+from medmax_pipeline.core.constants import CODES_PER_IMAGE, NUM_IMAGE_CODES
+from medmax_pipeline.models.image_preprocess import DEFAULT_MAX_PIXELS
 
 TOKENS_ARTIFACT = "image_tokens"
 CHUNK_ARTIFACT = "image_tokens_chunk"
@@ -219,7 +219,7 @@ class ImageFileDataset:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> tuple[int, Any, int, int, str, str | None]:
-        from medmax_pipeline.preprocess import ImageDecodeError, load_image_pixels
+        from medmax_pipeline.models.image_preprocess import ImageDecodeError, load_image_pixels
 
         path = self.rows[index].img_path
         try:
@@ -273,7 +273,7 @@ def distributed_env() -> tuple[int, int, int]:
 def prepare_vqgan(ckpt_dir: str | Path, device: str, precision: str, local_rank: int = 0) -> Any:
     import torch
 
-    from medmax_pipeline.vqgan import load_vqgan
+    from medmax_pipeline.models.vqgan import load_vqgan
 
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}")

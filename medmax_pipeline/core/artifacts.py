@@ -92,7 +92,7 @@ class ArtifactMeta:
 # ----------------------------------------------------------------------------------------------
 
 
-def _new_hash() -> "hashlib._Hash":
+def new_hash() -> "hashlib._Hash":
     return hashlib.blake2b(digest_size=32)
 
 
@@ -111,9 +111,9 @@ class _ColumnHasher:
 
     def __init__(self, dtype: pa.DataType) -> None:
         self.dtype = dtype
-        self.validity = _new_hash()
-        self.values = _new_hash()
-        self.data = _new_hash()  # variable-length bytes of string/binary values, apart from their lengths
+        self.validity = new_hash()
+        self.values = new_hash()
+        self.data = new_hash()  # variable-length bytes of string/binary values, apart from their lengths
         self.children: list[_ColumnHasher] = []
         if pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype):
             self.children = [_ColumnHasher(dtype.value_type)]
@@ -159,7 +159,7 @@ class _ColumnHasher:
             self.values.update(_le_bytes(values, values.dtype.newbyteorder("<")))
 
     def digest(self) -> bytes:
-        h = _new_hash()
+        h = new_hash()
         h.update(self.validity.digest())
         h.update(self.values.digest())
         h.update(self.data.digest())
@@ -182,7 +182,7 @@ class Fingerprinter:
         self.num_rows += data.num_rows
 
     def hexdigest(self) -> str:
-        h = _new_hash()
+        h = new_hash()
         header = [[f.name, str(f.type)] for f in self.schema]
         h.update(json.dumps({"columns": header, "rows": self.num_rows}).encode())
         for hasher in self.columns:
@@ -202,7 +202,7 @@ def fingerprint_table(table: pa.Table) -> str:
 
 
 def _hash_file(path: Path) -> str:
-    h = _new_hash()
+    h = new_hash()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
@@ -211,7 +211,7 @@ def _hash_file(path: Path) -> str:
 
 def _hash_directory(path: Path) -> str:
     # Names, sizes and contents of every file, in sorted order; symlinks by their target text.
-    h = _new_hash()
+    h = new_hash()
     for sub in sorted(p for p in path.rglob("*")):
         rel = sub.relative_to(path).as_posix()
         if sub.is_symlink():

@@ -41,15 +41,15 @@ from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
 
-from medmax_pipeline import constants as C
-from medmax_pipeline.artifacts import ArtifactMeta, write_artifact
-from medmax_pipeline.image_keys import (
+from medmax_pipeline.core import constants as C
+from medmax_pipeline.core.artifacts import ArtifactMeta, write_artifact
+from medmax_pipeline.core.image_keys import (
     PUBLIC_ROOT_NAME,
     TEMPLATE_PRESETS,
     CredentialedSource,
     image_key_for_row,
 )
-from medmax_pipeline.rows import read_row_batches
+from medmax_pipeline.core.rows import read_row_batches
 
 IMAGE_PATHS_FILE = "image_paths.parquet"
 PROBLEMS_FILE = "image_path_problems.parquet"

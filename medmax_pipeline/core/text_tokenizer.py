@@ -15,13 +15,13 @@ from typing import Iterable
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from medmax_pipeline import constants as C
+from medmax_pipeline.core import constants as C
 
 IMAGE_NAME_PREFIX = "IMGIMG"
 TOKENIZER_FILE = "text_tokenizer.json"
 MODIFIED_TOKENIZER_FILE = "text_tokenizer_modified.json"
-# Reserved tokens fill the ids after <racm3:break>; their number is the id minus the image offset.
-LAST_RESERVED_ID = 8799
+# Reserved tokens fill the ids after <racm3:break> up to C.LAST_RESERVED_ID; their number is the
+# id minus the image offset.
 
 
 class TokenizerLayoutError(ValueError):
@@ -51,7 +51,7 @@ def layout_tokens(modified: bool) -> list[str]:
     tokens = [C.BOS_TOKEN, C.PAD_TOKEN, C.EOS_TOKEN, "<unk>"]
     tokens += [image_token_name(code) for code in range(C.NUM_IMAGE_CODES)]
     tokens += [C.END_IMAGE_TOKEN, C.BEGIN_IMAGE_TOKEN]
-    for token_id in range(C.BEGIN_IMAGE_ID + 1, LAST_RESERVED_ID + 1):
+    for token_id in range(C.BEGIN_IMAGE_ID + 1, C.LAST_RESERVED_ID + 1):
         name = reserved_token_name(token_id)
         if modified and token_id == C.IMAGE_PLACEHOLDER_ID:
             name = C.IMAGE_PLACEHOLDER_TOKEN

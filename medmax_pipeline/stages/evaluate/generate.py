@@ -41,9 +41,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import pyarrow as pa
 
-from medmax_pipeline import constants as C
-from medmax_pipeline.artifacts import write_artifact
-from medmax_pipeline.vocab import image_block
+from medmax_pipeline.core import constants as C
+from medmax_pipeline.core.artifacts import write_artifact
+from medmax_pipeline.core.sequences import image_block
 
 EVAL_COLUMNS = ("task_name", "question_type", "prompt", "answer", "image_path")
 PREDICTIONS_SCHEMA = pa.schema([
@@ -61,7 +61,6 @@ DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {
     "image_generation": C.CODES_PER_IMAGE,
 }
 IMAGE_GENERATION = "image_generation"
-LAST_RESERVED_ID = 8799  # ids 0..8799 are the Chameleon special/image/reserved block; text follows
 
 BASELINE_TEMPLATES = {
     "closed": "Answer the question based on this image and respond 'yes' or 'no'.\n",
@@ -252,8 +251,8 @@ def _image_only_processor():
 def tokenize_eval_images(rows: Sequence[Mapping[str, Any]], image_root: Path, vqgan: Any, source: str,
                          batch_size: int = 4) -> dict[str, list[int]]:
     """VQGAN codes of every distinct input image (image generation rows have no input image)."""
-    from medmax_pipeline.preprocess import ImageDecodeError
-    from medmax_pipeline.vqgan import encode_image_files
+    from medmax_pipeline.models.image_preprocess import ImageDecodeError
+    from medmax_pipeline.models.vqgan import encode_image_files
 
     wanted: dict[str, int] = {}
     for i, row in enumerate(rows):
@@ -276,7 +275,7 @@ def generate_batch(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens:
     """Greedy continuation ids (new tokens only) of left-padded prompts."""
     import torch
 
-    from medmax_pipeline.hf_model import set_image_logits
+    from medmax_pipeline.models.chameleon import set_image_logits
 
     ids, mask = left_pad(prompts)
     input_ids = torch.tensor(ids, device=device)
@@ -294,7 +293,7 @@ def generate_batch(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens:
 
 def decode_text(tokenizer: Any, ids: Sequence[int]) -> str:
     """Text of generated ids; ids of the special/image/reserved block are left out."""
-    return tokenizer.decode([i for i in ids if i > LAST_RESERVED_ID], skip_special_tokens=False)
+    return tokenizer.decode([i for i in ids if i > C.LAST_RESERVED_ID], skip_special_tokens=False)
 
 
 def run_generation(
@@ -350,9 +349,9 @@ def generate_predictions(
     on_batch: Callable[[int], None] | None = None,
 ) -> Path:
     """Generate predictions for an evaluation set and write the `predictions` artifact."""
-    from medmax_pipeline.hf_model import load_model_for_generation
-    from medmax_pipeline.text_tokenizer import MODIFIED_TOKENIZER_FILE, check_tokenizer_layout, encode_texts, load_tokenizer
-    from medmax_pipeline.vqgan import load_vqgan
+    from medmax_pipeline.models.chameleon import load_model_for_generation
+    from medmax_pipeline.core.text_tokenizer import MODIFIED_TOKENIZER_FILE, check_tokenizer_layout, encode_texts, load_tokenizer
+    from medmax_pipeline.models.vqgan import load_vqgan
 
     eval_set, image_root, ckpt, output = Path(eval_set), Path(image_root), Path(ckpt), Path(output)
     style = ("finetuned" if adapter else "baseline") if prompt_style == "auto" else prompt_style
@@ -380,7 +379,7 @@ def generate_predictions(
     params = {"model_name": model_name, "prompt_style": style, "batch_size": batch_size, "max_items": max_items,
               "budgets": all_budgets, "decoding": "greedy", "device": device}
     # Lineage entries are computed once: hashing a 7B model folder takes a while.
-    from medmax_pipeline.artifacts import describe_input
+    from medmax_pipeline.core.artifacts import describe_input
 
     inputs = [describe_input(p) for p in [eval_set, ckpt / "tokenizer", base_model] + ([adapter] if adapter else [])]
     fingerprint = _fingerprint({**params, "prompts": _fingerprint({"p": prompts}),

@@ -11,7 +11,7 @@ rows in input order. A code outside [0, 8191], a code list of another length tha
 or a repeated image key stops the stage naming the image: a wrong block would silently corrupt
 every row that uses it. A credentialed input (or row) gives a credentialed output.
 
-`check_image_block` and `find_image_blocks` are meant for reuse by the assembly stage.
+The block itself and its check live in core/image_blocks.py, shared with assembly and generation.
 """
 
 from __future__ import annotations
@@ -19,15 +19,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from medmax_pipeline import constants as C
-from medmax_pipeline.artifacts import ArtifactError, ArtifactMeta, ArtifactWriter, iter_artifact_batches, read_meta
-from medmax_pipeline.text_tokenizer import TokenizerLayoutError, check_tokenizer_layout, load_tokenizer
+from medmax_pipeline.core import constants as C
+from medmax_pipeline.core.artifacts import ArtifactError, ArtifactMeta, ArtifactWriter, iter_artifact_batches, read_meta
+from medmax_pipeline.core.sequences import ImageBlockError, code_problem, image_blocks_array
+from medmax_pipeline.core.text_tokenizer import TokenizerLayoutError, check_tokenizer_layout, load_tokenizer
 
 IMAGE_BLOCKS_SCHEMA = pa.schema(
     [
@@ -38,97 +38,6 @@ IMAGE_BLOCKS_SCHEMA = pa.schema(
     ]
 )
 INPUT_COLUMNS = ("image_key", "img_path", "credential", "img_tokens")
-
-
-class ImageBlockError(ValueError):
-    """Image codes cannot become a valid image block; the message names the image."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Blocks
-# ----------------------------------------------------------------------------------------------
-
-
-def image_blocks_array(codes: np.ndarray) -> np.ndarray:
-    """(n, 1024) codes -> (n, 1026) int32 blocks. The caller has checked shape and range."""
-    n = codes.shape[0]
-    blocks = np.empty((n, C.IMAGE_BLOCK_LEN), dtype=np.int32)
-    blocks[:, 0] = C.BEGIN_IMAGE_ID
-    blocks[:, 1:-1] = codes + C.IMAGE_CODE_OFFSET
-    blocks[:, -1] = C.END_IMAGE_ID
-    return blocks
-
-
-def code_problem(codes: Sequence[int] | np.ndarray) -> str | None:
-    """Why a code list is not one image's 1024 VQGAN codes, or None."""
-    arr = np.asarray(codes)
-    if arr.ndim != 1 or arr.shape[0] != C.CODES_PER_IMAGE:
-        return f"{arr.size} codes, expected {C.CODES_PER_IMAGE}"
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        return f"codes of type {arr.dtype}, expected integers"
-    bad = np.flatnonzero((arr < 0) | (arr >= C.NUM_IMAGE_CODES))
-    if bad.size:
-        i = int(bad[0])
-        return f"code {int(arr[i])} at position {i} outside [0, {C.NUM_IMAGE_CODES - 1}] ({bad.size} such code(s))"
-    return None
-
-
-def image_block(codes: Sequence[int] | np.ndarray) -> list[int]:
-    """[8197] + [c + 4 for c in codes] + [8196]; raises ImageBlockError for a malformed code list."""
-    problem = code_problem(codes)
-    if problem is not None:
-        raise ImageBlockError(problem)
-    return image_blocks_array(np.asarray(codes, dtype=np.int64)[None, :])[0].tolist()
-
-
-def check_image_block(ids: Sequence[int] | np.ndarray) -> str | None:
-    """Why `ids` is not one well-formed image block (begin, 1024 image ids, end), or None."""
-    arr = np.asarray(ids)
-    if arr.ndim != 1:
-        return f"expected a flat id sequence, found shape {arr.shape}"
-    if arr.shape[0] != C.IMAGE_BLOCK_LEN:
-        return f"block of {arr.shape[0]} ids, expected {C.IMAGE_BLOCK_LEN}"
-    if arr[0] != C.BEGIN_IMAGE_ID:
-        return f"block starts with id {int(arr[0])}, expected {C.BEGIN_IMAGE_ID}"
-    if arr[-1] != C.END_IMAGE_ID:
-        return f"block ends with id {int(arr[-1])}, expected {C.END_IMAGE_ID}"
-    inner = arr[1:-1]
-    bad = np.flatnonzero((inner < C.FIRST_IMAGE_TOKEN_ID) | (inner > C.LAST_IMAGE_TOKEN_ID))
-    if bad.size:
-        i = int(bad[0])
-        return (f"id {int(inner[i])} at block position {i + 1} is not an image token "
-                f"[{C.FIRST_IMAGE_TOKEN_ID}, {C.LAST_IMAGE_TOKEN_ID}] ({bad.size} such id(s))")
-    return None
-
-
-def find_image_blocks(sequence: Sequence[int] | np.ndarray) -> list[tuple[int, int]]:
-    """(start, end) of each image block of a token sequence, so that sequence[start:end] is the block.
-
-    A block starts at each begin id (8197) and ends just after the next end id (8196). When another
-    begin id or the end of the sequence comes first (a block cut by truncation, a missing end id),
-    the span stops there; check_image_block on the span then says what is wrong. End ids outside
-    any block are not spans: see stray_end_ids.
-    """
-    arr = np.asarray(sequence)
-    n = arr.shape[0]
-    begins = np.flatnonzero(arr == C.BEGIN_IMAGE_ID)
-    ends = np.flatnonzero(arr == C.END_IMAGE_ID)
-    spans: list[tuple[int, int]] = []
-    for k, start in enumerate(begins.tolist()):
-        next_begin = int(begins[k + 1]) if k + 1 < begins.size else n
-        j = int(np.searchsorted(ends, start))
-        end = int(ends[j]) + 1 if j < ends.size else n + 1
-        spans.append((start, min(end, next_begin, n)))
-    return spans
-
-
-def stray_end_ids(sequence: Sequence[int] | np.ndarray) -> list[int]:
-    """Positions of end ids (8196) that close no image block."""
-    arr = np.asarray(sequence)
-    inside = np.zeros(arr.shape[0], dtype=bool)
-    for start, end in find_image_blocks(arr):
-        inside[start:end] = True
-    return [int(i) for i in np.flatnonzero((arr == C.END_IMAGE_ID) & ~inside)]
 
 
 # ----------------------------------------------------------------------------------------------

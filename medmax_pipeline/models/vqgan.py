@@ -32,7 +32,7 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from medmax_pipeline.constants import IMAGE_SIZE, NUM_IMAGE_CODES
+from medmax_pipeline.core.constants import IMAGE_SIZE, NUM_IMAGE_CODES
 
 VQGAN_YAML = "vqgan.yaml"
 VQGAN_CKPT = "vqgan.ckpt"
@@ -372,7 +372,7 @@ def encode_image_files(model: VQGAN, paths: Sequence[str | Path], batch_size: in
 
     A file that cannot become pixels raises preprocess.ImageDecodeError naming it.
     """
-    from medmax_pipeline.preprocess import load_image_pixels
+    from medmax_pipeline.models.image_preprocess import load_image_pixels
 
     codes: list[list[int]] = []
     for start in range(0, len(paths), batch_size):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from string import Formatter
 from typing import Any, Mapping, Sequence
 
-from medmax_pipeline.rows import row_extra
+from medmax_pipeline.core.rows import row_extra
 
 PUBLIC_ROOT_NAME = "public"
 

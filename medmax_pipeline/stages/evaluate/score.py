@@ -39,8 +39,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from medmax_pipeline.artifacts import ArtifactError, is_artifact, read_artifact, write_artifact
-from medmax_pipeline.scoring_rules import (
+from medmax_pipeline.core.artifacts import ArtifactError, is_artifact, read_artifact, write_artifact
+from medmax_pipeline.stages.evaluate.scoring_rules import (
     OPEN,
     QUESTION_TYPES,
     RULE_SETS,
@@ -271,7 +271,7 @@ def _score_captions(rows, items, out, rule_set, clip, image_root, source) -> Non
 
 def image_codes_from_tokens(tokens: Sequence[int], where: str) -> list[int]:
     """1024 VQGAN codes from generated tokens: drop begin/end markers, undo the +4 offset."""
-    from medmax_pipeline.constants import BEGIN_IMAGE_ID, CODES_PER_IMAGE, END_IMAGE_ID, IMAGE_CODE_OFFSET, NUM_IMAGE_CODES
+    from medmax_pipeline.core.constants import BEGIN_IMAGE_ID, CODES_PER_IMAGE, END_IMAGE_ID, IMAGE_CODE_OFFSET, NUM_IMAGE_CODES
 
     body = [t for t in tokens if t not in (BEGIN_IMAGE_ID, END_IMAGE_ID)]
     if len(body) < CODES_PER_IMAGE:
@@ -292,7 +292,7 @@ def _score_generations(rows, items, out, rule_set, clip, vqgan, image_root, sour
         return
     import torch
 
-    from medmax_pipeline import vqgan as vqgan_module
+    from medmax_pipeline.models import vqgan as vqgan_module
 
     for i in items:
         tokens = rows[i]["generated_image_tokens"] or []
@@ -400,17 +400,17 @@ def score_predictions(
         raise ScoreError(f"unknown rule set {rules!r}; expected one of {RULE_SETS}")
     judge = None
     if judge_config is not None:
-        from medmax_pipeline.judge import LLMJudge, load_judge_config
+        from medmax_pipeline.stages.evaluate.judge import LLMJudge, load_judge_config
 
         judge = LLMJudge(load_judge_config(judge_config))
     clip = None
     if clip_dir is not None:
-        from medmax_pipeline.clip_score import load_clip
+        from medmax_pipeline.models.clip import load_clip
 
         clip = load_clip(clip_dir, device=device)
     vqgan = None
     if ckpt_dir is not None and clip is not None:
-        from medmax_pipeline.vqgan import load_vqgan
+        from medmax_pipeline.models.vqgan import load_vqgan
 
         vqgan = load_vqgan(ckpt_dir, device=device)
     tables = []

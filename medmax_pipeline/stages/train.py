@@ -12,7 +12,7 @@ Where the public code was wrong we do what it meant, and say so:
   own 8710) is masked; every response, with the 8710 that closes it and the final eos, is
   trained. On single-turn rows this equals the public rule.
 * Image outputs: HF's Chameleon head masks image-token logits in every forward pass, so image
-  labels would give an infinite loss; hf_model.allow_image_logits lifts that, and
+  labels would give an infinite loss; chameleon.allow_image_logits lifts that, and
   check_image_logits verifies it before any step.
 * The data loader loops over the whole file for every epoch, in a seeded order.
 
@@ -56,9 +56,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from medmax_pipeline import constants as C
-from medmax_pipeline.artifacts import ArtifactError, read_meta, check_meta, write_artifact
-from medmax_pipeline.report import plot_loss
+from medmax_pipeline.core import constants as C
+from medmax_pipeline.core.artifacts import ArtifactError, read_meta, check_meta, write_artifact
+from medmax_pipeline.core.plots import plot_loss
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
@@ -585,11 +585,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     from peft import LoraConfig, get_peft_model
     from peft.utils import set_peft_model_state_dict
 
-    from medmax_pipeline import hf_model
+    from medmax_pipeline.models import chameleon
 
     cfg.validate()
     dist = Dist.from_env()
-    device = hf_model.resolve_device(cfg.device)
+    device = chameleon.resolve_device(cfg.device)
     if device.type == "cuda" and dist.world_size > 1:
         device = torch.device("cuda", dist.local_rank)
     if device.type == "cuda":
@@ -610,8 +610,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # --- Inputs, all checked before any model is built ----------------------------------------
     try:
-        model_config = hf_model.check_base_model_folder(cfg.base_model, cfg.tokenizer)
-    except hf_model.ModelLayoutError as exc:
+        model_config = chameleon.check_base_model_folder(cfg.base_model, cfg.tokenizer)
+    except chameleon.ModelLayoutError as exc:
         raise TrainInputError(f"base model: {exc}") from exc
     vocab_size = int(model_config["vocab_size"])
     rows = load_token_rows(cfg.dataset, "train", cfg.max_length, vocab_size)
@@ -655,9 +655,9 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # --- Model ------------------------------------------------------------------------------
     seed_everything(cfg.seed)
-    model = hf_model.load_base_model(cfg.base_model, dtype=dtype, device=device, tokenizer=cfg.tokenizer)
+    model = chameleon.load_base_model(cfg.base_model, dtype=dtype, device=device, tokenizer=cfg.tokenizer)
     model.config.use_cache = False
-    hf_model.allow_image_logits(model)  # MedMax trains image outputs
+    chameleon.allow_image_logits(model)  # MedMax trains image outputs
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(
@@ -668,7 +668,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         model = get_peft_model(model, lora)  # adapters in fp32 even on a bf16 base
     except ValueError as exc:
         raise TrainInputError(f"LoRA: {exc}") from exc
-    hf_model.check_image_logits(model)
+    chameleon.check_image_logits(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     scheduler = transformers.get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
@@ -860,15 +860,15 @@ def merge_adapter(
     """Fold the LoRA adapter into the base weights and save a plain HF Chameleon folder."""
     from peft import PeftModel
 
-    from medmax_pipeline import hf_model
+    from medmax_pipeline.models import chameleon
 
-    base = hf_model.load_base_model(base_model, dtype=dtype, device="cpu", tokenizer=tokenizer)
+    base = chameleon.load_base_model(base_model, dtype=dtype, device="cpu", tokenizer=tokenizer)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(str(tmp))
-    hf_model.copy_tokenizer_files(base_model, tmp)
+    chameleon.copy_tokenizer_files(base_model, tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir
@@ -929,7 +929,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medmax_pipeline.hf_model import ImageLogitsMaskedError, ModelLayoutError
+    from medmax_pipeline.models.chameleon import ImageLogitsMaskedError, ModelLayoutError
 
     try:
         train(config_from_args(args))
