@@ -132,6 +132,41 @@ def test_check_published_tokens_reasons():
     assert "1 image block(s), text has 0" in reasons[0]
 
 
+def single_block_mutations() -> dict[str, list[int]]:
+    """One valid block and blocks broken in one way each, by name."""
+    good = block_for(5)
+    cases = {"valid": good, "valid, other codes": block_for(6)}
+    cases["valid, extreme codes"] = [C.BEGIN_IMAGE_ID] + [C.FIRST_IMAGE_TOKEN_ID, C.LAST_IMAGE_TOKEN_ID] * 512 + [C.END_IMAGE_ID]
+    for begin in (9000, C.END_IMAGE_ID, C.FIRST_IMAGE_TOKEN_ID, C.EOS_ID):
+        cases[f"begin {begin}"] = [begin] + good[1:]
+    for end in (9000, C.BEGIN_IMAGE_ID, C.LAST_IMAGE_TOKEN_ID, C.EOS_ID):
+        cases[f"end {end}"] = good[:-1] + [end]
+    for position in (1, 500, 1024):
+        for inner in (0, 1, 2, 3, C.LAST_IMAGE_TOKEN_ID + 1, C.BEGIN_IMAGE_ID, C.SEPARATOR_ID, C.IMAGE_PLACEHOLDER_ID, 9000, 65535, 70000, -1):
+            cases[f"inner {inner} at {position}"] = good[:position] + [inner] + good[position + 1:]
+    cases["too short by one code"] = good[:-2] + good[-1:]
+    cases["too short by 100 codes"] = good[:-101] + good[-1:]
+    cases["too long by one code"] = good[:-1] + [good[1]] + good[-1:]
+    cases["too long by 100 codes"] = good[:-1] + good[1:101] + good[-1:]
+    return cases
+
+
+def test_published_check_agrees_with_the_block_validator():
+    """check_published_tokens (vectorised, in whole sequences) accepts and refuses exactly the
+    blocks that check_image_block (one block) accepts and refuses, each block as [0, *block, 2]
+    of a text with one <image>; all cases in one call, so rows cannot leak into each other."""
+    cases = single_block_mutations()
+    sequences = [[C.BOS_ID, *block, C.EOS_ID] for block in cases.values()]
+    offsets = np.cumsum([0] + [len(s) for s in sequences])
+    values = np.concatenate([np.array(s, np.int64) for s in sequences])
+    reasons, truncated = check_published_tokens(values, offsets, np.ones(len(sequences), np.int64))
+    assert not truncated.any()
+    verdicts = {name: (check_image_block(block) is None, reason is None) for (name, block), reason in zip(cases.items(), reasons)}
+    assert {name for name, (alone, _) in verdicts.items() if alone} == {"valid", "valid, other codes", "valid, extreme codes"}
+    disagree = {name: verdict for name, verdict in verdicts.items() if verdict[0] != verdict[1]}
+    assert disagree == {}
+
+
 def test_publisher_truncated_rows_are_accepted():
     seq = ([0] + [9000] * 1000 + block_for(0) + block_for(1))[:2048]  # ends inside the second block
     reasons, truncated = check_published_tokens(np.array(seq), np.array([0, 2048]), np.array([2]), published_max_length=2048)

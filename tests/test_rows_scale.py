@@ -7,13 +7,16 @@ reason, whatever the batch size, including lines built to trip it up.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
-from medmax_pipeline.core import rows
+from medmax_pipeline.core import parallel_rows, rows
+from medmax_pipeline.core.artifacts import describe_input
 
 TRICKY = [
     '{"text": 123, "task":"a","source":"b","credential":"no"}',
@@ -119,3 +122,62 @@ def test_large_rows_round_trip(tmp_path):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         next(rows.read_row_batches(tmp_path / "nope.jsonl", "train"))
+
+
+# --- byte ranges (core/parallel_rows.py): the serial reader's batches, in worker processes -------
+
+
+def serial_batches(path: Path, batch_size: int) -> list[tuple[list[dict], list[tuple[int, str]]]]:
+    return [(batch.to_pylist(), [(p.line, p.reason) for p in problems]) for batch, problems in rows.read_row_batches(path, "train", batch_size)]
+
+
+def rows_of_range(path: str, split: str, byte_range: parallel_rows.ByteRange) -> tuple[pa.RecordBatch, list[tuple[int, str]]]:
+    """A per-range function for map_line_ranges (top level, so that spawned workers can load it)."""
+    batch, problems = rows.read_jsonl_range(path, split, *byte_range)
+    return batch, [(p.line, p.reason) for p in problems]
+
+
+def fail_after_first_range(byte_range: parallel_rows.ByteRange) -> tuple[pa.RecordBatch, None]:
+    if byte_range.first_line > 1:
+        raise ValueError(f"refused range at line {byte_range.first_line}")
+    return pa.record_batch({"line": [byte_range.first_line]}), None
+
+
+@pytest.fixture(scope="module")
+def blank_lines_file(mixed_file, tmp_path_factory) -> Path:
+    """mixed_file with lines that bytes.strip() empties (blank for the reader) spread through it."""
+    lines = mixed_file.read_bytes().split(b"\n")
+    blanks = [b"", b"   ", b"\t\r", b"\x0c", b" \x0b "]
+    out = []
+    for i, line in enumerate(lines):
+        if i % 37 == 5:
+            out.append(blanks[i % len(blanks)])
+        out.append(line)
+    path = tmp_path_factory.mktemp("blank") / "train.jsonl"
+    path.write_bytes(b"\n".join(out))
+    return path
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 64, 8192])
+def test_line_ranges_are_the_serial_batches(blank_lines_file, batch_size):
+    ranges = list(parallel_rows.plan_line_ranges(blank_lines_file, batch_size, block_size=4096))
+    assert ranges[0].start == 0 and ranges[-1].end == blank_lines_file.stat().st_size
+    assert all(a.end == b.start for a, b in zip(ranges, ranges[1:]))
+    by_range = [rows_of_range(str(blank_lines_file), "train", r) for r in ranges]
+    assert [(batch.to_pylist(), problems) for batch, problems in by_range] == serial_batches(blank_lines_file, batch_size)
+
+
+def test_map_line_ranges_gives_results_in_file_order_and_the_file_fingerprint(blank_lines_file):
+    fingerprints: list[str] = []
+    work = functools.partial(rows_of_range, str(blank_lines_file), "train")
+    got = list(parallel_rows.map_line_ranges(blank_lines_file, 64, 2, work, on_fingerprint=fingerprints.append, in_flight_per_worker=1))
+    assert len(got) > 4  # more ranges than are in flight at once
+    assert [(batch.to_pylist(), problems) for batch, problems in got] == serial_batches(blank_lines_file, 64)
+    assert fingerprints == [describe_input(blank_lines_file)["fingerprint"]]
+
+
+def test_map_line_ranges_raises_a_worker_error(blank_lines_file):
+    results = parallel_rows.map_line_ranges(blank_lines_file, 64, 2, fail_after_first_range)
+    with pytest.raises(ValueError, match="refused range at line"):
+        list(results)
+

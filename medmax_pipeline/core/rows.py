@@ -16,7 +16,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -293,57 +293,19 @@ def _read_jsonl_batches(path: Path, split: str, batch_size: int) -> Iterator[tup
 
 
 # ----------------------------------------------------------------------------------------------
-# Byte ranges, for reading one jsonl file in several processes. plan_jsonl_batches cuts the file
-# where _read_jsonl_batches would end a batch (after every batch_size-th non-blank line), so a
-# range read by read_jsonl_range is exactly one batch of the serial reader: same rows, same
-# problems, same batch boundaries, hence the same output files however many processes read.
+# Byte ranges, for reading one jsonl file in several processes (core/parallel_rows.py). Its
+# plan_line_ranges cuts the file where _read_jsonl_batches would end a batch (after every
+# batch_size-th line that bytes.strip() leaves non-empty), so a range read by read_jsonl_range is
+# exactly one batch of the serial reader: same rows, same problems, same batch boundaries, hence
+# the same output files however many processes read.
 # ----------------------------------------------------------------------------------------------
-
-_BLANK_BYTES = frozenset(b" \t\r\x0b\x0c")  # bytes.strip()'s whitespace, less the newline itself
-
-
-def plan_jsonl_batches(
-    path: str | Path, batch_size: int, on_block: Callable[[bytes], Any] | None = None, block_size: int = 1 << 24
-) -> Iterator[tuple[int, int, int]]:
-    """(start offset, end offset, line number at start) of each batch of `batch_size` non-blank
-    lines, in file order. Reads the file once, sequentially; `on_block` sees every block read
-    (the stage hashes the file for its lineage in this same pass)."""
-    batch_start, batch_line = 0, 1  # where the current batch begins
-    line_no = 1  # number of the line being scanned
-    n_lines = 0  # non-blank lines in the current batch
-    nonblank = False  # the line being scanned has a non-whitespace byte so far
-    offset = 0  # file offset of block[0]
-    with open(path, "rb") as f:
-        while block := f.read(block_size):
-            if on_block is not None:
-                on_block(block)
-            pos = 0
-            while True:
-                newline = block.find(b"\n", pos)
-                stop = len(block) if newline < 0 else newline
-                if not nonblank and stop > pos:
-                    # Usually decided by the first byte ("{"); a line only of whitespace is blank.
-                    nonblank = block[pos] not in _BLANK_BYTES or not block[pos:stop].isspace()
-                if newline < 0:
-                    break
-                n_lines += nonblank
-                nonblank = False
-                line_no += 1
-                pos = newline + 1
-                if n_lines == batch_size:
-                    yield batch_start, offset + pos, batch_line
-                    batch_start, batch_line, n_lines = offset + pos, line_no, 0
-            offset += len(block)
-    n_lines += nonblank  # a last line without a newline
-    if n_lines:
-        yield batch_start, offset, batch_line
 
 
 def read_jsonl_range(
     path: str | Path, split: str, start: int, end: int, first_line: int
 ) -> tuple[pa.RecordBatch, list[RowProblem]]:
     """The rows and problems of bytes [start, end) of a jsonl file whose first line is `first_line`
-    (a range from plan_jsonl_batches)."""
+    (a range from parallel_rows.plan_line_ranges)."""
     path = Path(path)
     with open(path, "rb") as f:
         f.seek(start)

@@ -1,0 +1,96 @@
+"""The image blocks a credentialed row can be filled from: stage 3's blocks and the image problems
+of stages 1 and 2, by image key, for the configured credentialed sources only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from medmax_pipeline.core import constants as C
+from medmax_pipeline.core.artifacts import iter_artifact_batches, read_artifact, read_meta
+from medmax_pipeline.core.image_keys import CredentialedSource
+from medmax_pipeline.core.sequences import block_problems
+
+
+@dataclass
+class ImageLookup:
+    """Image blocks and image problems of the credentialed sources, by image key.
+
+    A block is kept as its 1024 VQGAN codes (0..8191) in one uint16 row of `codes`, row index[key]:
+    half the memory of int32 ids, and the frame 8197 ... 8196 and the +4 offset are added back by
+    block(), so every block handed out is valid by construction."""
+
+    index: dict[str, int] = field(default_factory=dict)
+    codes: np.ndarray = field(default_factory=lambda: np.zeros((0, C.CODES_PER_IMAGE), np.uint16))
+    unreadable: dict[str, str] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
+
+    def block(self, key: str) -> np.ndarray:
+        """The 1026-id block (int32) of a key in `index`."""
+        out = np.empty(C.IMAGE_BLOCK_LEN, np.int32)
+        out[0], out[-1] = C.BEGIN_IMAGE_ID, C.END_IMAGE_ID
+        np.add(self.codes[self.index[key]], C.IMAGE_CODE_OFFSET, out=out[1:-1], dtype=np.int32)
+        return out
+
+
+def load_image_lookup(
+    image_blocks: Path | None, path_problems: Path | None, token_errors: Path | None, sources: Mapping[str, CredentialedSource]
+) -> ImageLookup:
+    """Keep only keys of the configured credentialed sources: public rows never need an image,
+    so memory is bounded by the credentialed images, however many rows there are."""
+    lookup = ImageLookup()
+    prefixes = tuple(f"{s}:" for s in sources)
+    if not prefixes:
+        return lookup
+
+    def wanted(keys: pa.Array) -> pa.Array:
+        mask = pc.starts_with(keys, prefixes[0])
+        for prefix in prefixes[1:]:
+            mask = pc.or_(mask, pc.starts_with(keys, prefix))
+        return pc.fill_null(mask, False)
+
+    if image_blocks is not None:
+        # Room for every block of the file: np.empty only takes memory for the rows written, and
+        # filling one preallocated array never holds two copies of the blocks (as concatenating would).
+        codes = np.empty((read_meta(image_blocks).num_rows, C.CODES_PER_IMAGE), np.uint16)
+        n_codes = 0
+        # Small batches: a batch is held as int32 ids while it is checked.
+        for batch in iter_artifact_batches(image_blocks, "image_blocks", batch_size=8192, columns=["image_key", "block"]):
+            batch = batch.filter(wanted(batch.column(0)))
+            if batch.num_rows == 0:
+                continue
+            lengths = pc.fill_null(pc.list_value_length(batch.column(1)), 0).to_numpy(zero_copy_only=False)
+            good = lengths == C.IMAGE_BLOCK_LEN
+            keys = batch.column(0).to_pylist()
+            flat = batch.column(1).filter(pa.array(good)).flatten().to_numpy(zero_copy_only=False)
+            blocks = flat.reshape(-1, C.IMAGE_BLOCK_LEN)
+            reasons = iter(block_problems(blocks))
+            rows = iter(range(len(blocks)))
+            for key, ok in zip(keys, good.tolist()):
+                if not ok:
+                    lookup.unreadable.setdefault(key, f"image block has the wrong length (expected {C.IMAGE_BLOCK_LEN} ids)")
+                    continue
+                reason, row = next(reasons), next(rows)
+                if reason is not None:
+                    lookup.unreadable.setdefault(key, reason)
+                elif key not in lookup.index:  # first one wins: deterministic
+                    codes[n_codes] = blocks[row, 1:-1] - C.IMAGE_CODE_OFFSET  # checked: 0..8191 fits uint16
+                    lookup.index[key] = n_codes
+                    n_codes += 1
+        lookup.codes = codes[:n_codes]
+    if token_errors is not None:
+        table = read_artifact(token_errors, "image_token_errors", columns=["image_key", "reason"])
+        table = table.filter(wanted(table.column("image_key")))
+        for key, reason in zip(table.column("image_key").to_pylist(), table.column("reason").to_pylist()):
+            lookup.unreadable.setdefault(key, f"image unreadable: {reason}")
+    if path_problems is not None:
+        table = read_artifact(path_problems, "image_path_problems", columns=["image_key", "reason"])
+        table = table.filter(wanted(table.column("image_key")))
+        for key, reason in zip(table.column("image_key").to_pylist(), table.column("reason").to_pylist()):
+            lookup.missing.setdefault(key, f"image missing: {reason}")
+    return lookup
