@@ -8,13 +8,13 @@ import pyarrow as pa
 import pytest
 
 from medmax_pipeline.core.artifacts import read_artifact, read_meta, write_artifact
+from medmax_pipeline.stages.evaluate.clip_scores import image_codes_from_tokens
 from medmax_pipeline.stages.evaluate.judge import JudgeVerdict
 from medmax_pipeline.stages.evaluate.score import (
     AVERAGE_TASK,
     ScoreError,
     bootstrap_average_ci,
     bootstrap_ci,
-    image_codes_from_tokens,
     mean_and_stderr,
     read_predictions,
     score_predictions,

@@ -52,6 +52,8 @@ ARTIFACT_SCHEMA_VERSIONS: dict[str, int] = {
     "coverage": 1,
     "train_metrics": 1,
     "predictions": 1,
+    "clip_scores": 1,
+    "judge_replies": 1,
     "scores": 1,
     "score_summary": 1,
 }

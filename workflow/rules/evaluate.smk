@@ -1,5 +1,8 @@
-# Stage 6: generate on the evaluation suite with the base and the trained model, score with each
-# named rule set, and draw the figures of the Snakemake report.
+# Stage 6: generate on the evaluation suite with the base and the trained model; per model, decode
+# generated images + CLIP similarities (clip_scores) and LLM judge replies (judge, when configured);
+# then score with each named rule set (cheap: it reads those per-model artifacts) and draw the
+# figures of the Snakemake report.
+from medmax_pipeline.stages.evaluate.judge_replies import judge_command_options
 
 EVAL = config["evaluate"]
 
@@ -35,31 +38,82 @@ rule generate:
         " --device {params.device} {params.max_items} > {log} 2>&1"
 
 
-rule score:
+rule clip_scores:
     input:
-        predictions=expand(results("evaluate", "predictions_{model}.parquet"), model=MODELS),
+        predictions=results("evaluate", "predictions_{model}.parquet"),
         checkpoint=config["checkpoint"],
         image_root=EVAL["image_root"],
         clip=EVAL["clip"] or [],
+    output:
+        clip_scores=results("evaluate", "clip_{model}.parquet"),
+        images=directory(results("evaluate", "images_{model}")),
+    params:
+        medmax=MEDMAX,
+        clip=f"--clip {EVAL['clip']}" if EVAL["clip"] else "",
+    wildcard_constraints:
+        model="base|trained",
+    log:
+        log_path("clip_scores/{model}"),
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "{params.medmax} clip-scores --predictions {input.predictions} --output {output.clip_scores}"
+        " --image-dir {output.images} --ckpt {input.checkpoint} --image-root {input.image_root} {params.clip}"
+        " > {log} 2>&1"
+
+
+# Only planned when evaluate.judge is set. The reply cache lives beside the artifact, one per model
+# (two jobs never append to one file), and is not an output: Snakemake would delete it before a rerun.
+rule judge:
+    input:
+        predictions=results("evaluate", "predictions_{model}.parquet"),
+    output:
+        replies=results("evaluate", "judge_{model}.parquet"),
+    params:
+        medmax=MEDMAX,
+        # The judge config is built from config values here, not read from a file.
+        options=lambda wildcards: judge_command_options(
+            EVAL["judge"], results("evaluate", f"judge_cache_{wildcards.model}.jsonl")
+        ),
+    wildcard_constraints:
+        model="base|trained",
+    # The judge endpoint is on the internet, which cluster compute nodes often cannot reach.
+    localrule: True
+    log:
+        log_path("judge/{model}"),
+    conda:
+        "../../envs/data.yaml"
+    shell:
+        "{params.medmax} judge --predictions {input.predictions} --output {output.replies} {params.options} > {log} 2>&1"
+
+
+rule score:
+    input:
+        predictions=expand(results("evaluate", "predictions_{model}.parquet"), model=MODELS),
+        clip_scores=expand(results("evaluate", "clip_{model}.parquet"), model=MODELS),
+        # Only the medmax rule set asks the judge (open questions).
+        judge_replies=lambda wildcards: (
+            expand(results("evaluate", "judge_{model}.parquet"), model=MODELS)
+            if EVAL["judge"] and wildcards.rules == "medmax"
+            else []
+        ),
     output:
         scores=results("evaluate", "{rules}", "scores.parquet"),
         summary=results("evaluate", "{rules}", "score_summary.parquet"),
     params:
         medmax=MEDMAX,
         output_dir=lambda wildcards, output: Path(output.scores).parent,
-        clip=f"--clip {EVAL['clip']}" if EVAL["clip"] else "",
-        judge=f"--judge-config {results('evaluate', 'judge.json')}" if EVAL["judge"] else "",
+        judge_replies=lambda wildcards, input: f"--judge-replies {' '.join(input.judge_replies)}" if input.judge_replies else "",
         bootstrap=EVAL["bootstrap_samples"],
     wildcard_constraints:
         rules="medmax|llava_med|strict",
     log:
         log_path("score/{rules}"),
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/data.yaml"
     shell:
-        "{params.medmax} score --predictions {input.predictions} --output {params.output_dir} --rules {wildcards.rules}"
-        " --ckpt {input.checkpoint} --image-root {input.image_root} {params.clip} {params.judge}"
-        " --n-bootstrap {params.bootstrap} --seed 0 > {log} 2>&1"
+        "{params.medmax} score --predictions {input.predictions} --clip-scores {input.clip_scores} {params.judge_replies}"
+        " --output {params.output_dir} --rules {wildcards.rules} --n-bootstrap {params.bootstrap} --seed 0 > {log} 2>&1"
 
 
 rule report_figures:

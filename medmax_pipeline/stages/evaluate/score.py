@@ -1,18 +1,18 @@
 """Stage 6: score predictions with a named rule set; per-item scores and a per-task summary.
 
     medmax score --predictions base.parquet trained.parquet --output results/scores --rules medmax \
+        [--clip-scores clip_base.parquet clip_trained.parquet] [--judge-replies judge_base.parquet ...] \
         [--judge-config judge.json] [--clip CLIP_DIR] [--ckpt CKPT_DIR] [--image-root DIR] [--seed 0]
 
-Works on predictions from any model. The minimal columns of a predictions file (parquet artifact
-from `medmax generate`, or a plain .parquet / .jsonl / .csv from anywhere, e.g. GPT-4o outputs):
-
-    task_name, question_type, answer, prediction
-    model          optional; defaults to the file's stem
-    prompt         needed for the LLM judge (the question) and to read MCQ option texts
-    image_path     needed for captioning CLIP scores (with --image-root)
-    prediction_first_token   optional; the medmax rule reads the first generated token, else
-                   it approximates that token from the text (noted per row)
-    generated_image_tokens   image generation only: 1024 VQGAN codes (+4 vocab offset or not)
+Works on predictions from any model (columns: predictions.py). The expensive parts are per-model
+jobs whose artifacts this command reads: `medmax clip-scores` (decoded images, CLIP similarities
+for captioning and image generation) and `medmax judge` (LLM judge replies for open questions,
+used by the medmax rule set). The workflow runs them once per model and passes --clip-scores /
+--judge-replies, so scoring with each rule set is cheap. Each artifact is paired with the
+predictions file it was made from by the predictions' fingerprint, whatever the order.
+Standalone, `medmax score` can instead compute them itself (--clip/--ckpt/--image-root,
+--judge-config; the same functions, the same numbers); without either, captioning and image
+generation are "not scored" and open questions fall back to the rule set's text rule.
 
 Outputs (both through artifacts.py):
     DIR/scores.parquet         one row per item: the prediction columns + rule_set, correct,
@@ -33,16 +33,33 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from medmax_pipeline.core.artifacts import ArtifactError, is_artifact, read_artifact, write_artifact
+from medmax_pipeline.core.artifacts import write_artifact
+from medmax_pipeline.stages.evaluate.clip_scores import (
+    check_clip_scores,
+    clip_score_rows,
+    load_models,
+    read_clip_scores,
+)
+from medmax_pipeline.stages.evaluate.judge import JudgeVerdict
+from medmax_pipeline.stages.evaluate.judge_replies import check_judge_replies, judge_rows, read_judge_replies
+from medmax_pipeline.stages.evaluate.predictions import (
+    CAPTIONING,
+    IMAGE_GENERATION,
+    PREDICTION_COLUMNS,
+    VQA,
+    ScoreError,
+    is_judged,
+    predictions_fingerprint,
+    read_predictions,
+    scorer_of,
+)
 from medmax_pipeline.stages.evaluate.scoring_rules import (
     OPEN,
-    QUESTION_TYPES,
     RULE_SETS,
     VQA_TASK_SET,
     VQA_TASKS,
@@ -51,18 +68,6 @@ from medmax_pipeline.stages.evaluate.scoring_rules import (
     score_vqa_item,
 )
 
-REQUIRED_COLUMNS = ("task_name", "question_type", "answer", "prediction")
-PREDICTION_COLUMNS: dict[str, pa.DataType] = {
-    "task_name": pa.string(),
-    "question_type": pa.string(),
-    "prompt": pa.string(),
-    "answer": pa.string(),
-    "image_path": pa.string(),
-    "model": pa.string(),
-    "prediction": pa.string(),
-    "prediction_first_token": pa.string(),
-    "generated_image_tokens": pa.list_(pa.int32()),
-}
 SCORE_COLUMNS: dict[str, pa.DataType] = {
     "rule_set": pa.string(),
     "correct": pa.bool_(),
@@ -80,13 +85,7 @@ SUMMARY_SCHEMA = pa.schema([
     ("ci_low", pa.float64()), ("ci_high", pa.float64()), ("n_bootstrap", pa.int64()), ("seed", pa.int64()),
     ("n_tasks", pa.int64()), ("note", pa.string()),
 ])
-CAPTIONING = "image_captioning"
-IMAGE_GENERATION = "image_generation"
 AVERAGE_TASK = "vqa_average"
-
-
-class ScoreError(ValueError):
-    """A predictions file or row cannot be scored; the message names the file and row."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,50 +135,6 @@ def bootstrap_average_ci(groups: Sequence[Sequence[float]], n_resamples: int = 1
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading predictions
-# ----------------------------------------------------------------------------------------------
-
-
-def read_predictions(path: str | Path) -> pa.Table:
-    """A predictions artifact, or a plain parquet / jsonl / csv file with at least REQUIRED_COLUMNS."""
-    path = Path(path)
-    if not path.is_file():
-        raise ScoreError(f"predictions file {path} does not exist")
-    try:
-        if path.suffix == ".parquet":
-            table = read_artifact(path, artifact="predictions") if is_artifact(path) else pq.read_table(path)
-        elif path.suffix in (".jsonl", ".json"):
-            import pyarrow.json as pj
-
-            table = pj.read_json(path)
-        elif path.suffix == ".csv":
-            import pyarrow.csv as pcsv
-
-            table = pcsv.read_csv(path)
-        else:
-            raise ScoreError(f"{path}: unsupported predictions format {path.suffix!r} (parquet, jsonl or csv)")
-    except ArtifactError as exc:
-        raise ScoreError(str(exc)) from exc
-    except pa.ArrowInvalid as exc:
-        raise ScoreError(f"{path}: unreadable predictions file: {exc}") from exc
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
-    if missing:
-        raise ScoreError(f"{path}: predictions lack the required columns {missing} (have {table.column_names})")
-    columns = {}
-    for name, dtype in PREDICTION_COLUMNS.items():
-        if name in table.column_names:
-            try:
-                columns[name] = table.column(name).cast(dtype)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                raise ScoreError(f"{path}: column {name!r} cannot be read as {dtype}: {exc}") from exc
-        elif name == "model":
-            columns[name] = pa.array([path.stem] * table.num_rows, pa.string())
-        else:
-            columns[name] = pa.nulls(table.num_rows, dtype)
-    return pa.table(columns)
-
-
-# ----------------------------------------------------------------------------------------------
 # Scoring
 # ----------------------------------------------------------------------------------------------
 
@@ -190,21 +145,45 @@ def _verdict_row(result: RuleResult, rule_set: str) -> dict[str, Any]:
             "judge_reply": None, "note": result.note}
 
 
-def score_rows(rows: list[dict[str, Any]], rule_set: str, *, source: str = "predictions", judge: Any = None,
-               clip: Any = None, vqgan: Any = None, image_root: str | Path | None = None) -> list[dict[str, Any]]:
-    """Score prediction rows (dicts with PREDICTION_COLUMNS); returns the SCORE_COLUMNS per row."""
+def _judge_row(verdict: JudgeVerdict, rule_set: str) -> dict[str, Any]:
+    return {"rule_set": rule_set, "correct": verdict.correct, "extracted": None, "unjudged": verdict.correct is None,
+            "score": None if verdict.correct is None else float(verdict.correct), "score_ref_image": None,
+            "judge_reply": verdict.reply, "note": verdict.note + (" (cached)" if verdict.cached else "")}
+
+
+def _clip_row(result: Mapping[str, Any], rule_set: str) -> dict[str, Any]:
+    return {"rule_set": rule_set, "correct": None, "extracted": None, "unjudged": result["unjudged"],
+            "score": result["score"], "score_ref_image": result["score_ref_image"], "judge_reply": None,
+            "note": result["note"]}
+
+
+def score_rows(rows: list[dict[str, Any]], rule_set: str, *, source: str = "predictions",
+               clip_results: Mapping[int, Mapping[str, Any]] | None = None,
+               judge_verdicts: Mapping[int, JudgeVerdict] | None = None,
+               judge: Any = None, clip: Any = None, vqgan: Any = None,
+               image_root: str | Path | None = None) -> list[dict[str, Any]]:
+    """Score prediction rows (dicts with PREDICTION_COLUMNS); returns the SCORE_COLUMNS per row.
+
+    clip_results (CLIP_SCORES_SCHEMA rows by row index, from `medmax clip-scores`) and
+    judge_verdicts (by row index, from `medmax judge`) are the per-model results. When they are
+    not given they are computed here: with the live `clip` / `vqgan` models and `judge` when
+    given, else captioning and image generation are "not scored" and open questions fall back
+    to the rule set's text rule.
+    """
     if rule_set not in RULE_SETS:
         raise ScoreError(f"unknown rule set {rule_set!r}; expected one of {RULE_SETS}")
-    out: list[dict[str, Any] | None] = [None] * len(rows)
-    judge_items: list[int] = []
-    caption_items: list[int] = []
-    generation_items: list[int] = []
+    if clip_results is None:
+        clip_results = {r["row"]: r for r in clip_score_rows(rows, clip, vqgan, image_root, source)}
+    if judge_verdicts is None and judge is not None and rule_set == "medmax":
+        judge_verdicts = judge_rows(rows, judge)
+    out: list[dict[str, Any]] = []
     for i, row in enumerate(rows):
         task, qtype = row["task_name"], row["question_type"]
         where = f"{source} row {i} ({task}/{qtype})"
         if task is None or qtype is None:
             raise ScoreError(f"{where}: task_name and question_type must not be empty")
-        if (task, qtype) in VQA_TASK_SET or (qtype in QUESTION_TYPES and task not in (CAPTIONING, IMAGE_GENERATION)):
+        scorer = scorer_of(task, qtype)
+        if scorer == VQA:
             try:
                 result = score_vqa_item(rule_set, qtype, row["prediction"] or "", row["answer"], row["prompt"] or "",
                                         row["prediction_first_token"])
@@ -213,106 +192,21 @@ def score_rows(rows: list[dict[str, Any]], rule_set: str, *, source: str = "pred
             if (task, qtype) not in VQA_TASK_SET:
                 result = RuleResult(result.correct, result.extracted, result.note + "; task outside the 12 VQA tasks",
                                     score=result.score)
-            out[i] = _verdict_row(result, rule_set)
-            if rule_set == "medmax" and qtype == OPEN and judge is not None:
-                judge_items.append(i)
-        elif task == CAPTIONING:
-            caption_items.append(i)
-        elif task == IMAGE_GENERATION:
-            generation_items.append(i)
+            if rule_set == "medmax" and judge_verdicts is not None and is_judged(row):
+                if i not in judge_verdicts:
+                    raise ScoreError(f"{where}: the judge replies have no entry for this open question")
+                out.append(_judge_row(judge_verdicts[i], rule_set))
+            else:
+                out.append(_verdict_row(result, rule_set))
+        elif scorer in (CAPTIONING, IMAGE_GENERATION):
+            if i not in clip_results:
+                raise ScoreError(f"{where}: the CLIP scores have no entry for this row")
+            out.append(_clip_row(clip_results[i], rule_set))
         else:
-            out[i] = {"rule_set": rule_set, "correct": None, "extracted": None, "unjudged": True, "score": None,
-                      "score_ref_image": None, "judge_reply": None,
-                      "note": f"not scored: no scorer for task {task!r} (LLaVA-Med judge protocol not implemented)"}
-    if judge_items:
-        verdicts = judge.judge_many([(rows[i]["prompt"] or "", rows[i]["answer"], rows[i]["prediction"] or "") for i in judge_items])
-        for i, v in zip(judge_items, verdicts):
-            out[i] = {"rule_set": rule_set, "correct": v.correct, "extracted": None, "unjudged": v.correct is None,
-                      "score": None if v.correct is None else float(v.correct), "score_ref_image": None,
-                      "judge_reply": v.reply, "note": v.note + (" (cached)" if v.cached else "")}
-    _score_captions(rows, caption_items, out, rule_set, clip, image_root, source)
-    _score_generations(rows, generation_items, out, rule_set, clip, vqgan, image_root, source)
-    return [r for r in out if r is not None]
-
-
-def _clip_missing(rule_set: str, why: str) -> dict[str, Any]:
-    return {"rule_set": rule_set, "correct": None, "extracted": None, "unjudged": True, "score": None,
-            "score_ref_image": None, "judge_reply": None, "note": f"not scored: {why}"}
-
-
-def _open_image(root: str | Path | None, rel: str | None, where: str):
-    from PIL import Image
-
-    if not rel:
-        raise ScoreError(f"{where}: image_path is empty")
-    path = Path(root or ".") / rel
-    if not path.is_file():
-        raise ScoreError(f"{where}: image {path} does not exist (check --image-root)")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except OSError as exc:
-        raise ScoreError(f"{where}: image {path} is unreadable: {exc}") from exc
-
-
-def _score_captions(rows, items, out, rule_set, clip, image_root, source) -> None:
-    if not items:
-        return
-    if clip is None:
-        for i in items:
-            out[i] = _clip_missing(rule_set, "captioning needs --clip")
-        return
-    images = [_open_image(image_root, rows[i]["image_path"], f"{source} row {i}") for i in items]
-    sims = clip.image_text_similarity(images, [rows[i]["prediction"] or "" for i in items])
-    for i, s in zip(items, sims):
-        out[i] = {"rule_set": rule_set, "correct": None, "extracted": None, "unjudged": False, "score": float(s),
-                  "score_ref_image": None, "judge_reply": None, "note": "CLIP cosine(image, generated caption)"}
-
-
-def image_codes_from_tokens(tokens: Sequence[int], where: str) -> list[int]:
-    """1024 VQGAN codes from generated tokens: drop begin/end markers, undo the +4 offset."""
-    from medmax_pipeline.core.constants import BEGIN_IMAGE_ID, CODES_PER_IMAGE, END_IMAGE_ID, IMAGE_CODE_OFFSET, NUM_IMAGE_CODES
-
-    body = [t for t in tokens if t not in (BEGIN_IMAGE_ID, END_IMAGE_ID)]
-    if len(body) < CODES_PER_IMAGE:
-        raise ScoreError(f"{where}: {len(body)} image tokens, need {CODES_PER_IMAGE}")
-    body = body[:CODES_PER_IMAGE]
-    codes = [t - IMAGE_CODE_OFFSET for t in body]
-    if min(codes) < 0 or max(codes) >= NUM_IMAGE_CODES:
-        raise ScoreError(f"{where}: image token outside {IMAGE_CODE_OFFSET}..{IMAGE_CODE_OFFSET + NUM_IMAGE_CODES - 1}")
-    return codes
-
-
-def _score_generations(rows, items, out, rule_set, clip, vqgan, image_root, source) -> None:
-    if not items:
-        return
-    if clip is None or vqgan is None:
-        for i in items:
-            out[i] = _clip_missing(rule_set, "image generation needs --clip and --ckpt (VQGAN decoder)")
-        return
-    import torch
-
-    from medmax_pipeline.models import vqgan as vqgan_module
-
-    for i in items:
-        tokens = rows[i]["generated_image_tokens"] or []
-        if not tokens:
-            out[i] = {**_clip_missing(rule_set, "no image was generated"), "unjudged": False, "score": 0.0,
-                      "note": "no image generated: scored 0"}
-            continue
-        codes = image_codes_from_tokens(tokens, f"{source} row {i}")
-        with torch.no_grad():
-            pixels = vqgan.decode_codes(torch.tensor([codes], dtype=torch.long))
-        image = vqgan_module.codes_to_pil(pixels)[0]
-        sim = float(clip.image_text_similarity([image], [rows[i]["prompt"] or ""])[0])
-        ref = None
-        note = "CLIP cosine(generated image, prompt)"
-        if rows[i]["image_path"]:
-            ref_image = _open_image(image_root, rows[i]["image_path"], f"{source} row {i}")
-            ref = float(clip.image_image_similarity([image], [ref_image])[0])
-            note += "; score_ref_image = CLIP cosine(generated, reference image)"
-        out[i] = {"rule_set": rule_set, "correct": None, "extracted": None, "unjudged": False, "score": sim,
-                  "score_ref_image": ref, "judge_reply": None, "note": note}
+            out.append({"rule_set": rule_set, "correct": None, "extracted": None, "unjudged": True, "score": None,
+                        "score_ref_image": None, "judge_reply": None,
+                        "note": f"not scored: no scorer for task {task!r} (LLaVA-Med judge protocol not implemented)"})
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,6 +277,44 @@ def summarize(scores: list[dict[str, Any]], n_bootstrap: int = 1000, seed: int =
 # ----------------------------------------------------------------------------------------------
 
 
+def pair_with_predictions(predictions: Sequence[str | Path], artifacts: Sequence[str | Path], read: Any,
+                          option: str) -> list[tuple[Path, Any, dict[str, Any]]]:
+    """For each predictions file, the per-model artifact made from it: (path, results, params).
+
+    Artifacts are matched by the `predictions_fingerprint` they record, not by position, so a
+    list in another order still pairs right and a stale artifact is refused by name.
+    """
+    by_fingerprint: dict[str, tuple[Path, Any, dict[str, Any]]] = {}
+    for artifact in artifacts:
+        results, params = read(artifact)
+        fingerprint = params.get("predictions_fingerprint")
+        if fingerprint is None:
+            raise ScoreError(f"{artifact}: its lineage params lack predictions_fingerprint")
+        if fingerprint in by_fingerprint:
+            raise ScoreError(f"{option}: {by_fingerprint[fingerprint][0]} and {artifact} were made from the same predictions")
+        by_fingerprint[fingerprint] = (Path(artifact), results, params)
+    paired, used = [], set()
+    for path in predictions:
+        fingerprint = predictions_fingerprint(path)
+        if fingerprint not in by_fingerprint:
+            raise ScoreError(f"{path}: none of the {option} artifacts was made from it (predictions fingerprint "
+                             f"{fingerprint}); rerun that job on these predictions")
+        paired.append(by_fingerprint[fingerprint])
+        used.add(fingerprint)
+    unused = [str(by_fingerprint[f][0]) for f in by_fingerprint if f not in used]
+    if unused:
+        raise ScoreError(f"{option}: {unused} match none of the predictions files")
+    return paired
+
+
+def _one_value(params: Sequence[Mapping[str, Any]], key: str, option: str) -> Any:
+    """The value of `key` shared by every per-model artifact: models scored differently are not comparable."""
+    values = sorted({json.dumps(p.get(key)) for p in params})
+    if len(values) > 1:
+        raise ScoreError(f"{option}: the artifacts disagree on {key} ({', '.join(values)}); rerun them alike")
+    return json.loads(values[0]) if values else None
+
+
 def score_predictions(
     predictions: Sequence[str | Path],
     output_dir: str | Path,
@@ -394,41 +326,60 @@ def score_predictions(
     seed: int = 0,
     n_bootstrap: int = 1000,
     device: str = "cpu",
+    clip_scores: Sequence[str | Path] = (),
+    judge_replies: Sequence[str | Path] = (),
 ) -> tuple[Path, Path]:
-    """Score predictions files; write DIR/scores.parquet and DIR/score_summary.parquet."""
+    """Score predictions files; write DIR/scores.parquet and DIR/score_summary.parquet.
+
+    clip_scores / judge_replies: per-model artifacts of `medmax clip-scores` / `medmax judge`
+    (one per predictions file); otherwise clip_dir (+ ckpt_dir) and judge_config compute the
+    same results in this process.
+    """
     if rules not in RULE_SETS:
         raise ScoreError(f"unknown rule set {rules!r}; expected one of {RULE_SETS}")
+    if clip_scores and (clip_dir is not None or ckpt_dir is not None):
+        raise ScoreError("give either --clip-scores or --clip/--ckpt, not both")
+    if judge_replies and judge_config is not None:
+        raise ScoreError("give either --judge-replies or --judge-config, not both")
     judge = None
     if judge_config is not None:
         from medmax_pipeline.stages.evaluate.judge import LLMJudge, load_judge_config
 
         judge = LLMJudge(load_judge_config(judge_config))
-    clip = None
-    if clip_dir is not None:
-        from medmax_pipeline.models.clip import load_clip
-
-        clip = load_clip(clip_dir, device=device)
-    vqgan = None
-    if ckpt_dir is not None and clip is not None:
-        from medmax_pipeline.models.vqgan import load_vqgan
-
-        vqgan = load_vqgan(ckpt_dir, device=device)
+    # The VQGAN only serves CLIP scoring here (medmax clip-scores also decodes without CLIP).
+    clip, vqgan = load_models(clip_dir, ckpt_dir if clip_dir is not None else None, device)
+    clip_pairs = pair_with_predictions(predictions, clip_scores, read_clip_scores, "--clip-scores") if clip_scores else []
+    judge_pairs = pair_with_predictions(predictions, judge_replies, read_judge_replies, "--judge-replies") if judge_replies else []
     tables = []
-    for path in predictions:
+    for k, path in enumerate(predictions):
         table = read_predictions(path)
         rows = table.to_pylist()
-        scored = score_rows(rows, rules, source=str(path), judge=judge, clip=clip, vqgan=vqgan, image_root=image_root)
+        clip_results = judge_verdicts = None
+        if clip_pairs:
+            artifact, clip_results, _ = clip_pairs[k]
+            check_clip_scores(clip_results, rows, artifact, path)
+        if judge_pairs:
+            artifact, judge_verdicts, _ = judge_pairs[k]
+            check_judge_replies(judge_verdicts, rows, artifact, path)
+        scored = score_rows(rows, rules, source=str(path), clip_results=clip_results, judge_verdicts=judge_verdicts,
+                            judge=judge, clip=clip, vqgan=vqgan, image_root=image_root)
         extra = {name: pa.array([s[name] for s in scored], dtype) for name, dtype in SCORE_COLUMNS.items()}
         tables.append(pa.table({**{n: table.column(n) for n in PREDICTION_COLUMNS}, **extra}))
     scores = pa.concat_tables(tables) if tables else pa.table({n: pa.array([], t) for n, t in {**PREDICTION_COLUMNS, **SCORE_COLUMNS}.items()})
     output_dir = Path(output_dir)
-    params = {"rules": rules, "seed": seed, "n_bootstrap": n_bootstrap,
-              "judge_model": judge.config.model if judge else None, "clip": str(clip_dir) if clip_dir else None}
+    judge_params = [p for _, _, p in judge_pairs]
+    clip_used = str(clip_dir) if clip_dir else _one_value([p for _, _, p in clip_pairs], "clip", "--clip-scores")
+    judge_model = judge.config.model if judge else _one_value(judge_params, "judge_model", "--judge-replies")
+    params = {"rules": rules, "seed": seed, "n_bootstrap": n_bootstrap, "judge_model": judge_model, "clip": clip_used}
     if judge is not None:
         params["judge_stats"] = judge.stats.as_dict()
+    elif judge_params:
+        params["judge_stats"] = {key: sum(p.get("judge_stats", {}).get(key, 0) for p in judge_params)
+                                 for key in judge_params[0].get("judge_stats", {})}
     extra_inputs = [p for p in (judge_config, clip_dir, ckpt_dir) if p is not None]
     scores_path = output_dir / "scores.parquet"
-    write_artifact(scores, scores_path, artifact="scores", inputs=[*predictions, *extra_inputs], params=params)
+    write_artifact(scores, scores_path, artifact="scores", inputs=[*predictions, *clip_scores, *judge_replies, *extra_inputs],
+                   params=params)
     summary = summarize(scores.to_pylist(), n_bootstrap=n_bootstrap, seed=seed)
     summary_table = pa.Table.from_pylist(summary, schema=SUMMARY_SCHEMA)
     summary_path = output_dir / "score_summary.parquet"
@@ -440,6 +391,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--predictions", nargs="+", required=True, help="predictions files (artifact, parquet, jsonl, csv)")
     parser.add_argument("--output", required=True, help="output folder for scores.parquet and score_summary.parquet")
     parser.add_argument("--rules", choices=RULE_SETS, default="medmax", help="scoring rule set (default medmax)")
+    parser.add_argument("--clip-scores", nargs="+", default=[],
+                        help="clip_scores artifacts of `medmax clip-scores`, one per predictions file (any order)")
+    parser.add_argument("--judge-replies", nargs="+", default=[],
+                        help="judge_replies artifacts of `medmax judge`, one per predictions file (any order)")
     parser.add_argument("--judge-config", help="JSON/YAML config of an OpenAI-compatible judge for open questions")
     parser.add_argument("--clip", help="local open_clip-layout CLIP folder for captioning / image generation")
     parser.add_argument("--ckpt", help="checkpoint folder whose VQGAN decodes generated image tokens")
@@ -453,7 +408,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         scores_path, summary_path = score_predictions(
             args.predictions, args.output, args.rules, args.judge_config, args.clip, args.ckpt, args.image_root,
-            args.seed, args.n_bootstrap, args.device,
+            args.seed, args.n_bootstrap, args.device, args.clip_scores, args.judge_replies,
         )
     except ScoreError as exc:
         print(f"error: {exc}")

@@ -1,0 +1,245 @@
+"""Stage 6, once per model: decode generated images to PNG files and compute the CLIP similarities.
+
+    medmax clip-scores --predictions results/evaluate/predictions_trained.parquet \
+        --output results/evaluate/clip_trained.parquet [--image-dir results/evaluate/images_trained] \
+        [--clip CLIP_DIR] [--ckpt CKPT_DIR] [--image-root DIR] [--device cpu]
+
+Every rule set scores captioning and image generation the same way, so these similarities are
+computed once per model here (not once per rule set) and `medmax score --clip-scores` reads them.
+The artifact `clip_scores` has one row per captioning / image-generation item:
+
+    row              index of the item in the predictions file
+    task_name, question_type
+    unjudged         true when the item could not be scored (no CLIP folder, no VQGAN decoder)
+    score            captioning: CLIP cosine(image, generated caption); image generation: CLIP
+                     cosine(generated image, prompt), 0 when no image was generated; null if unjudged
+    score_ref_image  image generation: CLIP cosine(generated image, reference image)
+    note             how the score was made, or why there is none
+    generated_image  path of the PNG decoded from the generated image tokens (with --ckpt and
+                     --image-dir), else null
+
+Footer params carry `predictions_fingerprint`: score pairs each artifact with its predictions
+file by it. Without --clip the rows say "not scored" (as score did without --clip); without
+--ckpt no image is decoded.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pyarrow as pa
+
+from medmax_pipeline.core.artifacts import ArtifactError, read_artifact, read_meta, write_artifact
+from medmax_pipeline.stages.evaluate.predictions import (
+    CAPTIONING,
+    IMAGE_GENERATION,
+    ScoreError,
+    predictions_fingerprint,
+    read_predictions,
+    scorer_of,
+)
+
+ARTIFACT = "clip_scores"
+CLIP_SCORES_SCHEMA = pa.schema([
+    ("row", pa.int64()), ("task_name", pa.string()), ("question_type", pa.string()), ("unjudged", pa.bool_()),
+    ("score", pa.float64()), ("score_ref_image", pa.float64()), ("note", pa.string()), ("generated_image", pa.string()),
+])
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def image_codes_from_tokens(tokens: Sequence[int], where: str) -> list[int]:
+    """1024 VQGAN codes from generated tokens: drop begin/end markers, undo the +4 offset."""
+    from medmax_pipeline.core.constants import BEGIN_IMAGE_ID, CODES_PER_IMAGE, END_IMAGE_ID, IMAGE_CODE_OFFSET, NUM_IMAGE_CODES
+
+    body = [t for t in tokens if t not in (BEGIN_IMAGE_ID, END_IMAGE_ID)]
+    if len(body) < CODES_PER_IMAGE:
+        raise ScoreError(f"{where}: {len(body)} image tokens, need {CODES_PER_IMAGE}")
+    body = body[:CODES_PER_IMAGE]
+    codes = [t - IMAGE_CODE_OFFSET for t in body]
+    if min(codes) < 0 or max(codes) >= NUM_IMAGE_CODES:
+        raise ScoreError(f"{where}: image token outside {IMAGE_CODE_OFFSET}..{IMAGE_CODE_OFFSET + NUM_IMAGE_CODES - 1}")
+    return codes
+
+
+def clip_items(rows: Sequence[Mapping[str, Any]]) -> tuple[list[int], list[int]]:
+    """Indices of the captioning rows and of the image-generation rows."""
+    kinds = [scorer_of(r["task_name"], r["question_type"]) for r in rows]
+    return [i for i, k in enumerate(kinds) if k == CAPTIONING], [i for i, k in enumerate(kinds) if k == IMAGE_GENERATION]
+
+
+def _result(row: int, source_row: Mapping[str, Any], *, unjudged: bool, score: float | None, note: str,
+            score_ref_image: float | None = None, generated_image: str | None = None) -> dict[str, Any]:
+    return {"row": row, "task_name": source_row["task_name"], "question_type": source_row["question_type"],
+            "unjudged": unjudged, "score": score, "score_ref_image": score_ref_image, "note": note,
+            "generated_image": generated_image}
+
+
+def open_image(root: str | Path | None, rel: str | None, where: str):
+    from PIL import Image
+
+    if not rel:
+        raise ScoreError(f"{where}: image_path is empty")
+    path = Path(root or ".") / rel
+    if not path.is_file():
+        raise ScoreError(f"{where}: image {path} does not exist (check --image-root)")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except OSError as exc:
+        raise ScoreError(f"{where}: image {path} is unreadable: {exc}") from exc
+
+
+def _decode_image(vqgan: Any, codes: list[int]):
+    import torch
+
+    from medmax_pipeline.models.vqgan import codes_to_pil
+
+    with torch.no_grad():
+        pixels = vqgan.decode_codes(torch.tensor([codes], dtype=torch.long))
+    return codes_to_pil(pixels)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring
+# ----------------------------------------------------------------------------------------------
+
+
+def clip_score_rows(rows: Sequence[Mapping[str, Any]], clip: Any = None, vqgan: Any = None,
+                    image_root: str | Path | None = None, source: str = "predictions",
+                    image_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """CLIP_SCORES_SCHEMA rows for the captioning and image-generation rows, in row order.
+
+    Captions of one file are embedded in one batch and generated images one at a time, as score
+    always did, so the similarities are the same numbers bit for bit.
+    """
+    captions, generations = clip_items(rows)
+    out: dict[int, dict[str, Any]] = {}
+    if clip is None:
+        for i in captions:
+            out[i] = _result(i, rows[i], unjudged=True, score=None, note="not scored: captioning needs --clip")
+    elif captions:
+        images = [open_image(image_root, rows[i]["image_path"], f"{source} row {i}") for i in captions]
+        sims = clip.image_text_similarity(images, [rows[i]["prediction"] or "" for i in captions])
+        for i, s in zip(captions, sims):
+            out[i] = _result(i, rows[i], unjudged=False, score=float(s), note="CLIP cosine(image, generated caption)")
+    if image_dir is not None:
+        Path(image_dir).mkdir(parents=True, exist_ok=True)
+    for i in generations:
+        where = f"{source} row {i}"
+        tokens = rows[i]["generated_image_tokens"] or []
+        image, png = None, None
+        if tokens and vqgan is not None:
+            image = _decode_image(vqgan, image_codes_from_tokens(tokens, where))
+            if image_dir is not None:
+                png = str(Path(image_dir) / f"row{i:05d}.png")
+                image.save(png)
+        if clip is None or vqgan is None:
+            out[i] = _result(i, rows[i], unjudged=True, score=None, generated_image=png,
+                             note="not scored: image generation needs --clip and --ckpt (VQGAN decoder)")
+        elif image is None:
+            out[i] = _result(i, rows[i], unjudged=False, score=0.0, note="no image generated: scored 0")
+        else:
+            sim = float(clip.image_text_similarity([image], [rows[i]["prompt"] or ""])[0])
+            ref = None
+            note = "CLIP cosine(generated image, prompt)"
+            if rows[i]["image_path"]:
+                ref_image = open_image(image_root, rows[i]["image_path"], where)
+                ref = float(clip.image_image_similarity([image], [ref_image])[0])
+                note += "; score_ref_image = CLIP cosine(generated, reference image)"
+            out[i] = _result(i, rows[i], unjudged=False, score=sim, score_ref_image=ref, note=note, generated_image=png)
+    return [out[i] for i in sorted(out)]
+
+
+def load_models(clip_dir: str | Path | None, ckpt_dir: str | Path | None, device: str = "cpu") -> tuple[Any, Any]:
+    """The CLIP scorer and the VQGAN (its decoder turns image tokens into pixels); None where not given."""
+    clip = vqgan = None
+    if clip_dir is not None:
+        from medmax_pipeline.models.clip import load_clip
+
+        clip = load_clip(clip_dir, device=device)
+    if ckpt_dir is not None:
+        from medmax_pipeline.models.vqgan import load_vqgan
+
+        vqgan = load_vqgan(ckpt_dir, device=device)
+    return clip, vqgan
+
+
+def write_clip_scores(predictions: str | Path, output: str | Path, clip_dir: str | Path | None = None,
+                      ckpt_dir: str | Path | None = None, image_root: str | Path | None = None,
+                      image_dir: str | Path | None = None, device: str = "cpu") -> Path:
+    """Score one predictions file's captioning / image-generation rows; write the clip_scores artifact."""
+    rows = read_predictions(predictions).to_pylist()
+    clip, vqgan = load_models(clip_dir, ckpt_dir, device)
+    results = clip_score_rows(rows, clip, vqgan, image_root, str(predictions), image_dir)
+    table = pa.Table.from_pylist(results, schema=CLIP_SCORES_SCHEMA)
+    params = {"predictions_fingerprint": predictions_fingerprint(predictions), "predictions_rows": len(rows),
+              "clip": str(clip_dir) if clip_dir else None, "ckpt": str(ckpt_dir) if ckpt_dir else None,
+              "image_root": str(image_root) if image_root else None, "image_dir": str(image_dir) if image_dir else None,
+              "device": device}
+    inputs = [p for p in (predictions, clip_dir, ckpt_dir) if p is not None]
+    write_artifact(table, output, artifact=ARTIFACT, inputs=inputs, params=params)
+    return Path(output)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading back (for score)
+# ----------------------------------------------------------------------------------------------
+
+
+def read_clip_scores(path: str | Path) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:
+    """The artifact's rows by predictions row index, and its lineage params."""
+    try:
+        table = read_artifact(path, artifact=ARTIFACT)
+        params = read_meta(path).lineage.get("params", {})
+    except ArtifactError as exc:
+        raise ScoreError(str(exc)) from exc
+    return {r["row"]: r for r in table.to_pylist()}, params
+
+
+def check_clip_scores(results: Mapping[int, Mapping[str, Any]], rows: Sequence[Mapping[str, Any]], artifact: str | Path,
+                      predictions: str | Path) -> None:
+    """The artifact must cover exactly the captioning / image-generation rows of its predictions file."""
+    expected = set().union(*clip_items(rows))
+    for i in sorted(set(results) ^ expected):
+        why = "is not a captioning / image-generation row" if i in results else "has no entry"
+        raise ScoreError(f"{artifact}: row {i} of {predictions} {why}; rerun medmax clip-scores on it")
+    for i in sorted(expected):
+        r = results[i]
+        if (r["task_name"], r["question_type"]) != (rows[i]["task_name"], rows[i]["question_type"]):
+            raise ScoreError(f"{artifact}: row {i} is {r['task_name']}/{r['question_type']} but {predictions} row {i} "
+                             f"is {rows[i]['task_name']}/{rows[i]['question_type']}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--predictions", required=True, help="one model's predictions file (artifact, parquet, jsonl, csv)")
+    parser.add_argument("--output", required=True, help="the clip_scores artifact to write (.parquet)")
+    parser.add_argument("--image-dir", help="folder for the decoded generated images (PNG, one per row)")
+    parser.add_argument("--clip", help="local open_clip-layout CLIP folder")
+    parser.add_argument("--ckpt", help="checkpoint folder whose VQGAN decodes generated image tokens")
+    parser.add_argument("--image-root", help="root that image_path values are relative to")
+    parser.add_argument("--device", default="cpu")
+
+
+def run(args: argparse.Namespace) -> int:
+    from medmax_pipeline.models.clip import ClipLoadError
+    from medmax_pipeline.models.vqgan import VQGANLoadError
+
+    try:
+        path = write_clip_scores(args.predictions, args.output, args.clip, args.ckpt, args.image_root, args.image_dir,
+                                 args.device)
+    except (ScoreError, ClipLoadError, VQGANLoadError) as exc:
+        print(f"error: {exc}")
+        return 1
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,109 @@
+"""Predictions files as the evaluation jobs read them, and which scorer each row goes to.
+
+Shared by `medmax score`, `medmax clip-scores` and `medmax judge`, so that the per-model jobs and
+the score job agree on which rows are CLIP-scored and which are judged. The minimal columns of
+a predictions file (parquet artifact from `medmax generate`, or a plain .parquet / .jsonl / .csv
+from anywhere, e.g. GPT-4o outputs):
+
+    task_name, question_type, answer, prediction
+    model          optional; defaults to the file's stem
+    prompt         needed for the LLM judge (the question) and to read MCQ option texts
+    image_path     needed for captioning CLIP scores (with --image-root)
+    prediction_first_token   optional; the medmax rule reads the first generated token, else
+                   it approximates that token from the text (noted per row)
+    generated_image_tokens   image generation only: 1024 VQGAN codes (+4 vocab offset or not)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from medmax_pipeline.core.artifacts import ArtifactError, describe_input, is_artifact, read_artifact
+from medmax_pipeline.stages.evaluate.scoring_rules import OPEN, QUESTION_TYPES, VQA_TASK_SET
+
+REQUIRED_COLUMNS = ("task_name", "question_type", "answer", "prediction")
+PREDICTION_COLUMNS: dict[str, pa.DataType] = {
+    "task_name": pa.string(),
+    "question_type": pa.string(),
+    "prompt": pa.string(),
+    "answer": pa.string(),
+    "image_path": pa.string(),
+    "model": pa.string(),
+    "prediction": pa.string(),
+    "prediction_first_token": pa.string(),
+    "generated_image_tokens": pa.list_(pa.int32()),
+}
+CAPTIONING = "image_captioning"
+IMAGE_GENERATION = "image_generation"
+# What scores a row (see scorer_of).
+VQA = "vqa"
+UNSCORED = "unscored"
+
+
+class ScoreError(ValueError):
+    """A predictions file or row cannot be scored; the message names the file and row."""
+
+
+def read_predictions(path: str | Path) -> pa.Table:
+    """A predictions artifact, or a plain parquet / jsonl / csv file with at least REQUIRED_COLUMNS."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScoreError(f"predictions file {path} does not exist")
+    try:
+        if path.suffix == ".parquet":
+            table = read_artifact(path, artifact="predictions") if is_artifact(path) else pq.read_table(path)
+        elif path.suffix in (".jsonl", ".json"):
+            import pyarrow.json as pj
+
+            table = pj.read_json(path)
+        elif path.suffix == ".csv":
+            import pyarrow.csv as pcsv
+
+            table = pcsv.read_csv(path)
+        else:
+            raise ScoreError(f"{path}: unsupported predictions format {path.suffix!r} (parquet, jsonl or csv)")
+    except ArtifactError as exc:
+        raise ScoreError(str(exc)) from exc
+    except pa.ArrowInvalid as exc:
+        raise ScoreError(f"{path}: unreadable predictions file: {exc}") from exc
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ScoreError(f"{path}: predictions lack the required columns {missing} (have {table.column_names})")
+    columns = {}
+    for name, dtype in PREDICTION_COLUMNS.items():
+        if name in table.column_names:
+            try:
+                columns[name] = table.column(name).cast(dtype)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise ScoreError(f"{path}: column {name!r} cannot be read as {dtype}: {exc}") from exc
+        elif name == "model":
+            columns[name] = pa.array([path.stem] * table.num_rows, pa.string())
+        else:
+            columns[name] = pa.nulls(table.num_rows, dtype)
+    return pa.table(columns)
+
+
+def predictions_fingerprint(path: str | Path) -> str:
+    """The lineage fingerprint of a predictions file (an artifact's own, else a hash of the file).
+
+    Per-model artifacts record it, and `medmax score` pairs them with predictions files by it.
+    """
+    return describe_input(path)["fingerprint"]
+
+
+def scorer_of(task: str | None, question_type: str | None) -> str:
+    """Which scorer a row goes to: VQA (rule sets), CAPTIONING or IMAGE_GENERATION (CLIP), or UNSCORED."""
+    if (task, question_type) in VQA_TASK_SET or (question_type in QUESTION_TYPES and task not in (CAPTIONING, IMAGE_GENERATION)):
+        return VQA
+    if task in (CAPTIONING, IMAGE_GENERATION):
+        return task
+    return UNSCORED
+
+
+def is_judged(row: Mapping[str, Any]) -> bool:
+    """True for an open VQA question: the medmax rule set asks the LLM judge about these."""
+    return scorer_of(row["task_name"], row["question_type"]) == VQA and row["question_type"] == OPEN
