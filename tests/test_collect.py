@@ -286,3 +286,53 @@ def test_cli(tree: dict, capsys: pytest.CaptureFixture) -> None:
     bad = [a if not a.startswith("mimic_cxr=") else f"mimic_cxr={tree['tmp'] / 'nope'}=mimic_cxr_jpg" for a in argv]
     assert cli.main(bad) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_spellings_of_one_image_each_keep_their_key_with_one_file(tree: dict) -> None:
+    """'./a.jpg', 'a.jpg/' and a symlink alias name one file: each row keeps its own key (assembly
+    joins rows by the key of their own spelling) and all of them point at the same resolved file."""
+    rows = write_jsonl(tree["tmp"] / "aliases.jsonl", [
+        public_row("slake/a.jpg"), public_row("./slake/a.jpg"), public_row("slake/a.jpg/"),
+        public_row("slake//a.jpg"), public_row("link_in.jpg"),
+    ])
+    images, problems = build_tables([("train", rows)], tree["public"])
+    assert problems.num_rows == 0
+    keys = images.column("image_key").to_pylist()
+    assert keys == sorted(f"public:{p}" for p in ("slake/a.jpg", "./slake/a.jpg", "slake/a.jpg/", "slake//a.jpg", "link_in.jpg"))
+    assert set(images.column("img_path").to_pylist()) == {str((tree["public"] / "slake" / "a.jpg").resolve())}
+
+
+def test_csv_write_failure_leaves_no_temp_file_and_a_retry_works(tree: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from medmax_pipeline.stages import collect as collect_module
+
+    out = tree["tmp"] / "full"
+
+    class FullDiskWriter:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def writerow(self, row) -> None:
+            pass
+
+        def writerows(self, rows) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(collect_module.csv, "writer", FullDiskWriter)
+        with pytest.raises(OSError) as info:
+            collect(tree["rows"], tree["public"], out, tree["sources"])
+    assert info.value.errno == errno.ENOSPC
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    collect(tree["rows"], tree["public"], out, tree["sources"])
+    assert sorted(os.listdir(out)) == ["image_path_problems.parquet", "image_paths.parquet", "img_paths.csv"]
+
+
+def test_outputs_honour_the_umask(tree: dict) -> None:
+    old = os.umask(0o022)
+    try:
+        collect(tree["rows"], tree["public"], tree["tmp"] / "modes", tree["sources"])
+    finally:
+        os.umask(old)
+    assert {oct(p.stat().st_mode & 0o777) for p in (tree["tmp"] / "modes").iterdir()} == {oct(0o644)}

@@ -319,14 +319,21 @@ def build_tables(
 
 
 def write_csv(table: pa.Table, path: str | Path) -> Path:
-    """img_paths.csv: img_path first (the public tokenization script reads it), written atomically."""
+    """img_paths.csv: img_path first (the public tokenization script reads it), written atomically.
+
+    Any failure (a full disk) removes the temporary file; open() gives it 0666 less the umask.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(CSV_COLUMNS)
-        writer.writerows(zip(*(table.column(c).to_pylist() for c in CSV_COLUMNS)))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(CSV_COLUMNS)
+            writer.writerows(zip(*(table.column(c).to_pylist() for c in CSV_COLUMNS)))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
