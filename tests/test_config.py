@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,60 @@ def test_snakemake_stops_with_the_message(tmp_path: Path, config: dict) -> None:
     )
     assert result.returncode != 0
     assert "unknown key 'tokenize.num_shardz'" in result.stdout + result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 11: a config error names the file the bad key came from
+# ----------------------------------------------------------------------------------------------
+
+
+def _merged(base: dict, overlay: dict) -> dict:
+    """What Snakemake's update_config does with --configfile: nested mappings merged, overlay wins."""
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+@pytest.mark.parametrize(
+    "overlay, message",
+    [
+        ({"tokenize": {"num_shardz": 3}}, r"^{overlay}: unknown key 'tokenize.num_shardz'"),
+        ({"tokenize": {"num_shards": "two"}}, r"^{overlay}: key 'tokenize.num_shards': 'two' is not of type"),
+        ({"tokenize": {"precision": "bf16"}}, r"^{overlay}: key 'tokenize.precision': bf16 needs device cuda"),
+        ({"results_dir": "elsewhere", "extra_section": {}}, r"^{overlay}: unknown key 'extra_section'"),
+    ],
+)
+def test_config_error_names_the_file_that_set_the_key(config: dict, tmp_path: Path, overlay: dict, message: str) -> None:
+    base = tmp_path / "config.yaml"
+    base.write_text(yaml.safe_dump(config))
+    extra = tmp_path / "cluster.yaml"
+    extra.write_text(yaml.safe_dump(overlay))
+    with pytest.raises(ConfigError, match=message.format(overlay=re.escape(str(extra)))):
+        validate_config(_merged(config, overlay), config_files=[base, extra])
+
+
+def test_config_error_in_the_base_file_names_the_base_file(config: dict, tmp_path: Path) -> None:
+    config["tokenize"]["num_shardz"] = 3
+    base = tmp_path / "config.yaml"
+    base.write_text(yaml.safe_dump(config))
+    extra = tmp_path / "cluster.yaml"
+    extra.write_text(yaml.safe_dump({"tokenize": {"num_shards": 4}}))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(base))}: unknown key 'tokenize.num_shardz'"):
+        validate_config(_merged(config, {"tokenize": {"num_shards": 4}}), config_files=[base, extra])
+    # A key no file sets (a missing required key) names every file that was merged.
+    del config["dataset"]
+    base.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(base))} \+ {re.escape(str(extra))}: missing key 'dataset'"):
+        validate_config(_merged(config, {"tokenize": {"num_shards": 4}}), config_files=[base, extra])
+
+
+def test_load_config_names_its_file(config: dict, tmp_path: Path) -> None:
+    config["tokenize"]["num_shardz"] = 3
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: unknown key 'tokenize.num_shardz'"):
+        load_config(path, check_paths=False)
