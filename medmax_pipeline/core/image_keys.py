@@ -8,6 +8,10 @@ included): key "<source>:<rendered template>". Both collect (which resolves keys
 the roots) and assembly (which joins image blocks back to rows) call `image_key_for_row`, so the
 two stages cannot disagree.
 
+A key is the row's own spelling, not the file: two spellings of one file ('./a.jpg' and 'a.jpg',
+or a symlink alias) are two keys with one resolved file, which collect lists and tokenize
+encodes once for both; nothing here needs the file system.
+
 Templates are Python format strings; a format spec may cut a value: "{subject_id:.2}" is the
 first two characters of subject_id.
 """

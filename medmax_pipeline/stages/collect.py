@@ -7,6 +7,10 @@ Which rows need an image:
   names, per credentialed source, a root and a path template over the row's columns
   (image_keys.image_key_for_row, shared with the assembly stage so both name images alike).
 
+Several spellings of one file ('./a.jpg', 'a.jpg/', a symlink alias inside the root) each keep
+their own image key (assembly joins a row by the key of its own spelling) and share the one
+resolved img_path; tokenize encodes such a file once and gives each of its keys the codes.
+
 Every row that needs an image either contributes to one image of image_paths.parquet or gets a
 line in image_path_problems.parquet naming its file, line and the reason. Malformed rows found
 by rows.read_row_batches go there too. Nothing is dropped silently and one bad row never stops
