@@ -14,8 +14,9 @@ torchrun), so a second run on the same shard stops at once naming the lock file 
 Sharding: an image belongs to shard blake2b-64(img_path as UTF-8) mod N, so each distinct path
 lands in exactly one shard for any N, with no padding rows, and an image's shard does not depend
 on which other images are in the list. Inside a shard, images are processed in sorted img_path
-order (rows sorted by img_path, then image_key), in chunks of `chunk_size` distinct files; under torchrun (RANK / WORLD_SIZE set) rank r takes the chunks
-c with c % WORLD_SIZE == r, and rank 0 merges once every rank is done.
+order (rows sorted by img_path, then image_key), in chunks of `chunk_size` distinct files;
+under torchrun (RANK / WORLD_SIZE set) rank r takes the chunks c with c % WORLD_SIZE == r, and
+rank 0 merges once every rank is done.
 
 Resume: each finished chunk is written atomically to DIR/shard-I-of-N.chunks/chunk-NNNNNN.parquet
 (artifact image_tokens_chunk) with the chunk's identity (paths, VQGAN fingerprint, precision,
