@@ -18,6 +18,8 @@ from typing import Any, Callable, Mapping, Sequence
 import jsonschema
 import yaml
 
+from medmax_pipeline.core.image_keys import credentialed_entry_problem
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SCHEMA = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -117,6 +119,8 @@ def _input_paths(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     ]
     for i, entry in enumerate(config["images"]["credentialed"]):
         paths.append((f"images.credentialed.{i}.root", entry["root"], "dir"))
+        if entry.get("mapping") is not None:  # the user's own file: the demo does not make it
+            paths.append((f"images.credentialed.{i}.mapping", entry["mapping"], "file"))
     if config["evaluate"].get("clip"):
         paths.append(("evaluate.clip", config["evaluate"]["clip"], "dir"))
     return paths
@@ -145,6 +149,13 @@ def _check_paths(config: Mapping[str, Any], source: SourceNamer) -> None:
 
 
 def _check_semantics(config: Mapping[str, Any], source: SourceNamer) -> None:
+    # The same checks as the stages' --credentialed parser, so a source the config accepts is one
+    # the workflow can plan and run, and one it refuses stops the workflow before planning.
+    for i, entry in enumerate(config["images"]["credentialed"]):
+        problem = credentialed_entry_problem(entry)
+        if problem is not None:
+            key = ["images", "credentialed", i] + ([problem[0]] if problem[0] else [])
+            raise ConfigError(f"{source(key)}: key '{_key_name(key)}': {problem[1]}")
     sources = [e["source"] for e in config["images"]["credentialed"]]
     duplicates = sorted({s for s in sources if sources.count(s) > 1})
     if duplicates:

@@ -543,8 +543,8 @@ def _tokenize_shard(
         "batch_size": batch_size,
         "max_pixels": max_pixels,
     }
-    if credentialed_roots:  # only when given, so runs without it keep their lineage unchanged
-        base_params["credentialed_roots"] = [str(r) for r in credentialed_roots]
+    # The credentialed roots are not params: what they change (a row's credential) is in each
+    # chunk's rows_digest and in the data, and the roots' spelling alone should not re-encode.
 
     def params_of(chunk: int) -> dict[str, Any]:
         r = ranges[chunk]
