@@ -183,7 +183,7 @@ def _key_column_of(columns: Sequence[str], path: Path, line: int) -> str:
 def _csv_entries(path: Path) -> Iterator[tuple[int, str, Any, Any]]:
     """(line, key column, key, image path) of each entry of a CSV mapping with a header line."""
     with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
+        reader = csv.reader(f, strict=True)  # an unclosed quote is an error, not a path with a newline
         try:
             header = next(reader, None)
             if header is None:
