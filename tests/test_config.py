@@ -42,6 +42,7 @@ def test_default_config_is_valid_and_gets_defaults(config: dict) -> None:
         (lambda c: c["images"]["credentialed"][0].update(template="files/{subject_id"), r"key 'images.credentialed.0.template': .*not a valid format string"),
         (lambda c: c["images"]["credentialed"][0].update(source="mimic=cxr"), r"key 'images.credentialed.0.source'"),
         (lambda c: c["images"]["credentialed"][0].update(root="/data/a=b"), r"key 'images.credentialed.0.root': .*may not hold '='"),
+        (lambda c: c["images"]["credentialed"][0].update(root="/data/{x}"), r"key 'images.credentialed.0.root': .*may not hold '\{'"),
         (lambda c: c["images"]["credentialed"][0].update(mapping="m.txt") or c["images"]["credentialed"][0].pop("template"), r"key 'images.credentialed.0.mapping': .*\.csv or \.jsonl"),
         (lambda c: c.pop("dataset"), r"missing key 'dataset'"),
         (lambda c: c["tokenize"].update(precision="bf16"), r"key 'tokenize.precision': bf16 needs device cuda"),

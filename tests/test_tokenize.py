@@ -403,3 +403,34 @@ def test_a_second_run_on_one_shard_is_refused_naming_the_lock_and_its_holder(dat
     # Once the holder is gone the run goes ahead, and leaves no lock file behind.
     result = tokenize_shard(dataset["csv"], out, dataset["ckpt"], workers=0, progress=False)
     assert result.tokens_path.exists() and not list(out.glob(".*.lock"))
+
+
+def test_workflow_passes_every_credentialed_root_quoted(tmp_path: Path) -> None:
+    """tokenize.smk gives each configured credentialed root as --credentialed-root (one shell word,
+    however it is spelled), and collect and tokenize get the custom template and roots unformatted."""
+    import yaml
+
+    with open(REPO / "config.yaml") as f:
+        config = yaml.safe_load(f)
+    config["results_dir"] = str(tmp_path / "results")
+    roots = [str(tmp_path / "it's a root"), str(tmp_path / "second root")]
+    template = "files/p{subject_id:.2}/p{subject_id}/s{study_id}/{dicom_id}.jpg"
+    config["images"]["credentialed"] = [
+        {"source": "mimic_cxr", "root": roots[0], "template": "mimic_cxr_jpg"},
+        {"source": "other", "root": roots[1], "template": template},
+    ]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-p", "--nolock", "--until", "tokenize_shard", "--configfile", str(path),
+         "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path)],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    quoted = ["'" + root.replace("'", "'\\''") + "'" for root in roots]
+    tokenize_commands = [line for line in out.splitlines() if " tokenize --input " in line]
+    assert len(tokenize_commands) == config["tokenize"]["num_shards"], out
+    for command in tokenize_commands:
+        assert f"--credentialed-root {quoted[0]} --credentialed-root {quoted[1]}" in command
+    assert f"--credentialed 'other={roots[1]}={template}'" in out  # collect: the template as written

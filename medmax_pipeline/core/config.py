@@ -156,6 +156,10 @@ def _check_semantics(config: Mapping[str, Any], source: SourceNamer) -> None:
         if problem is not None:
             key = ["images", "credentialed", i] + ([problem[0]] if problem[0] else [])
             raise ConfigError(f"{source(key)}: key '{_key_name(key)}': {problem[1]}")
+        for name in ("root", "mapping"):  # rule inputs: Snakemake would read a brace as a wildcard
+            if "{" in str(entry.get(name) or "") or "}" in str(entry.get(name) or ""):
+                key = ["images", "credentialed", i, name]
+                raise ConfigError(f"{source(key)}: key '{_key_name(key)}': {entry[name]} may not hold '{{' or '}}' (a workflow input path)")
     sources = [e["source"] for e in config["images"]["credentialed"]]
     duplicates = sorted({s for s in sources if sources.count(s) > 1})
     if duplicates:
