@@ -11,10 +11,11 @@ try:
     # The config files in the order Snakemake merged them (configfile: first, then --configfile),
     # so an error names the file that set the bad key.
     _cli_configfiles = [str(f) for f in workflow.overwrite_configfiles]
+    _workflow_configfiles = [str(f) for f in workflow.configfiles if str(f) not in _cli_configfiles]
     validate_config(
         config,
         workflow.source_path("../schemas/config.schema.yaml"),
-        config_files=[str(f) for f in workflow.configfiles if str(f) not in _cli_configfiles] + _cli_configfiles,
+        config_files=[*_workflow_configfiles, *_cli_configfiles],
     )
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
@@ -60,7 +61,8 @@ def credentialed_args():
 def single_quoted(text):
     """`text` as one shell word, always in single quotes (as these arguments were before, so the
     params of existing runs do not change); a single quote inside becomes '\''."""
-    return "'" + text.replace("'", "'\\''") + "'"
+    escaped = text.replace("'", "'\\''")
+    return f"'{escaped}'"
 
 
 def credentialed_roots():
