@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -57,7 +58,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = getattr(module, f"run_{suffix}", None) or module.run
     add_arguments(parser)
     args = parser.parse_args(rest)
-    return int(run(args) or 0)
+    try:
+        return int(run(args) or 0)
+    except Exception as exc:
+        # An ordinary error (bad input, a file problem, or an error class the package defines on
+        # purpose) is one `error:` line; anything else (TypeError, KeyError, ...) is a bug and keeps
+        # its traceback, as does any error under MEDMAX_TRACEBACK=1 (debugging the pipeline itself).
+        ordinary = isinstance(exc, (ValueError, OSError)) or type(exc).__module__.startswith("medmax_pipeline.")
+        if not ordinary or os.environ.get("MEDMAX_TRACEBACK") == "1":
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -172,3 +175,95 @@ def test_bad_lineage_parameter_fails_before_writing(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="not JSON-serialisable"):
         write_artifact(sample_table(), tmp_path / "d.parquet", artifact="dataset", params={"bad": object()})
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 11: a full disk never leaves temporary files; the credential guard has no way around it;
+# artifacts honour the umask.
+# ----------------------------------------------------------------------------------------------
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the patched close, again from __del__
+@pytest.mark.parametrize("where", ["write_table", "close", "replace"])
+def test_full_disk_leaves_no_temp_file_and_a_retry_succeeds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    path = tmp_path / "d.parquet"
+    first = write_artifact(sample_table(), path, artifact="dataset")
+    with monkeypatch.context() as patch:
+        if where == "replace":
+            patch.setattr(artifacts.os, "replace", _disk_full)
+        else:
+            # The writer's close fails too (its flush hits the same full disk), also on the abort path.
+            patch.setattr(pq.ParquetWriter, "close", _disk_full)
+            if where == "write_table":
+                patch.setattr(pq.ParquetWriter, "write_table", _disk_full)
+        with pytest.raises(OSError) as info:
+            write_artifact(sample_table().slice(0, 2), path, artifact="dataset")
+        assert info.value.errno == errno.ENOSPC
+        with pytest.raises(OSError):
+            with ArtifactWriter(path, sample_table().schema, artifact="dataset") as writer:
+                writer.write(sample_table())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.parquet"]  # no temporary file left
+    assert read_meta(path).fingerprint == first.fingerprint  # the previous artifact is untouched
+    retry = write_artifact(sample_table().slice(0, 2), path, artifact="dataset")  # space freed: a retry works
+    assert read_meta(path).fingerprint == retry.fingerprint != first.fingerprint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.parquet"]
+
+
+def test_writer_that_cannot_open_its_file_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pq.ParquetWriter, "__init__", _disk_full)
+    with pytest.raises(OSError):
+        write_artifact(sample_table(), tmp_path / "d.parquet", artifact="dataset")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_public_guard_looks_at_the_batch_before_projecting_it(tmp_path: Path) -> None:
+    """A public schema without a credential column must not quietly drop credential = yes rows."""
+    public_schema = sample_table().drop_columns(["credential"]).schema
+    with pytest.raises(artifacts.CredentialLeakError):
+        with ArtifactWriter(tmp_path / "p.parquet", public_schema, artifact="dataset_public", credential="public") as writer:
+            writer.write(sample_table("yes"))
+    assert list(tmp_path.iterdir()) == []
+    # Without credential = "public" asked for, the projected artifact is marked credentialed.
+    meta = write_artifact(sample_table("yes"), tmp_path / "c.parquet", artifact="dataset")
+    with ArtifactWriter(tmp_path / "q.parquet", public_schema, artifact="dataset") as writer:
+        writer.write(sample_table("yes"))
+    assert writer.meta is not None and writer.meta.credential == meta.credential == "credentialed"
+    # A batch without any yes still writes a public artifact through the projection.
+    with ArtifactWriter(tmp_path / "r.parquet", public_schema, artifact="dataset_public", credential="public") as writer:
+        writer.write(sample_table("no"))
+    assert read_meta(tmp_path / "r.parquet").credential == "public"
+
+
+@pytest.mark.parametrize("value", [" yes", "yes\n", "YES ", "\tYes\t", "Yes"])
+def test_credential_values_are_normalised_like_the_row_reader(tmp_path: Path, value: str) -> None:
+    table = sample_table(value)
+    with pytest.raises(artifacts.CredentialLeakError):
+        write_artifact(table, tmp_path / "p.parquet", artifact="dataset_public", credential="public")
+    for variant in (table, table.set_column(6, "credential", table.column("credential").dictionary_encode()),
+                    table.set_column(6, "credential", table.column("credential").cast(pa.large_string()))):
+        assert write_artifact(variant, tmp_path / "c.parquet", artifact="dataset").credential == "credentialed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.parquet"]
+
+
+def test_a_boolean_credential_column_counts_too(tmp_path: Path) -> None:
+    table = pa.table({"x": [1, 2], "credential": [False, True]})
+    with pytest.raises(artifacts.CredentialLeakError):
+        write_artifact(table, tmp_path / "p.parquet", artifact="dataset_public", credential="public")
+    assert write_artifact(table.slice(0, 1), tmp_path / "p.parquet", artifact="dataset_public", credential="public").credential == "public"
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_artifacts_honour_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    old = os.umask(umask)
+    try:
+        write_artifact(sample_table(), tmp_path / "d.parquet", artifact="dataset")
+        with ArtifactWriter(tmp_path / "s.parquet", sample_table().schema, artifact="dataset") as writer:
+            writer.write(sample_table())
+    finally:
+        os.umask(old)
+    for name in ("d.parquet", "s.parquet"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name

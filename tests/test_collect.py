@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from medmax_pipeline.stages.collect import (
     REASON_MALFORMED,
     REASON_MISSING,
     REASON_NO_KEY,
+    REASON_NO_MAPPING,
     REASON_NO_TEMPLATE,
     REASON_NOT_FILE,
     REASON_OUTSIDE,
@@ -25,12 +27,20 @@ from medmax_pipeline.stages.collect import (
     build_tables,
     check_relative_path,
     collect,
-    parse_credentialed_spec,
     problem_category,
     resolve_inside_root,
     row_needs_image,
 )
-from medmax_pipeline.core.image_keys import TEMPLATE_PRESETS, CredentialedSource
+from medmax_pipeline.core.image_keys import (
+    TEMPLATE_PRESETS,
+    CredentialedSource,
+    CredentialedSpecError,
+    image_key_for_row,
+    load_image_mapping,
+    parse_credentialed_specs,
+    text_sha256,
+)
+from medmax_pipeline.core.rows import read_row_batches
 
 IMG = "<image>"
 SEP = "<reserved08706>"
@@ -260,13 +270,6 @@ def test_row_needs_image() -> None:
     assert not row_needs_image({"credential": "no", "text": f"{IMG} x", "image_path": None})
 
 
-def test_parse_credentialed_spec() -> None:
-    spec = parse_credentialed_spec("mimic_cxr=/data/mimic=files/{subject_id:=>8}.jpg")
-    assert (spec.source, spec.root, spec.template) == ("mimic_cxr", "/data/mimic", "files/{subject_id:=>8}.jpg")
-    with pytest.raises(CollectError, match="SOURCE=ROOT=TEMPLATE"):
-        parse_credentialed_spec("mimic_cxr=/data/mimic")
-
-
 def test_missing_root_stops_with_its_name(tree: dict) -> None:
     with pytest.raises(CollectError, match="mimic_cxr.*does not exist"):
         build_tables(tree["rows"], tree["public"], [CredentialedSource("mimic_cxr", str(tree["tmp"] / "nope"), "mimic_cxr_jpg")])
@@ -286,3 +289,163 @@ def test_cli(tree: dict, capsys: pytest.CaptureFixture) -> None:
     bad = [a if not a.startswith("mimic_cxr=") else f"mimic_cxr={tree['tmp'] / 'nope'}=mimic_cxr_jpg" for a in argv]
     assert cli.main(bad) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_spellings_of_one_image_each_keep_their_key_with_one_file(tree: dict) -> None:
+    """'./a.jpg', 'a.jpg/' and a symlink alias name one file: each row keeps its own key (assembly
+    joins rows by the key of their own spelling) and all of them point at the same resolved file."""
+    rows = write_jsonl(tree["tmp"] / "aliases.jsonl", [
+        public_row("slake/a.jpg"), public_row("./slake/a.jpg"), public_row("slake/a.jpg/"),
+        public_row("slake//a.jpg"), public_row("link_in.jpg"),
+    ])
+    images, problems = build_tables([("train", rows)], tree["public"])
+    assert problems.num_rows == 0
+    keys = images.column("image_key").to_pylist()
+    assert keys == sorted(f"public:{p}" for p in ("slake/a.jpg", "./slake/a.jpg", "slake/a.jpg/", "slake//a.jpg", "link_in.jpg"))
+    assert set(images.column("img_path").to_pylist()) == {str((tree["public"] / "slake" / "a.jpg").resolve())}
+
+
+def test_csv_write_failure_leaves_no_temp_file_and_a_retry_works(tree: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from medmax_pipeline.stages import collect as collect_module
+
+    out = tree["tmp"] / "full"
+
+    class FullDiskWriter:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def writerow(self, row) -> None:
+            pass
+
+        def writerows(self, rows) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(collect_module.csv, "writer", FullDiskWriter)
+        with pytest.raises(OSError) as info:
+            collect(tree["rows"], tree["public"], out, tree["sources"])
+    assert info.value.errno == errno.ENOSPC
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    collect(tree["rows"], tree["public"], out, tree["sources"])
+    assert sorted(os.listdir(out)) == ["image_path_problems.parquet", "image_paths.parquet", "img_paths.csv"]
+
+
+def test_outputs_honour_the_umask(tree: dict) -> None:
+    old = os.umask(0o022)
+    try:
+        collect(tree["rows"], tree["public"], tree["tmp"] / "modes", tree["sources"])
+    finally:
+        os.umask(old)
+    assert {oct(p.stat().st_mode & 0o777) for p in (tree["tmp"] / "modes").iterdir()} == {oct(0o644)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Credentialed rows without identifiers: a mapping file (row_id or text_sha256 -> image path)
+# ----------------------------------------------------------------------------------------------
+
+
+def no_id_row(text: str) -> dict:
+    """A credentialed row as the real release may have it: no MIMIC identifier columns at all."""
+    return {"text": text, "tokens": [], "task": "Report Understanding", "source": "mimic_cxr", "credential": "yes"}
+
+
+@pytest.fixture()
+def mapped(tmp_path: Path) -> dict:
+    root = tmp_path / "cxr"
+    for rel in ("a.jpg", "b.jpg", "sub/c.jpg"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"cxr:" + rel.encode())
+    (tmp_path / "secret.jpg").write_bytes(b"not yours")
+    (root / "escape.jpg").symlink_to(tmp_path / "secret.jpg")
+    texts = [f"{IMG}\nReport {i}.{SEP}Findings {i}." for i in range(6)]
+    rows = write_jsonl(tmp_path / "train.jsonl", [
+        no_id_row(texts[0]),                          # 1 mapped to a.jpg
+        no_id_row(texts[1]),                          # 2 mapped to b.jpg (listed twice, same path)
+        no_id_row(texts[2]),                          # 3 no entry
+        no_id_row(texts[3]),                          # 4 mapped to sub/c.jpg
+        no_id_row(texts[4]),                          # 5 mapped to a file that does not exist
+        no_id_row(texts[5]),                          # 6 mapped through a symlink out of the root
+        no_id_row("Text only, no image." + SEP + "ok"),  # 7 needs no image: never looked up
+    ])
+    return {"tmp": tmp_path, "root": root, "rows": rows, "texts": texts}
+
+
+def test_mapping_by_row_id_maps_rows_and_reports_the_unmapped(mapped: dict) -> None:
+    mapping = mapped["tmp"] / "map.csv"
+    mapping.write_text(
+        "row_id,image_path,note\n"
+        "train:1,a.jpg,first\n"
+        "train:2,b.jpg,\n"
+        "\n"
+        "train:2,b.jpg,listed again with the same path: kept once\n"
+        "train:4,sub/c.jpg,\n"
+        "train:5,gone.jpg,\n"
+        "train:6,escape.jpg,\n"
+        "validation:1,a.jpg,a row of another split\n"
+    )
+    sources = parse_credentialed_specs([f"mimic_cxr={mapped['root']}=mapping:{mapping}"])
+    assert sources["mimic_cxr"].mapping.key_column == "row_id"
+    result = collect([("train", mapped["rows"])], None, mapped["tmp"] / "out", list(sources.values()), include_public=False)
+    images = read_artifact(mapped["tmp"] / "out" / "image_paths.parquet", artifact="image_paths")
+    assert images.column("image_key").to_pylist() == ["mimic_cxr:a.jpg", "mimic_cxr:b.jpg", "mimic_cxr:sub/c.jpg"]
+    assert images.column("img_path").to_pylist() == [str((mapped["root"] / r).resolve()) for r in ("a.jpg", "b.jpg", "sub/c.jpg")]
+    problems = problems_by_row(read_artifact(mapped["tmp"] / "out" / "image_path_problems.parquet", artifact="image_path_problems"))
+    assert sorted(problems) == ["train:3", "train:5", "train:6"]
+    assert problems["train:3"] == f"{REASON_NO_MAPPING}: row_id 'train:3' is not in {mapping}"
+    assert problem_category(problems["train:5"]) == REASON_MISSING
+    assert problem_category(problems["train:6"]) == REASON_OUTSIDE  # confined to the root like a template path
+    assert result.problem_counts == {REASON_MISSING: 1, REASON_NO_MAPPING: 1, REASON_OUTSIDE: 1}
+    meta = read_meta(mapped["tmp"] / "out" / "image_paths.parquet")
+    assert meta.lineage["params"]["credentialed"][0]["mapping"] == str(mapping)
+    mapping_input = [i for i in meta.lineage["inputs"] if i["path"] == str(mapping)]
+    assert len(mapping_input) == 1 and mapping_input[0]["credential"] == "credentialed"
+
+
+def test_mapping_by_text_hash(mapped: dict) -> None:
+    mapping = mapped["tmp"] / "map.jsonl"
+    entries = [(0, "a.jpg"), (1, "b.jpg"), (3, "sub/c.jpg")]
+    mapping.write_text("".join(json.dumps({"text_sha256": text_sha256(mapped["texts"][i]).upper(), "image_path": p}) + "\n" for i, p in entries))
+    sources = parse_credentialed_specs([f"mimic_cxr={mapped['root']}=mapping:{mapping}"])
+    images, problems = build_tables([("train", mapped["rows"])], None, list(sources.values()), include_public=False)
+    assert images.column("image_key").to_pylist() == ["mimic_cxr:a.jpg", "mimic_cxr:b.jpg", "mimic_cxr:sub/c.jpg"]
+    by_row = problems_by_row(problems)
+    assert sorted(by_row) == ["train:3", "train:5", "train:6"]
+    assert all(by_row[r].startswith(f"{REASON_NO_MAPPING}: text_sha256 ") for r in by_row)
+    assert text_sha256(mapped["texts"][2]) in by_row["train:3"]
+
+
+def test_collect_and_assembly_compute_the_same_mapped_keys(mapped: dict) -> None:
+    """Assembly keys its rows with image_key_for_row over the same parsed sources: the keys collect lists."""
+    mapping = mapped["tmp"] / "map.csv"
+    mapping.write_text("row_id,image_path\ntrain:1,a.jpg\ntrain:4,sub/c.jpg\n")
+    sources = parse_credentialed_specs([f"mimic_cxr={mapped['root']}=mapping:{mapping}"])
+    images, _ = build_tables([("train", mapped["rows"])], None, list(sources.values()), include_public=False)
+    keys = set()
+    for batch, _ in read_row_batches(mapped["rows"], "train"):
+        keys |= {image_key_for_row(row, sources).key for row in batch.to_pylist()}
+    assert set(images.column("image_key").to_pylist()) == keys - {None}
+
+
+def test_mapping_giving_a_row_two_paths_is_refused_naming_file_and_lines(mapped: dict, capsys: pytest.CaptureFixture) -> None:
+    mapping = mapped["tmp"] / "map.csv"
+    mapping.write_text("row_id,image_path\ntrain:1,a.jpg\ntrain:2,b.jpg\ntrain:1,b.jpg\n")
+    with pytest.raises(CredentialedSpecError, match=rf"mapping file {mapping}:4: row_id 'train:1' is mapped to 'b.jpg' here and to 'a.jpg' on line 2"):
+        load_image_mapping(mapping)
+    argv = ["collect", "--rows", f"train={mapped['rows']}", "--no-include-public",
+            "--credentialed", f"mimic_cxr={mapped['root']}=mapping:{mapping}", "--output-dir", str(mapped["tmp"] / "out")]
+    assert cli.main(argv) == 1
+    assert f"{mapping}:4" in capsys.readouterr().err
+    assert not (mapped["tmp"] / "out").exists()  # nothing written
+
+
+def test_cli_with_a_mapping_reports_unmapped_rows(mapped: dict, capsys: pytest.CaptureFixture) -> None:
+    mapping = mapped["tmp"] / "map.csv"
+    mapping.write_text("row_id,image_path\ntrain:1,a.jpg\n")
+    argv = ["collect", "--rows", f"train={mapped['rows']}", "--no-include-public",
+            "--credentialed", f"mimic_cxr={mapped['root']}=mapping:{mapping}", "--output-dir", str(mapped["tmp"] / "out")]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "1 distinct image(s)" in out
+    assert re.search(rf"\s5\s+{REASON_NO_MAPPING}\n", out), out

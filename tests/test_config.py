@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,15 @@ def test_default_config_is_valid_and_gets_defaults(config: dict) -> None:
         (lambda c: c["tokenize"].update(num_shards="two"), r"key 'tokenize.num_shards': 'two' is not of type 'integer'"),
         (lambda c: c["tokenize"].update(num_shards=0), r"key 'tokenize.num_shards'"),
         (lambda c: c["assemble"].update(overflow="wrap"), r"key 'assemble.overflow'"),
-        (lambda c: c["images"]["credentialed"][0].pop("template"), r"missing key 'images.credentialed.0.template'"),
+        (lambda c: c["images"]["credentialed"][0].pop("template"), r"key 'images.credentialed.0': give exactly one of template or mapping"),
+        (lambda c: c["images"]["credentialed"][0].update(mapping="m.csv"), r"key 'images.credentialed.0': give exactly one of template or mapping"),
+        (lambda c: c["images"]["credentialed"][0].update(template="files/{subject_id:d}.jpg"),
+         r"key 'images.credentialed.0.template': template 'files/\{subject_id:d\}.jpg': format spec 'd' .* does not apply to text"),
+        (lambda c: c["images"]["credentialed"][0].update(template="files/{subject_id"), r"key 'images.credentialed.0.template': .*not a valid format string"),
+        (lambda c: c["images"]["credentialed"][0].update(source="mimic=cxr"), r"key 'images.credentialed.0.source'"),
+        (lambda c: c["images"]["credentialed"][0].update(root="/data/a=b"), r"key 'images.credentialed.0.root': .*may not hold '='"),
+        (lambda c: c["images"]["credentialed"][0].update(root="/data/{x}"), r"key 'images.credentialed.0.root': .*may not hold '\{'"),
+        (lambda c: c["images"]["credentialed"][0].update(mapping="m.txt") or c["images"]["credentialed"][0].pop("template"), r"key 'images.credentialed.0.mapping': .*\.csv or \.jsonl"),
         (lambda c: c.pop("dataset"), r"missing key 'dataset'"),
         (lambda c: c["tokenize"].update(precision="bf16"), r"key 'tokenize.precision': bf16 needs device cuda"),
         (lambda c: c["images"]["credentialed"].append(dict(c["images"]["credentialed"][0])), r"listed twice"),
@@ -44,6 +53,33 @@ def test_bad_config_names_the_key(config: dict, mutate, message: str) -> None:
     mutate(config)
     with pytest.raises(ConfigError, match=message):
         validate_config(config)
+
+
+@pytest.mark.parametrize("template", ["files/p{subject_id:.2}/p{subject_id}/s{study_id}/{dicom_id}.jpg", "it's {dicom_id} .jpg"])
+def test_custom_templates_are_valid(config: dict, template: str) -> None:
+    config["images"]["credentialed"][0]["template"] = template
+    assert validate_config(config)["images"]["credentialed"][0]["template"] == template
+
+
+def test_a_mapping_file_must_exist_when_the_demo_does_not_make_inputs(config: dict, tmp_path: Path) -> None:
+    for key in ("checkpoint", "base_model"):
+        config[key] = str(tmp_path / key)
+    for rel in ("tokenizer/vqgan.yaml", "tokenizer/vqgan.ckpt", "tokenizer/text_tokenizer_modified.json"):
+        (tmp_path / "checkpoint" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "checkpoint" / rel).write_text("")
+    (tmp_path / "base_model").mkdir()
+    for section, key in (("dataset", "train"), ("dataset", "validation"), ("evaluate", "eval_set")):
+        config[section][key] = str(tmp_path / f"{key}.jsonl")
+        (tmp_path / f"{key}.jsonl").write_text("")
+    for section, key in (("images", "public_root"), ("evaluate", "image_root"), ("evaluate", "clip")):
+        config[section][key] = str(tmp_path / key)
+        (tmp_path / key).mkdir()
+    config["demo"]["enabled"] = False
+    config["images"]["credentialed"] = [{"source": "mimic_cxr", "root": str(tmp_path / "public_root"), "mapping": str(tmp_path / "m.csv")}]
+    with pytest.raises(ConfigError, match=rf"key 'images.credentialed.0.mapping': file {re.escape(str(tmp_path / 'm.csv'))} does not exist"):
+        validate_config(config)
+    (tmp_path / "m.csv").write_text("row_id,image_path\n")
+    assert validate_config(config)["images"]["credentialed"][0]["mapping"] == str(tmp_path / "m.csv")
 
 
 def test_missing_path_is_reported_when_the_demo_does_not_make_it(
@@ -74,4 +110,89 @@ def test_snakemake_stops_with_the_message(tmp_path: Path, config: dict) -> None:
         capture_output=True, text=True, cwd=REPO,
     )
     assert result.returncode != 0
-    assert "unknown key 'tokenize.num_shardz'" in result.stdout + result.stderr
+    assert f"{bad}: unknown key 'tokenize.num_shardz'" in result.stdout + result.stderr  # names the --configfile
+
+
+def test_snakemake_and_validate_config_agree_on_templates(tmp_path: Path, config: dict, capsys: pytest.CaptureFixture) -> None:
+    """A template validate-config accepts plans (no WildcardError from the braces); one it refuses
+    stops the workflow before planning with the same message."""
+    import subprocess
+    import sys
+
+    from medmax_pipeline import cli
+
+    def dry_run(template: str) -> tuple[subprocess.CompletedProcess, int, str]:
+        config["images"]["credentialed"][0]["template"] = template
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump(config))
+        result = subprocess.run(
+            [sys.executable, "-m", "snakemake", "-n", "--configfile", str(path), "--directory", str(REPO)],
+            capture_output=True, text=True, cwd=REPO,
+        )
+        code = cli.main(["validate-config", str(path)])
+        return result, code, capsys.readouterr().err
+
+    result, code, _ = dry_run("files/p{subject_id:.2}/p{subject_id}/s{study_id}/{dicom_id} it's.jpg")
+    assert result.returncode == 0 and code == 0, result.stdout + result.stderr
+    assert "WildcardError" not in result.stdout + result.stderr
+    result, code, error = dry_run("files/p{subject_id:d}.jpg")
+    assert result.returncode != 0 and code == 1
+    message = error.strip().removeprefix("error: ")
+    assert "does not apply to text" in message and message in result.stdout + result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 11: a config error names the file the bad key came from
+# ----------------------------------------------------------------------------------------------
+
+
+def _merged(base: dict, overlay: dict) -> dict:
+    """What Snakemake's update_config does with --configfile: nested mappings merged, overlay wins."""
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+@pytest.mark.parametrize(
+    "overlay, message",
+    [
+        ({"tokenize": {"num_shardz": 3}}, r"^{overlay}: unknown key 'tokenize.num_shardz'"),
+        ({"tokenize": {"num_shards": "two"}}, r"^{overlay}: key 'tokenize.num_shards': 'two' is not of type"),
+        ({"tokenize": {"precision": "bf16"}}, r"^{overlay}: key 'tokenize.precision': bf16 needs device cuda"),
+        ({"results_dir": "elsewhere", "extra_section": {}}, r"^{overlay}: unknown key 'extra_section'"),
+    ],
+)
+def test_config_error_names_the_file_that_set_the_key(config: dict, tmp_path: Path, overlay: dict, message: str) -> None:
+    base = tmp_path / "config.yaml"
+    base.write_text(yaml.safe_dump(config))
+    extra = tmp_path / "cluster.yaml"
+    extra.write_text(yaml.safe_dump(overlay))
+    with pytest.raises(ConfigError, match=message.format(overlay=re.escape(str(extra)))):
+        validate_config(_merged(config, overlay), config_files=[base, extra])
+
+
+def test_config_error_in_the_base_file_names_the_base_file(config: dict, tmp_path: Path) -> None:
+    config["tokenize"]["num_shardz"] = 3
+    base = tmp_path / "config.yaml"
+    base.write_text(yaml.safe_dump(config))
+    extra = tmp_path / "cluster.yaml"
+    extra.write_text(yaml.safe_dump({"tokenize": {"num_shards": 4}}))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(base))}: unknown key 'tokenize.num_shardz'"):
+        validate_config(_merged(config, {"tokenize": {"num_shards": 4}}), config_files=[base, extra])
+    # A key no file sets (a missing required key) names every file that was merged.
+    del config["dataset"]
+    base.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(base))} \+ {re.escape(str(extra))}: missing key 'dataset'"):
+        validate_config(_merged(config, {"tokenize": {"num_shards": 4}}), config_files=[base, extra])
+
+
+def test_load_config_names_its_file(config: dict, tmp_path: Path) -> None:
+    config["tokenize"]["num_shardz"] = 3
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: unknown key 'tokenize.num_shardz'"):
+        load_config(path, check_paths=False)

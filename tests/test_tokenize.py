@@ -272,3 +272,165 @@ def test_torchrun_ranks_split_the_shard_and_give_the_same_artifact(dataset: dict
     single = two_shard_run["out"]
     for name in ("shard-0-of-2.parquet", "shard-0-of-2.errors.parquet"):
         assert read_meta(out / name).fingerprint == read_meta(single / name).fingerprint, name
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 11: aliases of one image, credentialed roots, one error line, one run per shard
+# ----------------------------------------------------------------------------------------------
+
+
+def test_several_keys_for_one_file_are_all_tokenized(dataset: dict, tmp_path: Path) -> None:
+    """collect lists './a.png', 'a.png/' and a symlink alias as their own keys with one resolved file:
+    tokenize encodes the file and gives every key its row, never refusing the list."""
+    image = str(dataset["good"][0])
+    other = str(dataset["good"][1])
+    keys = ["public:./a.png", "public:a.png", "public:a.png/", "public:link.png"]
+    rows = [{"img_path": image, "image_key": k, "credential": "no"} for k in keys]
+    rows.append({"img_path": other, "image_key": "public:b.png", "credential": "no"})
+    rows.append({"img_path": image, "image_key": "public:a.png", "credential": "no"})  # an exact repeat collapses
+    csv_path = write_csv(tmp_path / "aliases.csv", rows)
+    assert [r.image_key for r in read_image_list(csv_path)] == [*keys, "public:b.png"]
+    out = tmp_path / "out"
+    for shard in (0, 1):
+        tokenize_shard(csv_path, out, dataset["ckpt"], shard=shard, num_shards=2, chunk_size=2, workers=0, progress=False)
+    gather_tokens(out, 2, out / "t.parquet", out / "e.parquet")
+    tokens = read_artifact(out / "t.parquet", "image_tokens").to_pylist()
+    by_key = {r["image_key"]: r for r in tokens}
+    assert sorted(by_key) == sorted([*keys, "public:b.png"]) and len(tokens) == 5
+    assert all(by_key[k]["img_path"] == image and by_key[k]["img_tokens"] == by_key[keys[0]]["img_tokens"] for k in keys)
+    expected = load_vqgan(dataset["ckpt"]).encode_codes(load_image_pixels(image).pixels[None])[0].tolist()
+    assert by_key[keys[0]]["img_tokens"] == expected
+
+
+def test_images_under_a_credentialed_root_are_credentialed_whatever_the_csv_says(dataset: dict, tmp_path: Path) -> None:
+    root = tmp_path / "mimic"
+    (root / "files").mkdir(parents=True)
+    inside = root / "files" / "x.png"
+    inside.write_bytes(dataset["good"][0].read_bytes())
+    alias = tmp_path / "alias.png"
+    alias.symlink_to(inside)  # a path outside the root whose file lies inside it
+    linked_root = tmp_path / "linked-root"
+    linked_root.symlink_to(root)
+    public = str(dataset["good"][1])
+    csv_path = write_csv(tmp_path / "img_paths.csv", [{"img_path": p} for p in (str(inside), str(alias), public)])
+    rows = read_image_list(csv_path, credentialed_roots=[linked_root])
+    assert {r.img_path: r.credential for r in rows} == {str(inside): "yes", str(alias): "yes", public: "no"}
+    assert [r.credential for r in read_image_list(csv_path)] == ["no", "no", "no"]  # the CSV alone says no
+    result = tokenize_shard(csv_path, tmp_path / "out", dataset["ckpt"], workers=0, progress=False, credentialed_roots=[root])
+    assert read_meta(result.tokens_path).credential == "credentialed"
+    tokens = read_artifact(result.tokens_path).to_pylist()
+    assert {r["img_path"]: r["credential"] for r in tokens} == {str(inside): "yes", str(alias): "yes", public: "no"}
+
+
+def _cli_error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    from medmax_pipeline import cli
+
+    assert cli.main(argv) == 1
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert "Traceback" not in captured.err + captured.out
+    return lines[0]
+
+
+def test_ordinary_input_errors_print_one_error_line(dataset: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = ["tokenize", "--input", str(dataset["csv"]), "--output", str(tmp_path / "o"), "--ckpt", str(dataset["ckpt"]), "--no-progress"]
+    assert "--num-shards must be at least 1, got 0" in _cli_error([*base, "--num-shards", "0"], capsys)
+    assert "--shard 2 is outside 0..1" in _cli_error([*base, "--shard", "2", "--num-shards", "2"], capsys)
+    assert "--batch-size must be at least 1" in _cli_error([*base, "--batch-size", "0"], capsys)
+    assert "--chunk-size must be at least 1" in _cli_error([*base, "--chunk-size", "0"], capsys)
+    missing = tmp_path / "missing.csv"
+    assert str(missing) in _cli_error(["tokenize", *base[3:], "--input", str(missing)], capsys)
+    assert "no img_path column" in _cli_error(
+        ["tokenize", *base[3:], "--input", str(write_csv(tmp_path / "bad.csv", [{"path": "a.png"}]))], capsys)
+    assert "checkpoint folder does not exist" in _cli_error([*base[:5], "--ckpt", str(tmp_path / "no-ckpt"), *base[7:]], capsys)
+    gather = ["gather-tokens", "--shards", str(tmp_path), "--output", str(tmp_path / "t.parquet"), "--errors", str(tmp_path / "e.parquet")]
+    assert "--num-shards must be at least 1, got 0" in _cli_error([*gather, "--num-shards", "0"], capsys)
+    assert "shard files missing" in _cli_error([*gather, "--num-shards", "2"], capsys)
+
+
+def test_main_turns_an_ordinary_error_of_any_subcommand_into_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import types
+
+    from medmax_pipeline import cli
+
+    module = types.ModuleType("medmax_fake_stage")
+    module.add_arguments = lambda parser: parser.add_argument("--raise", dest="kind")
+    errors = {"os": FileNotFoundError(2, "No such file or directory", "rows.jsonl"), "value": ValueError("bad value"),
+              "artifact": ArtifactError("x.parquet is not a medmax artifact")}
+
+    def run(args):
+        if args.kind == "bug":
+            raise TypeError("a bug keeps its traceback")
+        raise errors[args.kind]
+
+    module.run = run
+    monkeypatch.setitem(sys.modules, "medmax_fake_stage", module)
+    monkeypatch.setitem(cli.SUBCOMMANDS, "fake", ("medmax_fake_stage", "a test stage"))
+    assert "rows.jsonl" in _cli_error(["fake", "--raise", "os"], capsys)
+    assert _cli_error(["fake", "--raise", "value"], capsys) == "error: bad value"
+    assert "not a medmax artifact" in _cli_error(["fake", "--raise", "artifact"], capsys)
+    with pytest.raises(TypeError):
+        cli.main(["fake", "--raise", "bug"])
+
+
+def test_a_second_run_on_one_shard_is_refused_naming_the_lock_and_its_holder(dataset: dict, tmp_path: Path) -> None:
+    out = tmp_path / "locked"
+    out.mkdir()
+    lock = out / ".shard-0-of-1.lock"
+    holder_script = (
+        "import fcntl, os, sys, time\n"
+        f"f = open({str(lock)!r}, 'a+')\n"
+        "fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "f.seek(0); f.truncate(); f.write(str(os.getpid())); f.flush()\n"
+        "print('held', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", holder_script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(Exception) as info:
+            tokenize_shard(dataset["csv"], out, dataset["ckpt"], workers=0, progress=False)
+        message = str(info.value)
+        assert "another medmax tokenize run" in message and str(lock) in message and f"pid {holder.pid}" in message
+        assert not shard_paths(out, 0, 1)[0].exists()
+        # Other shards of the same folder are not blocked (Snakemake runs them side by side).
+        other = tokenize_shard(dataset["csv"], out, dataset["ckpt"], shard=1, num_shards=2, workers=0, progress=False)
+        assert other.tokens_path.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # Once the holder is gone the run goes ahead, and leaves no lock file behind.
+    result = tokenize_shard(dataset["csv"], out, dataset["ckpt"], workers=0, progress=False)
+    assert result.tokens_path.exists() and not list(out.glob(".*.lock"))
+
+
+def test_workflow_passes_every_credentialed_root_quoted(tmp_path: Path) -> None:
+    """tokenize.smk gives each configured credentialed root as --credentialed-root (one shell word,
+    however it is spelled), and collect and tokenize get the custom template and roots unformatted."""
+    import yaml
+
+    with open(REPO / "config.yaml") as f:
+        config = yaml.safe_load(f)
+    config["results_dir"] = str(tmp_path / "results")
+    roots = [str(tmp_path / "it's a root"), str(tmp_path / "second root")]
+    template = "files/p{subject_id:.2}/p{subject_id}/s{study_id}/{dicom_id}.jpg"
+    config["images"]["credentialed"] = [
+        {"source": "mimic_cxr", "root": roots[0], "template": "mimic_cxr_jpg"},
+        {"source": "other", "root": roots[1], "template": template},
+    ]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-p", "--nolock", "--until", "tokenize_shard", "--configfile", str(path),
+         "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path)],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    quoted = ["'" + root.replace("'", "'\\''") + "'" for root in roots]
+    tokenize_commands = [line for line in out.splitlines() if " tokenize --input " in line]
+    assert len(tokenize_commands) == config["tokenize"]["num_shards"], out
+    for command in tokenize_commands:
+        assert f"--credentialed-root {quoted[0]} --credentialed-root {quoted[1]}" in command
+    assert f"--credentialed 'other={roots[1]}={template}'" in out  # collect: the template as written

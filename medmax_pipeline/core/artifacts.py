@@ -12,11 +12,17 @@ carries footer key/values:
     medmax.pipeline_version the package version
 
 Writes are atomic: the file is written under a temporary name in the same folder and renamed
-into place only once complete, so a killed write never leaves a file that looks finished.
+into place only once complete, so a killed write never leaves a file that looks finished. Any
+failure (a full disk included, wherever it strikes) removes the temporary file, so a retry once
+space is freed starts clean. Files get the usual mode 0666 less the umask, like any file a
+program creates, so collaborators can read what the umask lets them.
 
 Credential rule: an artifact is credentialed as soon as a row has credential == "yes" or any
 input it was made from is credentialed. Asking for "public" when that holds raises
-CredentialLeakError, so no code path can put credentialed data into a shareable artifact.
+CredentialLeakError, so no code path can put credentialed data into a shareable artifact. The
+rows are checked as the caller hands them over, before they are projected onto the artifact's
+schema (a public schema without a credential column cannot launder credential = yes rows), and
+values are normalised as the row reader normalises them (surrounding whitespace, any case).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Sequence
@@ -35,6 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from medmax_pipeline import __version__
+from medmax_pipeline.core.rows import CREDENTIAL_VALUES
 
 Credential = Literal["public", "credentialed"]
 
@@ -255,13 +262,51 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"lineage parameter of type {type(value).__name__} is not JSON-serialisable: {value!r}")
 
 
-def _rows_are_credentialed(data: pa.Table | pa.RecordBatch) -> bool:
-    if "credential" not in data.schema.names:
-        return False
-    column = data.column(data.schema.get_field_index("credential"))
-    if pa.types.is_boolean(column.type):
-        return bool(pc.any(column).as_py())
-    return bool(pc.any(pc.equal(pc.utf8_lower(column.cast(pa.string())), "yes")).as_py())
+CREDENTIAL_COLUMN = "credential"
+CREDENTIAL_YES = CREDENTIAL_VALUES[0]  # 'yes'
+
+
+def normalise_credential(value: str) -> str:
+    """A credential value as the row reader (core.rows.validate_row) stores it: stripped, lowercased."""
+    return value.strip().lower()
+
+
+def rows_are_credentialed(data: pa.Table | pa.RecordBatch) -> bool:
+    """True when a column named credential (any case, any surrounding whitespace in the name) holds a yes.
+
+    Strings count as yes after normalise_credential (so ' yes', 'YES' and 'yes\n' all do);
+    booleans when true. Distinct values are normalised in Python, exactly as the row reader does.
+    """
+    for index, name in enumerate(data.schema.names):
+        if normalise_credential(name) != CREDENTIAL_COLUMN:
+            continue
+        column = data.column(index)
+        if pa.types.is_boolean(column.type):
+            if pc.any(column).as_py():
+                return True
+            continue
+        if pa.types.is_dictionary(column.type):
+            column = column.cast(column.type.value_type)
+        distinct = pc.unique(column.cast(pa.large_string())).to_pylist()
+        if any(v is not None and normalise_credential(v) == CREDENTIAL_YES for v in distinct):
+            return True
+    return False
+
+
+def _create_temp_file(path: Path) -> Path:
+    """A new empty file next to `path`, named .<name>.<random>.tmp, with mode 0666 less the umask.
+
+    os.open lets the kernel apply the umask (tempfile.mkstemp would force 0600).
+    """
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise ArtifactError(f"could not create a temporary file next to {path}")
 
 
 def _check_artifact_name(artifact: str) -> int:
@@ -311,17 +356,20 @@ class ArtifactWriter:
         self._check_credential()
         self._fingerprinter = Fingerprinter(self.schema)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        self._tmp_path = Path(tmp)
+        self._writer: pq.ParquetWriter | None = None
+        self.meta: ArtifactMeta | None = None
+        self._tmp_path = _create_temp_file(self.path)
         # Dictionary encoding and min/max statistics only for flat columns: for list columns
         # (token ids, image blocks) a dictionary never pays (tens of thousands of distinct ids) and
         # cost ~30% of the write time, and min/max of token ids prune nothing (~10% of it).
         flat_columns = [f.name for f in self.schema if not pa.types.is_nested(f.type)]
-        self._writer: pq.ParquetWriter | None = pq.ParquetWriter(
-            self._tmp_path, self.schema, compression="zstd", write_statistics=flat_columns, use_dictionary=flat_columns
-        )
-        self.meta: ArtifactMeta | None = None
+        try:
+            self._writer = pq.ParquetWriter(
+                self._tmp_path, self.schema, compression="zstd", write_statistics=flat_columns, use_dictionary=flat_columns
+            )
+        except BaseException:
+            self._tmp_path.unlink(missing_ok=True)
+            raise
 
     def _check_credential(self) -> None:
         if self.requested_credential == "public" and self.credentialed:
@@ -335,17 +383,18 @@ class ArtifactWriter:
             raise ArtifactError(f"writer for {self.path} is closed")
         if data.num_rows == 0:
             return
-        if not data.schema.remove_metadata().equals(self.schema):
-            data = (pa.Table.from_batches([data]) if isinstance(data, pa.RecordBatch) else data).select(
-                self.schema.names
-            ).cast(self.schema)
-        if _rows_are_credentialed(data):
+        # Before projecting onto the schema: a column the artifact does not keep still counts.
+        if rows_are_credentialed(data):
             self.credentialed = True
             try:
                 self._check_credential()
             except CredentialLeakError:
                 self.abort()
                 raise
+        if not data.schema.remove_metadata().equals(self.schema):
+            data = (pa.Table.from_batches([data]) if isinstance(data, pa.RecordBatch) else data).select(
+                self.schema.names
+            ).cast(self.schema)
         table = data if isinstance(data, pa.Table) else pa.Table.from_batches([data])
         self._writer.write_table(table, row_group_size=self.row_group_size)
         self._fingerprinter.update(table)
@@ -364,10 +413,15 @@ class ArtifactWriter:
             KEY_CREDENTIAL: credential,
             KEY_PIPELINE_VERSION: __version__,
         }
-        self._writer.add_key_value_metadata(metadata)
-        self._writer.close()
-        self._writer = None
-        os.replace(self._tmp_path, self.path)
+        try:
+            self._writer.add_key_value_metadata(metadata)
+            writer, self._writer = self._writer, None
+            writer.close()
+            os.replace(self._tmp_path, self.path)
+        except BaseException:
+            self._writer = None  # a writer whose close failed is not closed again
+            self._tmp_path.unlink(missing_ok=True)
+            raise
         self.meta = ArtifactMeta(
             path=str(self.path),
             artifact=self.artifact,
@@ -381,10 +435,16 @@ class ArtifactWriter:
         return self.meta
 
     def abort(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        self._tmp_path.unlink(missing_ok=True)
+        """Drop the temporary file. Never raises for the writer's own failure: on a full disk its
+        close fails as the write did, and the original error is the one worth reporting."""
+        writer, self._writer = self._writer, None
+        try:
+            if writer is not None:
+                writer.close()
+        except Exception:
+            pass
+        finally:
+            self._tmp_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "ArtifactWriter":
         return self

@@ -1,18 +1,24 @@
 """Config validation: the JSON schema in workflow/schemas/config.schema.yaml, defaults, path checks.
 
 The Snakefile calls `validate_config(config)` before planning anything, so an unknown key, a
-wrong type or a missing input path stops the run with one message that names the key.
+wrong type or a missing input path stops the run with one message that names the key and the
+file it came from: given the config files that were merged (`config_files`, in the order they
+were applied, the last one winning), a message names the last file that sets the key, and a
+missing key names every file that defines its section.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jsonschema
 import yaml
+
+from medmax_pipeline.core.image_keys import credentialed_entry_problem
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SCHEMA = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
@@ -27,22 +33,63 @@ def load_schema(schema_path: str | Path = DEFAULT_SCHEMA) -> dict[str, Any]:
         return yaml.safe_load(f)
 
 
-def _key_name(path: list[Any]) -> str:
+# Names the file(s) a key path (e.g. ["tokenize", "num_shards"]) came from.
+SourceNamer = Callable[[Sequence[Any]], str]
+
+
+def _key_name(path: Sequence[Any]) -> str:
     return ".".join(str(p) for p in path) or "(top level)"
 
 
-def _error_message(error: jsonschema.ValidationError, source: str) -> str:
-    key = _key_name(list(error.absolute_path))
+def _has_key_path(document: Any, path: Sequence[Any]) -> bool:
+    for part in path:
+        if isinstance(document, Mapping) and part in document:
+            document = document[part]
+        elif isinstance(document, list) and isinstance(part, int) and 0 <= part < len(document):
+            document = document[part]
+        else:
+            return False
+    return True
+
+
+def source_namer(config_files: Sequence[str | Path], default: str) -> SourceNamer:
+    """Which of the merged config files (in the order applied, the last winning) a key came from.
+
+    A key some file sets: the last such file. A key no file sets (a missing key): every file that
+    defines its section, joined with ' + '. Without files, or when no file helps: `default`.
+    """
+    documents: list[tuple[str, Any]] = []
+    for file in config_files:
+        try:
+            with open(file) as f:
+                documents.append((str(file), yaml.safe_load(f)))
+        except (OSError, yaml.YAMLError):
+            continue  # a file that cannot be read here names no key; the default stands in
+
+    def name(path: Sequence[Any]) -> str:
+        setters = [file for file, document in documents if _has_key_path(document, path)]
+        if setters and path:
+            return setters[-1]
+        sections = [file for file, document in documents if _has_key_path(document, path[:-1])]
+        return " + ".join(sections) if sections else default
+
+    return name
+
+
+def _error_message(error: jsonschema.ValidationError, source: SourceNamer) -> str:
+    path = list(error.absolute_path)
+    key = _key_name(path)
     if error.validator == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
         unknown = sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
         where = f"{key}." if error.absolute_path else ""
-        return f"{source}: unknown key '{where}{unknown[0] if unknown else '?'}' (allowed here: {', '.join(allowed)})"
+        bad = unknown[0] if unknown else "?"
+        return f"{source([*path, bad])}: unknown key '{where}{bad}' (allowed here: {', '.join(allowed)})"
     if error.validator == "required":
         missing = error.message.split("'")[1] if "'" in error.message else error.message
         where = f"{key}." if error.absolute_path else ""
-        return f"{source}: missing key '{where}{missing}'"
-    return f"{source}: key '{key}': {error.message}"
+        return f"{source([*path, missing])}: missing key '{where}{missing}'"
+    return f"{source(path)}: key '{key}': {error.message}"
 
 
 def _apply_defaults(instance: Any, schema: Mapping[str, Any]) -> None:
@@ -72,48 +119,80 @@ def _input_paths(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     ]
     for i, entry in enumerate(config["images"]["credentialed"]):
         paths.append((f"images.credentialed.{i}.root", entry["root"], "dir"))
+        if entry.get("mapping") is not None:  # the user's own file: the demo does not make it
+            paths.append((f"images.credentialed.{i}.mapping", entry["mapping"], "file"))
     if config["evaluate"].get("clip"):
         paths.append(("evaluate.clip", config["evaluate"]["clip"], "dir"))
     return paths
 
 
-def _check_paths(config: Mapping[str, Any], source: str) -> None:
+def _key_path(key: str) -> list[Any]:
+    """'images.credentialed.0.root' -> ['images', 'credentialed', 0, 'root']."""
+    return [int(part) if part.isdigit() else part for part in key.split(".")]
+
+
+def _check_paths(config: Mapping[str, Any], source: SourceNamer) -> None:
     if config["demo"]["enabled"]:
         return  # the demo rule makes every input path
     for key, path, kind in _input_paths(config):
         p = Path(path)
         if kind == "dir" and not p.is_dir():
-            raise ConfigError(f"{source}: key '{key}': folder {path} does not exist")
+            raise ConfigError(f"{source(_key_path(key))}: key '{key}': folder {path} does not exist")
         if kind == "file" and not p.is_file():
-            raise ConfigError(f"{source}: key '{key}': file {path} does not exist")
+            raise ConfigError(f"{source(_key_path(key))}: key '{key}': file {path} does not exist")
     ckpt = Path(config["checkpoint"])
     for rel in ("tokenizer/vqgan.yaml", "tokenizer/vqgan.ckpt", "tokenizer/text_tokenizer_modified.json"):
         if not (ckpt / rel).is_file():
-            raise ConfigError(f"{source}: key 'checkpoint': {ckpt} lacks {rel} (expected the original MedMax/Anole layout)")
+            raise ConfigError(
+                f"{source(['checkpoint'])}: key 'checkpoint': {ckpt} lacks {rel} (expected the original MedMax/Anole layout)"
+            )
 
 
-def _check_semantics(config: Mapping[str, Any], source: str) -> None:
+def _check_semantics(config: Mapping[str, Any], source: SourceNamer) -> None:
+    # The same checks as the stages' --credentialed parser, so a source the config accepts is one
+    # the workflow can plan and run, and one it refuses stops the workflow before planning.
+    for i, entry in enumerate(config["images"]["credentialed"]):
+        problem = credentialed_entry_problem(entry)
+        if problem is not None:
+            key = ["images", "credentialed", i] + ([problem[0]] if problem[0] else [])
+            raise ConfigError(f"{source(key)}: key '{_key_name(key)}': {problem[1]}")
+        for name in ("root", "mapping"):  # rule inputs: Snakemake would read a brace as a wildcard
+            if "{" in str(entry.get(name) or "") or "}" in str(entry.get(name) or ""):
+                key = ["images", "credentialed", i, name]
+                raise ConfigError(f"{source(key)}: key '{_key_name(key)}': {entry[name]} may not hold '{{' or '}}' (a workflow input path)")
     sources = [e["source"] for e in config["images"]["credentialed"]]
     duplicates = sorted({s for s in sources if sources.count(s) > 1})
     if duplicates:
-        raise ConfigError(f"{source}: key 'images.credentialed': source {duplicates[0]!r} is listed twice")
+        where = source(["images", "credentialed"])
+        raise ConfigError(f"{where}: key 'images.credentialed': source {duplicates[0]!r} is listed twice")
     if config["tokenize"]["precision"] != "fp32" and config["tokenize"]["device"] == "cpu":
-        raise ConfigError(f"{source}: key 'tokenize.precision': {config['tokenize']['precision']} needs device cuda")
+        where = source(["tokenize", "precision"])
+        raise ConfigError(f"{where}: key 'tokenize.precision': {config['tokenize']['precision']} needs device cuda")
 
 
 def validate_config(
-    config: dict[str, Any], schema_path: str | Path = DEFAULT_SCHEMA, source: str = "config.yaml", check_paths: bool = True
+    config: dict[str, Any],
+    schema_path: str | Path = DEFAULT_SCHEMA,
+    source: str = "config.yaml",
+    check_paths: bool = True,
+    config_files: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
-    """Validate in place (defaults filled in) and return the config; raise ConfigError naming the key."""
+    """Validate in place (defaults filled in) and return the config; raise ConfigError naming the key.
+
+    `config` may be the merge of several `config_files` (in the order they were applied, later
+    files overriding earlier ones, as Snakemake merges configfile: and --configfile): an error then
+    names the file its key came from. `source` names it when no file is given or none sets the key.
+    """
+    namer = source_namer(config_files, source)
     schema = load_schema(schema_path)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     if errors:
-        raise ConfigError(_error_message(jsonschema.exceptions.best_match(errors) or errors[0], source))
+        raise ConfigError(_error_message(jsonschema.exceptions.best_match(errors) or errors[0], namer))
     _apply_defaults(config, schema)
-    _check_semantics(config, source)
+    _check_semantics(config, namer)
     if check_paths:
-        _check_paths(config, source)
+        _check_paths(config, namer)
     return config
 
 
@@ -126,7 +205,7 @@ def load_config(path: str | Path, schema_path: str | Path = DEFAULT_SCHEMA, chec
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")
-    return validate_config(config, schema_path, source=str(path), check_paths=check_paths)
+    return validate_config(config, schema_path, source=str(path), check_paths=check_paths, config_files=[path])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -138,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         load_config(args.config, args.schema)
     except ConfigError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"{args.config}: valid")
     return 0

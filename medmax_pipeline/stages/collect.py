@@ -4,15 +4,23 @@ Which rows need an image:
 - credential = no (public) rows: those with an `image_path` (relative to the unpacked
   images.tar.gz of medmax_data, the public root). Only with include_public.
 - credential = yes rows: those whose text holds `<image>`. They carry no image_path; the config
-  names, per credentialed source, a root and a path template over the row's columns
-  (image_keys.image_key_for_row, shared with the assembly stage so both name images alike).
+  names, per credentialed source, a root and either a path template over the row's columns or
+  a mapping file (row_id or text_sha256 -> path under the root), parsed by
+  image_keys.parse_credentialed_specs and applied by image_keys.image_key_for_row, both shared
+  with the assembly stage so both name images alike. A row a mapping has no entry for is a
+  problem ("no mapping entry"); a malformed mapping file, or one giving a row two different
+  paths, stops the stage with an error naming the file and line.
+
+Several spellings of one file ('./a.jpg', 'a.jpg/', a symlink alias inside the root) each keep
+their own image key (assembly joins a row by the key of its own spelling) and share the one
+resolved img_path; tokenize encodes such a file once and gives each of its keys the codes.
 
 Every row that needs an image either contributes to one image of image_paths.parquet or gets a
 line in image_path_problems.parquet naming its file, line and the reason. Malformed rows found
 by rows.read_row_batches go there too. Nothing is dropped silently and one bad row never stops
 the stage.
 
-Path safety: a path in row data must be relative and free of `..` components; it is resolved
+Path safety: a path in row data (or a mapping file) must be relative and free of `..` components; it is resolved
 with symlinks followed (Path.resolve(strict=True)) and must stay inside its (resolved) root. A
 public image may not resolve into a credentialed root (overlapping roots would otherwise let a
 public row publish a credentialed image).
@@ -44,10 +52,13 @@ import pyarrow as pa
 from medmax_pipeline.core import constants as C
 from medmax_pipeline.core.artifacts import ArtifactMeta, write_artifact
 from medmax_pipeline.core.image_keys import (
+    MAPPING_PREFIX,
     PUBLIC_ROOT_NAME,
     TEMPLATE_PRESETS,
     CredentialedSource,
+    CredentialedSpecError,
     image_key_for_row,
+    parse_credentialed_specs,
 )
 from medmax_pipeline.core.rows import read_row_batches
 
@@ -90,11 +101,12 @@ REASON_ABSOLUTE = "absolute path in row data"
 REASON_NOT_FILE = "not a regular file"
 REASON_IN_CREDENTIALED = "public image inside a credentialed root"
 REASON_NO_KEY = "no image key"
+REASON_NO_MAPPING = "no mapping entry"  # image_keys: a mapping file without the row
 REASON_BAD_PATH = "unusable path"
 REASON_MALFORMED = "malformed row"
 REASON_CATEGORIES = (
     REASON_MISSING, REASON_NO_TEMPLATE, REASON_OUTSIDE, REASON_ABSOLUTE, REASON_NOT_FILE,
-    REASON_IN_CREDENTIALED, REASON_NO_KEY, REASON_BAD_PATH, REASON_MALFORMED,
+    REASON_IN_CREDENTIALED, REASON_NO_KEY, REASON_NO_MAPPING, REASON_BAD_PATH, REASON_MALFORMED,
 )
 
 
@@ -134,21 +146,6 @@ class CollectResult:
 # ----------------------------------------------------------------------------------------------
 # Small pure pieces
 # ----------------------------------------------------------------------------------------------
-
-
-def parse_credentialed_spec(spec: str) -> CredentialedSource:
-    """'SOURCE=ROOT=TEMPLATE' -> CredentialedSource. TEMPLATE is a preset name or a format string.
-
-    Split at the first two '=': a root may therefore not contain '=', a template may.
-    """
-    parts = spec.split("=", 2)
-    if len(parts) != 3 or not all(p.strip() for p in parts):
-        raise CollectError(
-            f"--credentialed {spec!r}: expected SOURCE=ROOT=TEMPLATE (TEMPLATE a preset such as "
-            f"{', '.join(sorted(TEMPLATE_PRESETS))} or a format string over row columns)"
-        )
-    source, root, template = (p.strip() for p in parts)
-    return CredentialedSource(source, root, template)
 
 
 def parse_rows_spec(spec: str) -> tuple[str, Path]:
@@ -273,7 +270,7 @@ def build_tables(
                     if row["credential"] == "yes" and row["source"] not in sources:
                         reason = (f"{REASON_NO_TEMPLATE}: {row['source']!r} is a credentialed source with no "
                                   "--credentialed entry (images.credentialed in config.yaml)")
-                    elif (key.problem or "").startswith(REASON_NO_KEY):
+                    elif (key.problem or "").startswith((REASON_NO_KEY, REASON_NO_MAPPING)):
                         reason = key.problem
                     else:  # a template that failed to render
                         reason = f"{REASON_NO_KEY}: {key.problem}"
@@ -318,15 +315,31 @@ def build_tables(
     return image_table, problem_table
 
 
+def _source_params(source: CredentialedSource) -> dict[str, Any]:
+    """A credentialed source as lineage params. A template source keeps the keys it always had, so
+    the fingerprints of runs without a mapping do not change."""
+    params: dict[str, Any] = {"source": source.source, "root": source.root, "root_resolved": str(Path(source.root).resolve())}
+    if source.mapping is not None:
+        return {**params, "mapping": source.mapping.path, "mapping_key": source.mapping.key_column}
+    return {**params, "template": source.template, "path_template": source.path_template}
+
+
 def write_csv(table: pa.Table, path: str | Path) -> Path:
-    """img_paths.csv: img_path first (the public tokenization script reads it), written atomically."""
+    """img_paths.csv: img_path first (the public tokenization script reads it), written atomically.
+
+    Any failure (a full disk) removes the temporary file; open() gives it 0666 less the umask.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(CSV_COLUMNS)
-        writer.writerows(zip(*(table.column(c).to_pylist() for c in CSV_COLUMNS)))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(CSV_COLUMNS)
+            writer.writerows(zip(*(table.column(c).to_pylist() for c in CSV_COLUMNS)))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -345,17 +358,17 @@ def collect(
         "include_public": include_public,
         "public_root": str(public_root) if public_root is not None else None,
         "public_root_resolved": str(Path(public_root).resolve()) if public_root is not None else None,
-        "credentialed": [
-            {"source": s.source, "root": s.root, "root_resolved": str(Path(s.root).resolve()),
-             "template": s.template, "path_template": s.path_template}
-            for s in credentialed
-        ],
+        "credentialed": [_source_params(s) for s in credentialed],
         "splits": [split for split, _ in row_files],
     }
     # The row files are the inputs; image roots go in params (hashing whole image folders is too slow at scale).
+    # A mapping file is an input too, a credentialed one: it spells out credentialed image paths.
     inputs = [file for _, file in row_files]
-    image_meta = write_artifact(image_table, output_dir / IMAGE_PATHS_FILE, artifact="image_paths", inputs=inputs, params=params)
-    problem_meta = write_artifact(problem_table, output_dir / PROBLEMS_FILE, artifact="image_path_problems", inputs=inputs, params=params)
+    mappings = [s.mapping.path for s in credentialed if s.mapping is not None]
+    image_meta = write_artifact(image_table, output_dir / IMAGE_PATHS_FILE, artifact="image_paths", inputs=inputs,
+                                credentialed_inputs=mappings, params=params)
+    problem_meta = write_artifact(problem_table, output_dir / PROBLEMS_FILE, artifact="image_path_problems", inputs=inputs,
+                                  credentialed_inputs=mappings, params=params)
     csv_path = write_csv(image_table, output_dir / CSV_FILE)
     counts = Counter(problem_category(r) for r in problem_table.column("reason").to_pylist())
     return CollectResult(image_meta, problem_meta, csv_path, image_table.num_rows, problem_table.num_rows, dict(sorted(counts.items())))
@@ -370,9 +383,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", action="append", required=True, metavar="SPLIT=PATH",
                         help="a dataset file (jsonl or parquet) and its split name; repeat per split")
     parser.add_argument("--public-root", help="the unpacked medmax_data images folder (public rows' image_path is relative to it)")
-    parser.add_argument("--credentialed", action="append", default=[], metavar="SOURCE=ROOT=TEMPLATE",
+    parser.add_argument("--credentialed", action="append", default=[], metavar="SOURCE=ROOT=TEMPLATE|SOURCE=ROOT=mapping:PATH",
                         help=f"a credentialed source, its local image root and a path template (preset: {', '.join(sorted(TEMPLATE_PRESETS))}, "
-                        "or a format string over row columns such as 'files/p{subject_id:.2}/p{subject_id}/s{study_id}/{dicom_id}.jpg'); repeatable")
+                        "or a format string over row columns such as 'files/p{subject_id:.2}/p{subject_id}/s{study_id}/{dicom_id}.jpg') "
+                        f"or '{MAPPING_PREFIX}PATH', a .csv/.jsonl file mapping row_id or text_sha256 to image_path; repeatable")
     parser.add_argument("--include-public", action=argparse.BooleanOptionalAction, default=True,
                         help="list the public rows' images too (default: yes)")
     parser.add_argument("--output-dir", required=True, help=f"where {IMAGE_PATHS_FILE}, {PROBLEMS_FILE} and {CSV_FILE} go")
@@ -381,9 +395,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         row_files = [parse_rows_spec(s) for s in args.rows]
-        credentialed = [parse_credentialed_spec(s) for s in args.credentialed]
+        credentialed = list(parse_credentialed_specs(args.credentialed).values())
         result = collect(row_files, args.public_root, args.output_dir, credentialed, args.include_public)
-    except (CollectError, FileNotFoundError) as exc:
+    except (CollectError, CredentialedSpecError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"{result.image_paths.path}: {result.n_images} distinct image(s), {result.image_paths.credential}")

@@ -2,13 +2,21 @@
 
 Input: a CSV with an `img_path` column (the public script's input); optional `image_key` and
 `credential` ('yes'/'no', default 'no') columns are carried through. Relative paths are read
-relative to the working directory and written out exactly as given.
+relative to the working directory and written out exactly as given. One file may carry several
+image keys (collect lists './a.jpg', 'a.jpg/' and a symlink alias as their own keys with one
+resolved img_path): the file is decoded and encoded once and every key gets its row. An image
+whose file lies under a credentialed root (--credentialed-root, symlinks followed) is credential
+= yes whatever the CSV says, so a CSV with only img_path cannot publish credentialed tokens.
+
+One run per shard: a run holds an flock on DIR/.shard-I-of-N.lock while it works (rank 0 under
+torchrun), so a second run on the same shard stops at once naming the lock file and its pid.
 
 Sharding: an image belongs to shard blake2b-64(img_path as UTF-8) mod N, so each distinct path
 lands in exactly one shard for any N, with no padding rows, and an image's shard does not depend
 on which other images are in the list. Inside a shard, images are processed in sorted img_path
-order, in chunks of `chunk_size`; under torchrun (RANK / WORLD_SIZE set) rank r takes the chunks
-c with c % WORLD_SIZE == r, and rank 0 merges once every rank is done.
+order (rows sorted by img_path, then image_key), in chunks of `chunk_size` distinct files;
+under torchrun (RANK / WORLD_SIZE set) rank r takes the chunks c with c % WORLD_SIZE == r, and
+rank 0 merges once every rank is done.
 
 Resume: each finished chunk is written atomically to DIR/shard-I-of-N.chunks/chunk-NNNNNN.parquet
 (artifact image_tokens_chunk) with the chunk's identity (paths, VQGAN fingerprint, precision,
@@ -27,12 +35,15 @@ Precision: fp32 (default; TF32 explicitly disabled on CUDA so codes are reproduc
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import hashlib
 import heapq
 import json
 import os
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -53,6 +64,7 @@ from medmax_pipeline.core.artifacts import (
 )
 from medmax_pipeline.core.constants import CODES_PER_IMAGE, NUM_IMAGE_CODES
 from medmax_pipeline.models.image_preprocess import DEFAULT_MAX_PIXELS
+from medmax_pipeline.models.vqgan import VQGANLoadError
 
 TOKENS_ARTIFACT = "image_tokens"
 CHUNK_ARTIFACT = "image_tokens_chunk"
@@ -88,7 +100,19 @@ CHUNK_SCHEMA = pa.schema([*TOKENS_SCHEMA, pa.field("reason", pa.string())])
 
 
 class TokenizeInputError(ValueError):
-    """The image list is unusable (missing column, empty path, bad credential, conflicting duplicates)."""
+    """The image list or an argument is unusable (missing column, empty path, bad credential, bad count)."""
+
+
+class OutputLockedError(RuntimeError):
+    """Another run is tokenizing the same shard into the same folder."""
+
+
+class DeviceUnavailableError(RuntimeError):
+    """The requested device does not exist here (--device cuda without a usable GPU)."""
+
+
+# What run_tokenize / run_gather_tokens report as one `error:` line rather than a traceback.
+ORDINARY_ERRORS = (ValueError, OSError, ArtifactError, VQGANLoadError, OutputLockedError, DeviceUnavailableError)
 
 
 @dataclass(frozen=True)
@@ -113,8 +137,31 @@ class ShardResult:
 # ----------------------------------------------------------------------------------------------
 
 
-def read_image_list(csv_path: str | Path) -> list[ImageRow]:
-    """Distinct images of the CSV, in file order; duplicates must agree on image_key and credential."""
+def resolve_credentialed_roots(roots: Sequence[str | Path]) -> list[Path]:
+    """The credentialed roots, each resolved (symlinks followed); a missing root is an input error."""
+    resolved = []
+    for root in roots:
+        path = Path(root).expanduser()
+        if not path.is_dir():
+            raise TokenizeInputError(f"--credentialed-root {root}: folder does not exist")
+        resolved.append(path.resolve(strict=True))
+    return resolved
+
+
+def is_under_roots(img_path: str, roots: Sequence[Path]) -> bool:
+    """True when the file lies under one of the (resolved) roots, its real path or its spelled path."""
+    if not roots:
+        return False
+    candidates = {Path(img_path).expanduser().resolve(), Path(os.path.abspath(Path(img_path).expanduser()))}
+    return any(c.is_relative_to(root) for c in candidates for root in roots)
+
+
+def read_image_list(csv_path: str | Path, credentialed_roots: Sequence[str | Path] = ()) -> list[ImageRow]:
+    """Distinct (img_path, image_key) rows of the CSV, in file order.
+
+    One img_path may carry several image keys (aliases of one file); its rows must agree on the
+    credential. A file under one of `credentialed_roots` is credential = yes whatever the CSV says.
+    """
     import polars as pl
 
     csv_path = Path(csv_path)
@@ -128,9 +175,10 @@ def read_image_list(csv_path: str | Path) -> list[ImageRow]:
     def column(name: str) -> list[Any] | None:
         return table.get_column(name).to_list() if name in table.columns else None
 
+    roots = resolve_credentialed_roots(credentialed_roots)
     paths, keys, credentials = column("img_path"), column("image_key"), column("credential")
-    rows: dict[str, ImageRow] = {}
-    first_seen: dict[str, int] = {}
+    rows: dict[tuple[str, str | None], ImageRow] = {}
+    first_seen: dict[str, tuple[int, str]] = {}  # img_path -> (data row, credential) of its first row
     for i, path in enumerate(paths):
         where = f"{csv_path}: data row {i + 1}"
         if path is None or not path.strip():
@@ -140,17 +188,15 @@ def read_image_list(csv_path: str | Path) -> list[ImageRow]:
         credential = (credentials[i] or "no").strip().lower() if credentials is not None else "no"
         if credential not in ("yes", "no"):
             raise TokenizeInputError(f"{where}: credential must be 'yes' or 'no', got {credentials[i]!r}")
-        row = ImageRow(path, key, credential)
-        if path in rows:
-            if rows[path] != row:
-                raise TokenizeInputError(
-                    f"{where}: img_path {path!r} repeats data row {first_seen[path] + 1} with a different "
-                    f"image_key or credential ({rows[path]} vs {row})"
-                )
-            continue
-        rows[path] = row
-        first_seen[path] = i
-    return list(rows.values())
+        first_row, first_credential = first_seen.setdefault(path, (i, credential))
+        if credential != first_credential:
+            raise TokenizeInputError(
+                f"{where}: img_path {path!r} repeats data row {first_row + 1} with a different "
+                f"credential ({first_credential!r} vs {credential!r})"
+            )
+        rows.setdefault((path, key), ImageRow(path, key, credential))
+    under_roots = {path: is_under_roots(path, roots) for path in first_seen}
+    return [ImageRow(r.img_path, r.image_key, "yes") if under_roots[r.img_path] else r for r in rows.values()]
 
 
 def shard_of(img_path: str, num_shards: int) -> int:
@@ -161,11 +207,41 @@ def shard_of(img_path: str, num_shards: int) -> int:
     return int.from_bytes(digest, "big") % num_shards
 
 
+def row_order(row: ImageRow) -> tuple[str, str]:
+    """Rows sort by img_path, then image_key (several keys of one file stay together)."""
+    return row.img_path, row.image_key or ""
+
+
 def shard_rows(rows: Sequence[ImageRow], shard: int, num_shards: int) -> list[ImageRow]:
-    """The rows of one shard, sorted by img_path."""
+    """The rows of one shard, sorted by img_path, then image_key."""
     if not 0 <= shard < num_shards:
         raise ValueError(f"shard must be in 0..{num_shards - 1}, got {shard}")
-    return sorted((r for r in rows if shard_of(r.img_path, num_shards) == shard), key=lambda r: r.img_path)
+    return sorted((r for r in rows if shard_of(r.img_path, num_shards) == shard), key=row_order)
+
+
+def group_by_file(rows: Sequence[ImageRow]) -> list[list[ImageRow]]:
+    """Consecutive rows of one img_path as one group: the unit that is decoded and encoded once."""
+    groups: list[list[ImageRow]] = []
+    for row in rows:
+        if groups and groups[-1][0].img_path == row.img_path:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return groups
+
+
+def check_shard_arguments(shard: int, num_shards: int, batch_size: int = 1, workers: int = 0, chunk_size: int = 1) -> None:
+    """Refuse counts that make no sense, naming the command-line option."""
+    if num_shards < 1:
+        raise TokenizeInputError(f"--num-shards must be at least 1, got {num_shards}")
+    if not 0 <= shard < num_shards:
+        raise TokenizeInputError(f"--shard {shard} is outside 0..{num_shards - 1} (--num-shards {num_shards})")
+    if batch_size < 1:
+        raise TokenizeInputError(f"--batch-size must be at least 1, got {batch_size}")
+    if workers < 0:
+        raise TokenizeInputError(f"--workers must be at least 0, got {workers}")
+    if chunk_size < 1:
+        raise TokenizeInputError(f"--chunk-size must be at least 1, got {chunk_size}")
 
 
 def chunk_ranges(num_rows: int, chunk_size: int) -> list[range]:
@@ -184,6 +260,47 @@ def rank_chunks(num_chunks: int, rank: int, world_size: int) -> list[int]:
 
 def shard_stem(shard: int, num_shards: int) -> str:
     return f"shard-{shard}-of-{num_shards}"
+
+
+def shard_lock_path(output_dir: str | Path, shard: int, num_shards: int) -> Path:
+    return Path(output_dir) / f".{shard_stem(shard, num_shards)}.lock"
+
+
+@contextmanager
+def hold_lock(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on lock_path (holding our pid) or raise OutputLockedError at once.
+
+    The file is removed on release while still locked; a run that opened it before the removal
+    sees that the path no longer names its file and tries again, so two runs never both hold it.
+    """
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise OutputLockedError(
+                f"another medmax tokenize run holds {lock_path} (pid {holder}) for this shard; "
+                "wait for it to finish (or stop it) before running the shard again"
+            ) from None
+        try:
+            same_file = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same_file = False
+        if same_file:
+            break
+        os.close(fd)  # removed by the run that held it just before: take the new file
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def shard_paths(output_dir: str | Path, shard: int, num_shards: int) -> tuple[Path, Path, Path]:
@@ -281,7 +398,7 @@ def prepare_vqgan(ckpt_dir: str | Path, device: str, precision: str, local_rank:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda but torch.cuda.is_available() is False")
+            raise DeviceUnavailableError("--device cuda but torch.cuda.is_available() is False")
         torch.cuda.set_device(local_rank)
         set_cuda_precision(precision)
         target = torch.device("cuda", local_rank)
@@ -317,11 +434,13 @@ def chunk_is_complete(path: Path, expected_params: dict[str, Any]) -> bool:
     return meta.lineage.get("params") == json.loads(json.dumps(expected_params))
 
 
-def chunk_table(rows: Sequence[ImageRow], codes: dict[int, np.ndarray], sizes: dict[int, tuple[int, int, str]], reasons: dict[int, str], start: int) -> pa.Table:
-    """The rows of one chunk (indices start..start+len(rows)-1 of the shard) with their outcome."""
+def chunk_table(groups: Sequence[Sequence[ImageRow]], codes: dict[int, np.ndarray], sizes: dict[int, tuple[int, int, str]], reasons: dict[int, str], start: int) -> pa.Table:
+    """The rows of one chunk with their outcome: files start..start+len(groups)-1 of the shard,
+    one row per image key of each file (a file's codes repeated for each of its keys)."""
+    rows = [row for group in groups for row in group]
+    file_index = [start + offset for offset, group in enumerate(groups) for _ in group]
     img_tokens, widths, heights, modes, reason_column = [], [], [], [], []
-    for offset in range(len(rows)):
-        index = start + offset
+    for index in file_index:
         if index in codes:
             img_tokens.append(codes[index])
             width, height, mode = sizes[index]
@@ -378,27 +497,42 @@ def tokenize_shard(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     keep_chunks: bool = False,
     progress: bool = True,
+    credentialed_roots: Sequence[str | Path] = (),
 ) -> ShardResult:
     """Tokenize one shard of the CSV's images into DIR/shard-I-of-N.parquet and .errors.parquet.
 
     Under torchrun every rank calls this with the same arguments; rank 0 writes the outputs.
+    Images under one of `credentialed_roots` are credential = yes whatever the CSV says.
+    Raises OutputLockedError when another run holds this shard's lock.
     """
+    check_shard_arguments(shard, num_shards, batch_size, workers, chunk_size)
+    rank, world_size, local_rank = distributed_env()
+    # Rank 0 speaks for a torchrun job: the other ranks of the same job must not be refused.
+    lock = hold_lock(shard_lock_path(output_dir, shard, num_shards)) if rank == 0 else nullcontext()
+    with lock:
+        return _tokenize_shard(
+            input_csv, output_dir, ckpt_dir, shard, num_shards, batch_size, workers, device, precision, chunk_size,
+            max_pixels, keep_chunks, progress, credentialed_roots, rank, world_size, local_rank,
+        )
+
+
+def _tokenize_shard(
+    input_csv: str | Path, output_dir: str | Path, ckpt_dir: str | Path, shard: int, num_shards: int, batch_size: int,
+    workers: int, device: str, precision: str, chunk_size: int, max_pixels: int, keep_chunks: bool, progress: bool,
+    credentialed_roots: Sequence[str | Path], rank: int, world_size: int, local_rank: int,
+) -> ShardResult:
     import torch
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
-    rank, world_size, local_rank = distributed_env()
     tokens_path, errors_path, chunk_dir = shard_paths(output_dir, shard, num_shards)
-    all_rows = read_image_list(input_csv)
+    all_rows = read_image_list(input_csv, credentialed_roots)
     rows = shard_rows(all_rows, shard, num_shards)
+    files = group_by_file(rows)  # the unit of work: one file, whatever number of keys it carries
     model = prepare_vqgan(ckpt_dir, device, precision, local_rank)
     vqgan_fingerprint = model.encoder_fingerprint()
 
-    ranges = chunk_ranges(len(rows), chunk_size)
+    ranges = chunk_ranges(len(files), chunk_size)
     base_params = {
         "shard": shard,
         "num_shards": num_shards,
@@ -409,17 +543,20 @@ def tokenize_shard(
         "batch_size": batch_size,
         "max_pixels": max_pixels,
     }
+    # The credentialed roots are not params: what they change (a row's credential) is in each
+    # chunk's rows_digest and in the data, and the roots' spelling alone should not re-encode.
 
     def params_of(chunk: int) -> dict[str, Any]:
         r = ranges[chunk]
-        return {**base_params, "chunk": chunk, "chunk_rows": [r.start, r.stop], "rows_digest": rows_digest(rows[r.start : r.stop])}
+        chunk_rows = [row for group in files[r.start : r.stop] for row in group]
+        return {**base_params, "chunk": chunk, "chunk_rows": [r.start, r.stop], "rows_digest": rows_digest(chunk_rows)}
 
     chunk_dir.mkdir(parents=True, exist_ok=True)
     mine = rank_chunks(len(ranges), rank, world_size)
     pending = [c for c in mine if not chunk_is_complete(chunk_path(chunk_dir, c), params_of(c))]
     reused = len(mine) - len(pending)
 
-    dataset = ImageFileDataset(rows, max_pixels=max_pixels)
+    dataset = ImageFileDataset([group[0] for group in files], max_pixels=max_pixels)
     batches = [
         list(range(start, min(start + batch_size, ranges[c].stop)))
         for c in pending
@@ -458,7 +595,7 @@ def tokenize_shard(
             # Chunks finish in order, since batches never straddle two chunks and arrive in order.
             while current is not None and all(i in codes or i in reasons for i in ranges[current]):
                 r = ranges[current]
-                table = chunk_table(rows[r.start : r.stop], codes, sizes, reasons, r.start)
+                table = chunk_table(files[r.start : r.stop], codes, sizes, reasons, r.start)
                 write_artifact(table, chunk_path(chunk_dir, current), artifact=CHUNK_ARTIFACT, params=params_of(current))
                 for i in r:
                     codes.pop(i, None)
@@ -512,7 +649,7 @@ def merge_chunks(
     """Write the shard's tokens and errors artifacts from its complete chunk files, in order."""
     missing = [c for c in range(num_chunks) if not chunk_is_complete(chunk_path(chunk_dir, c), params_of(c))]
     if missing:
-        raise RuntimeError(f"{chunk_dir}: chunks {missing[:10]} are missing or stale; cannot merge the shard")
+        raise ArtifactError(f"{chunk_dir}: chunks {missing[:10]} are missing or stale; cannot merge the shard (run it again)")
     ckpt_entry = {"path": str(ckpt_dir), "artifact": None, "fingerprint": vqgan_fingerprint, "credential": "public"}
     csv_inputs = {"inputs": [], "credentialed_inputs": [input_csv]} if credentialed_csv else {"inputs": [input_csv], "credentialed_inputs": []}
     num_tokens = num_errors = 0
@@ -591,6 +728,8 @@ def gather_tokens(shards_dir: str | Path, num_shards: int, output: str | Path, e
     Checks each shard is present, of the right artifact and shard number, made with one VQGAN
     and precision, and holds only images that hash to it. Returns (token rows, error rows).
     """
+    if num_shards < 1:
+        raise TokenizeInputError(f"--num-shards must be at least 1, got {num_shards}")
     shards_dir = Path(shards_dir)
     pairs = [shard_paths(shards_dir, i, num_shards)[:2] for i in range(num_shards)]
     missing = [str(p) for pair in pairs for p in pair if not p.is_file()]
@@ -612,12 +751,15 @@ def gather_tokens(shards_dir: str | Path, num_shards: int, output: str | Path, e
                     raise ArtifactError(
                         f"{path}: {key} {params.get(key)!r} differs from {consistent[key][0]!r} in {consistent[key][1]}"
                     )
-            paths = read_artifact(path, artifact, columns=["img_path"]).column("img_path").to_pylist()
+            listed = read_artifact(path, artifact, columns=["img_path", "image_key"])
+            paths = listed.column("img_path").to_pylist()
             wrong = next((p for p in paths if shard_of(p, num_shards) != shard), None)
             if wrong is not None:
                 raise ArtifactError(f"{path}: img_path {wrong!r} belongs to shard {shard_of(wrong, num_shards)}, not {shard}")
-            if paths != sorted(paths) or len(set(paths)) != len(paths):
-                raise ArtifactError(f"{path}: rows are not sorted by distinct img_path")
+            # A file may carry several image keys; each (img_path, image_key) appears once.
+            order = [row_order(ImageRow(p, k, "")) for p, k in zip(paths, listed.column("image_key").to_pylist())]
+            if order != sorted(order) or len(set(order)) != len(order):
+                raise ArtifactError(f"{path}: rows are not sorted by distinct (img_path, image_key)")
     params = {
         "num_shards": num_shards,
         "sharding": consistent["sharding"][0],
@@ -633,7 +775,7 @@ def gather_tokens(shards_dir: str | Path, num_shards: int, output: str | Path, e
         for table in _merge_sorted(streams, TOKENS_SCHEMA):
             writer.write(table.cast(TOKENS_SCHEMA))
     errors = pa.concat_tables([read_artifact(p, ERRORS_ARTIFACT).cast(ERRORS_SCHEMA) for p in shard_error_files])
-    errors = errors.sort_by([("img_path", "ascending")])
+    errors = errors.sort_by([("img_path", "ascending"), ("image_key", "ascending")])
     write_artifact(errors, errors_output, artifact=ERRORS_ARTIFACT, inputs=all_inputs, params=params)
     assert writer.meta is not None
     return writer.meta.num_rows, errors.num_rows
@@ -658,15 +800,23 @@ def add_tokenize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse images (and resized images) above this many pixels")
     parser.add_argument("--keep-chunks", action="store_true", help="keep the chunk files after the shard is written")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--credentialed-root", action="append", default=[], type=Path, metavar="DIR",
+                        help="a credentialed image root: images whose file lies under it are credential = yes "
+                        "whatever the CSV says; repeatable")
 
 
 def run_tokenize(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    result = tokenize_shard(
-        args.input, args.output, args.ckpt, shard=args.shard, num_shards=args.num_shards, batch_size=args.batch_size,
-        workers=args.workers, device=args.device, precision=args.precision, chunk_size=args.chunk_size,
-        max_pixels=args.max_pixels, keep_chunks=args.keep_chunks, progress=not args.no_progress,
-    )
+    try:
+        result = tokenize_shard(
+            args.input, args.output, args.ckpt, shard=args.shard, num_shards=args.num_shards, batch_size=args.batch_size,
+            workers=args.workers, device=args.device, precision=args.precision, chunk_size=args.chunk_size,
+            max_pixels=args.max_pixels, keep_chunks=args.keep_chunks, progress=not args.no_progress,
+            credentialed_roots=args.credentialed_root,
+        )
+    except ORDINARY_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if result.errors_path is not None:
         elapsed = time.perf_counter() - started
         print(
@@ -684,6 +834,10 @@ def add_gather_tokens_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_gather_tokens(args: argparse.Namespace) -> int:
-    tokens, errors = gather_tokens(args.shards, args.num_shards, args.output, args.errors)
+    try:
+        tokens, errors = gather_tokens(args.shards, args.num_shards, args.output, args.errors)
+    except ORDINARY_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"{args.output}: {tokens} images; {args.errors}: {errors} errors")
     return 0

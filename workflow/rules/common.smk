@@ -5,9 +5,18 @@ from pathlib import Path
 from snakemake.settings.types import DeploymentMethod
 
 from medmax_pipeline.core.config import ConfigError, validate_config
+from medmax_pipeline.core.image_keys import format_credentialed_spec
 
 try:
-    validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
+    # The config files in the order Snakemake merged them (configfile: first, then --configfile),
+    # so an error names the file that set the bad key.
+    _cli_configfiles = [str(f) for f in workflow.overwrite_configfiles]
+    _workflow_configfiles = [str(f) for f in workflow.configfiles if str(f) not in _cli_configfiles]
+    validate_config(
+        config,
+        workflow.source_path("../schemas/config.schema.yaml"),
+        config_files=[*_workflow_configfiles, *_cli_configfiles],
+    )
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
 
@@ -42,11 +51,22 @@ def log_path(name):
 
 
 def credentialed_args():
-    """--credentialed SOURCE=ROOT=TEMPLATE for each credentialed source of the config."""
-    return " ".join(f"--credentialed '{e['source']}={e['root']}={e['template']}'" for e in CREDENTIALED)
+    """A params function: --credentialed SOURCE=ROOT=TEMPLATE (or SOURCE=ROOT=mapping:PATH) for each
+    credentialed source, shell-quoted. A function, not a string: Snakemake formats params strings,
+    and a template's {subject_id} is no wildcard; a function's value is used as it is."""
+    args = " ".join(f"--credentialed {single_quoted(format_credentialed_spec(e))}" for e in CREDENTIALED)
+    return lambda wildcards: args
+
+
+def single_quoted(text):
+    """`text` as one shell word, always in single quotes (as these arguments were before, so the
+    params of existing runs do not change); a single quote inside becomes '\''."""
+    escaped = text.replace("'", "'\\''")
+    return f"'{escaped}'"
 
 
 def credentialed_roots():
+    """The credentialed image roots, for rules' input: (their files are read by collect and tokenize)."""
     return [e["root"] for e in CREDENTIALED]
 
 

@@ -7,6 +7,7 @@ rule tokenize_shard:
     input:
         csv=results("collect", "img_paths.csv"),
         checkpoint=config["checkpoint"],
+        credentialed_roots=credentialed_roots(),
     output:
         tokens=results("tokenize", f"n{NUM_SHARDS}", "shard-{shard}-of-" + str(NUM_SHARDS) + ".parquet"),
         errors=results("tokenize", f"n{NUM_SHARDS}", "shard-{shard}-of-" + str(NUM_SHARDS) + ".errors.parquet"),
@@ -19,6 +20,9 @@ rule tokenize_shard:
         device=config["tokenize"]["device"],
         precision=config["tokenize"]["precision"],
         launcher=torchrun(tokenize_gpus()) if tokenize_gpus() > 1 else MEDMAX,
+        # Images under these roots are credential = yes whatever the CSV says. A function, so
+        # Snakemake does not format the quoted paths (a brace in a folder name is no wildcard).
+        credentialed_roots=lambda wildcards: " ".join(f"--credentialed-root {single_quoted(root)}" for root in credentialed_roots()),
     wildcard_constraints:
         shard=r"\d+",
     threads: max(1, config["tokenize"]["workers"])
@@ -34,7 +38,7 @@ rule tokenize_shard:
         "{params.launcher} tokenize --input {input.csv} --output {params.output_dir} --ckpt {input.checkpoint}"
         " --shard {wildcards.shard} --num-shards {params.num_shards} --batch-size {params.batch_size}"
         " --workers {params.workers} --chunk-size {params.chunk_size} --device {params.device}"
-        " --precision {params.precision} > {log} 2>&1"
+        " --precision {params.precision} {params.credentialed_roots} > {log} 2>&1"
 
 
 rule gather_tokens:
