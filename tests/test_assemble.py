@@ -345,3 +345,206 @@ def test_parallel_workers_give_the_serial_outputs(inputs, tmp_path):
         assert {(str(rows), 3), (str(rows), 14), (str(rows), 15)} <= malformed
         assert read_meta(outs[2] / "dataset.parquet").lineage["inputs"][0]["fingerprint"] == describe_input(rows)["fingerprint"]
         assert not list(tmp_path.glob("w2-*/*.arrow"))
+
+
+# --- separator statistics (issue 12 item 4) -----------------------------------------------------
+
+
+def random_sequences(n: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        body = rng.choice([C.SEPARATOR_ID, 9000, 9001, C.BEGIN_IMAGE_ID], size=int(rng.integers(0, 12)), p=[0.3, 0.3, 0.3, 0.1]).tolist()
+        out.append([0] + body + ([2] if rng.random() < 0.8 else []))
+    return out + [[], [0], [0, 2], [0, 8710, 2], [0, 8710], [8710], [0, 8710, 8710, 8710, 2]]
+
+
+def test_alternating_policy_is_the_train_stage_rule():
+    """The reference mask of `alternating` is train.response_labels' (read, not imported, by the stage)."""
+    from medmax_pipeline.stages.assemble.separator_stats import masked_positions
+    from medmax_pipeline.stages.train import response_labels
+
+    for ids in random_sequences(300, 0):
+        assert masked_positions(ids, "alternating") == [label == -100 for label in response_labels(ids)]
+    assert masked_positions([0, 10, 8710, 20, 2], "first_separator") == [True, True, True, False, False]
+    assert masked_positions([0, 10, 2], "first_separator") == [False, False, False]
+
+
+def test_separator_profile_matches_the_per_row_rule():
+    from medmax_pipeline.stages.assemble.separator_stats import final_eos_masked, separator_profile
+
+    sequences = random_sequences(400, 1)
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in sequences])])
+    profile = separator_profile(np.concatenate([np.asarray(s, np.int32) for s in sequences]), offsets)
+    for i, ids in enumerate(sequences):
+        assert profile["n_separators"][i] == ids.count(C.SEPARATOR_ID)
+        assert profile["ends_with_eos"][i] == (final_eos_masked(ids, "alternating") is not None)
+        for policy in ("first_separator", "alternating"):
+            assert profile[f"eos_masked_{policy}"][i] == bool(final_eos_masked(ids, policy)), (ids, policy)
+    # Hand-computed: no separator -> eos masked by alternating, trained by first_separator.
+    assert final_eos_masked([0, 9000, 2], "alternating") is True and final_eos_masked([0, 9000, 2], "first_separator") is False
+    assert final_eos_masked([0, 8710, 9000, 8710, 9001, 2], "alternating") is True
+    assert final_eos_masked([0, 8710, 9000, 2], "alternating") is False and final_eos_masked([0, 8710], "alternating") is None
+
+
+def test_separator_stats_artifact(inputs, tmp_path):
+    out = tmp_path / "out"
+    run_stage(inputs, out)
+    meta = read_meta(out / "separator_stats.parquet")
+    assert meta.artifact == "separator_stats" and meta.credential == "credentialed"  # credentialed rows are counted
+    stats = read_artifact(out / "separator_stats.parquet", "separator_stats").to_pylist()
+    dataset = read_artifact(out / "dataset.parquet").to_pylist()
+    assert sum(r["rows"] for r in stats) == len(dataset)
+    for row in stats:
+        assert row["rows"] == row["sep_0"] + row["sep_1"] + row["sep_2_plus"]
+        group = [d["tokens"] for d in dataset if (d["task"], d["source"], d["credential"]) == (row["task"], row["source"], row["credential"])]
+        assert row["rows"] == len(group)
+        assert row["sep_0"] == sum(t.count(C.SEPARATOR_ID) == 0 for t in group)
+        assert row["eos_masked_alternating"] == sum(t[-1] == 2 and t.count(C.SEPARATOR_ID) % 2 == 0 for t in group)
+        assert row["eos_masked_first_separator"] == 0
+    # The fixture's "What does the chest x-ray show?" row has no separator: its eos is masked by alternating.
+    assert any(r["sep_0"] and r["eos_masked_alternating"] for r in stats if r["task"] == "Visual Chat")
+
+
+# --- label-only trust (issue 11 item 12) --------------------------------------------------------
+
+
+def test_public_row_with_a_credentialed_image_block_is_refused(inputs, tmp_path):
+    text = "Describe the image. <image> A lesion."
+    smuggled = json.dumps({"text": text, "tokens": published(inputs["tokenizer_path"], text, 11), "image_path": "a/9.jpg",
+                           "task": "VQA", "source": "slake", "credential": "no"})  # block_for(11) is cred_key(1)'s image
+    with open(inputs["rows"], "a") as f:
+        f.write(smuggled + "\n")
+    line = len(inputs["rows"].read_text().splitlines())
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        run_stage(inputs, out, workers=workers)
+        problems = {p["line"]: p for p in read_artifact(out / "dataset_problems.parquet").to_pylist()}
+        assert problems[line]["category"] == "credentialed_image_in_public_row" and "credentialed image" in problems[line]["reason"]
+        assert line not in read_artifact(out / "dataset_public.parquet").column("line").to_pylist()
+        assert line not in read_artifact(out / "dataset.parquet").column("line").to_pylist()
+        coverage = read_artifact(out / "coverage.parquet", "coverage").to_pylist()
+        assert sum(r["credentialed_image_in_public_row"] for r in coverage) == 1
+    # Without the credentialed blocks at hand there is nothing to compare with: the row is public data.
+    run_stage(inputs, tmp_path / "nocred", credentialed=())
+    assert line in read_artifact(tmp_path / "nocred" / "dataset_public.parquet").column("line").to_pylist()
+
+
+# --- published tokens against re-derived public blocks (issue 12 item 7) -------------------------
+
+
+def test_published_token_check_identical(inputs, tmp_path):
+    out = tmp_path / "out"
+    run_stage(inputs, out)
+    check = read_artifact(out / "published_token_check.parquet", "published_token_check").to_pylist()
+    assert [(r["image_key"], r["rows"], r["compared_rows"], r["identical"], r["differing_codes"]) for r in check] == [("public:a/1.jpg", 1, 1, True, 0)]
+    assert "published token check: 1 public images compared, 1 identical, 0 differing" in (out / "coverage_summary.txt").read_text()
+
+
+def test_published_token_check_finds_an_altered_block(inputs, tmp_path):
+    lines = inputs["rows"].read_text().splitlines()
+    row = json.loads(lines[0])
+    start = row["tokens"].index(C.BEGIN_IMAGE_ID)
+    row["tokens"][start + 10] = 4 + (row["tokens"][start + 10] - 4 + 1) % C.NUM_IMAGE_CODES  # one code changed, still valid
+    row["tokens"][start + 20] = 4 + (row["tokens"][start + 20] - 4 + 7) % C.NUM_IMAGE_CODES
+    inputs["rows"].write_text("\n".join([json.dumps(row)] + lines[1:]) + "\n")
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        run_stage(inputs, out, workers=workers, max_published_mismatch_fraction=1.0)
+        check = read_artifact(out / "published_token_check.parquet").to_pylist()
+        assert [(r["image_key"], r["identical"], r["differing_rows"], r["differing_codes"]) for r in check] == [("public:a/1.jpg", False, 1, 2)]
+        assert "1 differing" in (out / "coverage_summary.txt").read_text()
+        # The public row keeps its published tokens: the check reports, it does not rewrite.
+        assert read_artifact(out / "dataset_public.parquet").to_pylist()[0]["tokens"] == row["tokens"]
+        with pytest.raises(AssemblyError, match=r"(?s)1 of 1 public images differ.*max-published-mismatch-fraction.*public:a/1.jpg: 2 of 1024"):
+            run_stage(inputs, out, workers=workers, max_published_mismatch_fraction=0.5)
+        assert not list(out.iterdir())
+
+
+def test_published_token_check_without_public_blocks(inputs, tmp_path):
+    blocks = read_artifact(inputs["image_blocks"])
+    only_credentialed = tmp_path / "blocks.parquet"
+    write_artifact(blocks.filter(pa.compute.equal(blocks.column("credential"), "yes")), only_credentialed, artifact="image_blocks")
+    out = tmp_path / "out"
+    run_stage({**inputs, "image_blocks": only_credentialed}, out, max_published_mismatch_fraction=0.0)
+    assert read_artifact(out / "published_token_check.parquet").num_rows == 0
+    assert "published token check: skipped" in (out / "coverage_summary.txt").read_text()
+
+
+# --- cleanup on failure (issue 11 item 4) --------------------------------------------------------
+
+
+@pytest.fixture()
+def scratch_root(tmp_path, monkeypatch):
+    """Shared-memory folders of the stage and of the range reader, made under a folder of the test."""
+    import tempfile
+
+    from medmax_pipeline.core import parallel_rows
+    from medmax_pipeline.stages.assemble import stage
+
+    root = tmp_path / "shm"
+    root.mkdir()
+
+    def scratch(prefix: str) -> Path:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+
+    monkeypatch.setattr(parallel_rows, "shared_scratch_dir", scratch)
+    monkeypatch.setattr(stage, "shared_scratch_dir", scratch)
+    return root
+
+
+def failing_tokenizer_lineage(tokenizer_path):
+    from medmax_pipeline.stages.assemble import stage
+
+    real = stage.describe_input
+
+    def describe(path, *args, **kwargs):
+        if Path(path) == Path(tokenizer_path):
+            raise OSError("tokenizer vanished")
+        return real(path, *args, **kwargs)
+
+    return describe
+
+
+def failing_writer(artifact: str):
+    class Failing(ArtifactWriter):
+        def __init__(self, *args, **kwargs):
+            if kwargs.get("artifact") == artifact:
+                raise OSError(f"cannot open the {artifact} writer")
+            super().__init__(*args, **kwargs)
+
+    return Failing
+
+
+def failing_public_batches(batch):
+    raise OSError("disk full while writing dataset_public")
+
+
+def failing_write_artifact(*args, **kwargs):
+    if kwargs.get("artifact") == "separator_stats":
+        raise OSError("disk full while writing separator_stats")
+    return write_artifact(*args, **kwargs)
+
+
+@pytest.mark.parametrize("failure", ["tokenizer_lineage", "problems_writer", "public_writer", "late_artifact"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failure_anywhere_leaves_nothing_and_a_retry_succeeds(inputs, tmp_path, scratch_root, monkeypatch, failure, workers):
+    from medmax_pipeline.stages.assemble import stage
+
+    out = tmp_path / "out"
+    run_stage(inputs, out, workers=workers)  # a complete earlier run must not survive a failed one
+    with monkeypatch.context() as patch:
+        if failure == "tokenizer_lineage":
+            patch.setattr(stage, "describe_input", failing_tokenizer_lineage(inputs["tokenizer_path"]))
+        elif failure == "problems_writer":
+            patch.setattr(stage, "ArtifactWriter", failing_writer("dataset_problems"))
+        elif failure == "public_writer":
+            patch.setattr(stage, "_public_rows", failing_public_batches)
+        else:
+            patch.setattr(stage, "write_artifact", failing_write_artifact)
+        with pytest.raises(OSError):
+            run_stage(inputs, out, workers=workers)
+        assert list(out.iterdir()) == []  # no output, old or new, and no temporary file
+        assert list(scratch_root.iterdir()) == []  # no shared-memory handoff or codes folder
+    run_stage(inputs, out, workers=workers)
+    assert sorted(p.name for p in out.iterdir()) == sorted(stage.OUTPUT_FILES)

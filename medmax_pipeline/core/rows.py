@@ -94,7 +94,25 @@ def validate_row(raw: Any) -> tuple[dict[str, Any] | None, str | None]:
         "credential": credential.strip().lower(),
         "extra": json.dumps(extra, sort_keys=True, ensure_ascii=False) if extra else None,
     }
+    for key in ("text", "image_path", "task", "source", "extra"):
+        reason = _unicode_problem(key, row[key])
+        if reason is not None:
+            return None, reason
     return row, None
+
+
+def _unicode_problem(column: str, value: str | None) -> str | None:
+    """Why a decoded string cannot be stored as UTF-8, or None. JSON lets a line spell a lone
+    surrogate ("\\ud800"); json.loads returns it, and Arrow (every artifact) cannot encode it."""
+    if value is None:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        where = "its other keys" if column == "extra" else f"column {column!r}"
+        bad = value[exc.start : exc.end].encode("unicode_escape").decode("ascii")
+        return f"{where} hold(s) a lone surrogate ({bad} at character {exc.start}): not valid Unicode"
+    return None
 
 
 def _iter_raw_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
@@ -109,7 +127,9 @@ def _iter_raw_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
 def _decode_line(stripped: bytes) -> tuple[Any, str | None]:
     try:
         return json.loads(stripped), None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # ValueError: JSONDecodeError, UnicodeDecodeError, and an integer past Python's digit
+        # limit; RecursionError: arrays nested thousands deep. All are a bad line, not a crash.
         return None, f"bad JSON: {exc}"
 
 
@@ -169,19 +189,62 @@ def _split_tokens(line: bytes) -> tuple[bytes, memoryview, int] | None:
     return line[:start] + line[stop:], memoryview(line)[start:stop], count
 
 
+# Bytes a plain JSON integer array may hold between its brackets, minus "-" (see _json_int_text).
+_ARRAY_BYTES = b"0123456789, \t\r"
+# A number starting with 0 right after one of these is "0" itself or a leading zero ("07").
+_ZERO_AFTER = (b",0", b" 0", b"\t0", b"\r0")
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def _has_leading_zero(data: bytes) -> bool:
+    """Whether a number of a comma-separated list starts with 0 and goes on ("00", "07"), which
+    JSON refuses and numpy reads. Cheap: "<delimiter>0" is rare in token lists (id 0 is bos)."""
+    if data[:1] == b"0" and data[1:2].isdigit():
+        return True
+    for pattern in _ZERO_AFTER:
+        at = data.find(pattern)
+        while at >= 0:
+            if data[at + 2 : at + 3].isdigit():
+                return True
+            at = data.find(pattern, at + 2)
+    return False
+
+
+def _json_int_text(data: bytes) -> bool:
+    """Whether numpy's reading of `data` (joined integer lists) can only agree with json.loads.
+
+    numpy's sep="," reader is looser than JSON: it takes "+5", "- 5", "07", and form feed or
+    vertical tab as whitespace. Those must not decide a line (and the line must not be decided by
+    its neighbours in the block), so a block holding any of them is decoded per line. Minus signs
+    send the block there too: a negative id is a bad row anyway, and json.loads words its reason."""
+    if data.translate(None, _ARRAY_BYTES):  # any byte besides digits, commas and JSON whitespace
+        return False
+    return not _has_leading_zero(data)
+
+
 def _parse_int_lists(segments: list[memoryview], counts: list[int]) -> np.ndarray:
-    """Parse comma-separated integer lists holding `counts` values each; values (int64). Raises _SlowBlock."""
+    """Parse comma-separated integer lists holding `counts` values each; values (int64). Raises
+    _SlowBlock unless every list is a JSON integer list that numpy reads exactly as json.loads.
+
+    Why a block passing here holds only valid lists: the bytes are digits, commas and JSON
+    whitespace, no number has a leading zero, numpy reads the joined text to its end (it refuses
+    "1 2", ",,", a leading comma), and the value count equals commas + 1 of every list (a trailing
+    comma is the one thing numpy accepts and it yields one value fewer; nothing yields more)."""
     data = b",".join(seg for seg, count in zip(segments, counts) if count)
-    if b"+" in data:  # numpy accepts "+5", JSON does not
+    if not _json_int_text(data):
         raise _SlowBlock
     with warnings.catch_warnings():
-        # numpy warns (here: raises) when the text does not parse to its end: "1.0", "true", "1 2".
+        # numpy warns (here: raises) when the text does not parse to its end: "1 2", ",,".
         warnings.simplefilter("error")
         try:
             values = np.fromstring(data, dtype=np.int64, sep=",") if data else np.zeros(0, np.int64)
         except (ValueError, DeprecationWarning):
             raise _SlowBlock from None
     if values.size != sum(counts):  # "1,2," parses as two values where three were counted
+        raise _SlowBlock
+    if values.size and values.max() == _INT64_MAX:
+        # numpy saturates huge numbers: one may be past json's digit limit (a bad line for
+        # json.loads, not an out-of-range id). Rare: let the per-line reader word it.
         raise _SlowBlock
     return values
 

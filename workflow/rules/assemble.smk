@@ -18,6 +18,9 @@ rule assemble:
             category="Dataset coverage",
             labels={"split": "{split}", "artifact": "coverage"},
         ),
+        separator_stats=results("assemble", "{split}", "separator_stats.parquet"),
+        published_check=results("assemble", "{split}", "published_token_check.parquet"),
+        summary=results("assemble", "{split}", "coverage_summary.txt"),
     params:
         medmax=MEDMAX,
         tokenizer=TOKENIZER,
@@ -25,6 +28,7 @@ rule assemble:
         max_length=config["assemble"]["max_length"],
         overflow=config["assemble"]["overflow"],
         max_error_fraction=config["assemble"]["max_error_fraction"],
+        max_published_mismatch=config["assemble"]["max_published_mismatch_fraction"],
         output_dir=lambda wildcards, output: Path(output.dataset).parent,
     wildcard_constraints:
         split="train|validation",
@@ -40,4 +44,5 @@ rule assemble:
         " --path-problems {input.path_problems} --token-errors {input.token_errors}"
         " --tokenizer {params.tokenizer} {params.credentialed} --max-length {params.max_length}"
         " --overflow {params.overflow} --max-error-fraction {params.max_error_fraction}"
+        " --max-published-mismatch-fraction {params.max_published_mismatch}"
         " --output-dir {params.output_dir} > {log} 2>&1"

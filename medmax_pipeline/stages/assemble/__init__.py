@@ -14,7 +14,21 @@ problems of stages 1 and 2, and the modified text tokenizer. Output, in --output
                              file, line, row_id, source, task, credential, category, reason.
     coverage.parquet         (artifact coverage) per split, source, task, credential: rows
                              expected / filled / missing and the missing rows by category.
-    coverage_summary.txt     the same, as printed at the end.
+    separator_stats.parquet  (artifact separator_stats) per split, task, source, credential: rows
+                             with 0, 1, 2+ separators 8710 and rows whose final eos the
+                             first_separator / alternating loss masks would mask (separator_stats.py).
+    published_token_check.parquet (artifact published_token_check) per public image: its rows'
+                             first published block against the block re-derived from the image
+                             (published_check.py). Empty when no public block was re-derived
+                             (collect without images.include_public); the summary says so.
+    coverage_summary.txt     the coverage, as printed at the end, and a line on the published check.
+
+Label-only trust: a credential = no row whose published tokens hold a complete image block equal
+(all 1024 codes) to the block of a credentialed image of image_blocks is refused, category
+credentialed_image_in_public_row (counted as an error toward --max-error-fraction). It is left out
+of dataset too, so that dataset_public stays exactly the credential = no rows of dataset, and
+every input row is in dataset or in dataset_problems. The decision reads credentialed blocks but
+only removes rows: no credentialed value enters dataset_public, whose lineage stays the row file.
 
 Sequences. Public rows (credential = no) keep their published tokens after check_published_tokens.
 Credentialed rows get [0] + BPE(text) + [2], each <image> (8711) replaced by the 1026-id block of
@@ -29,13 +43,16 @@ accepted; a partial image block at its end is cut off the same way. `truncated` 
 --overflow drop instead moves rows longer than max_length to dataset_problems.
 
 Failing: malformed input (unreadable lines, <image> / image mismatches, invalid published tokens)
-is reported per row and the rest processed; past --max-error-fraction of the input rows the stage
-exits non-zero and writes none of its outputs (older outputs in the folder are removed, so that
-nothing stale looks complete).
+is reported per row and the rest processed; past --max-error-fraction of the input rows, or past
+--max-published-mismatch-fraction of the compared public images, the stage exits non-zero and
+writes none of its outputs. On any failure (those, a writer or an input's lineage failing, ...)
+older outputs in the folder are removed too, so that nothing stale looks complete, and so are the
+writers' temporary files and the shared-memory folders of the worker processes: a retry starts clean.
 
 The package: sequence_logic.py (pure, vectorised checks and truncation of token lists),
 coverage.py (categories of a missing row and the coverage counts), image_lookup.py (the image
-blocks credentialed rows are filled from) and stage.py (one batch, the run over a row file, the
+blocks credentialed rows are filled from, and the re-derived public blocks), separator_stats.py,
+published_check.py and stage.py (one batch, the run over a row file, the
 command line). Reading the row file with worker processes is core/parallel_rows.py.
 """
 

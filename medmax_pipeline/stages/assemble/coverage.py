@@ -14,10 +14,13 @@ NO_IMAGE_KEY = "no_image_key"
 MALFORMED_ROW = "malformed_row"
 TOO_LONG = "dropped_too_long"
 INVALID_TOKENS = "invalid_published_tokens"
-CATEGORIES = (IMAGE_MISSING, IMAGE_UNREADABLE, NO_IMAGE_KEY, MALFORMED_ROW, TOO_LONG, INVALID_TOKENS)
+# A credential = no row whose published tokens hold the block of a credentialed image: the label
+# is wrong, and the row must not reach the public export.
+CREDENTIALED_TOKENS = "credentialed_image_in_public_row"
+CATEGORIES = (IMAGE_MISSING, IMAGE_UNREADABLE, NO_IMAGE_KEY, MALFORMED_ROW, TOO_LONG, INVALID_TOKENS, CREDENTIALED_TOKENS)
 # Categories that say the input itself is broken (they count toward --max-error-fraction);
 # missing or unreadable images and too long rows are expected and only counted.
-ERROR_CATEGORIES = (MALFORMED_ROW, INVALID_TOKENS)
+ERROR_CATEGORIES = (MALFORMED_ROW, INVALID_TOKENS, CREDENTIALED_TOKENS)
 
 COVERAGE_KEYS = ("split", "source", "task", "credential")
 COVERAGE_SCHEMA = pa.schema(

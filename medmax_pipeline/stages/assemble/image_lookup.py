@@ -1,8 +1,11 @@
-"""The image blocks a credentialed row can be filled from: stage 3's blocks and the image problems
-of stages 1 and 2, by image key, for the configured credentialed sources only."""
+"""The image blocks assembly works with, by image key: those credentialed rows are filled from
+(stage 3's blocks and the image problems of stages 1 and 2, for the configured credentialed
+sources), and the re-derived blocks of public images (keys "public:<image_path>", present when
+collect ran with images.include_public), which public rows' published tokens are compared with."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -13,7 +16,7 @@ import pyarrow.compute as pc
 
 from medmax_pipeline.core import constants as C
 from medmax_pipeline.core.artifacts import iter_artifact_batches, read_artifact, read_meta
-from medmax_pipeline.core.image_keys import CredentialedSource
+from medmax_pipeline.core.image_keys import PUBLIC_ROOT_NAME, CredentialedSource
 from medmax_pipeline.core.sequences import block_problems
 
 
@@ -25,10 +28,13 @@ class ImageLookup:
     half the memory of int32 ids, and the frame 8197 ... 8196 and the +4 offset are added back by
     block(), so every block handed out is valid by construction."""
 
-    index: dict[str, int] = field(default_factory=dict)
+    index: dict[str, int] = field(default_factory=dict)  # credentialed image key -> row of codes
     codes: np.ndarray = field(default_factory=lambda: np.zeros((0, C.CODES_PER_IMAGE), np.uint16))
     unreadable: dict[str, str] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)
+    public_index: dict[str, int] = field(default_factory=dict)  # "public:<image_path>" -> row of codes
+    # codes_digest of every credentialed block: a public row carrying one of them is refused.
+    credentialed_digests: frozenset[bytes] = frozenset()
 
     def block(self, key: str) -> np.ndarray:
         """The 1026-id block (int32) of a key in `index`."""
@@ -38,15 +44,20 @@ class ImageLookup:
         return out
 
 
+def codes_digest(codes: np.ndarray) -> bytes:
+    """A digest of one image's 1024 codes (any integer dtype): equal codes, equal digest."""
+    return hashlib.blake2b(np.ascontiguousarray(codes, dtype="<u2").tobytes(), digest_size=16).digest()
+
+
 def load_image_lookup(
     image_blocks: Path | None, path_problems: Path | None, token_errors: Path | None, sources: Mapping[str, CredentialedSource]
 ) -> ImageLookup:
-    """Keep only keys of the configured credentialed sources: public rows never need an image,
-    so memory is bounded by the credentialed images, however many rows there are."""
+    """Keep only keys of the configured credentialed sources and public images (2 KB of codes per
+    image): memory is bounded by the images, however many rows there are. Public blocks exist only
+    where collect listed public images (images.include_public)."""
     lookup = ImageLookup()
-    prefixes = tuple(f"{s}:" for s in sources)
-    if not prefixes:
-        return lookup
+    public_prefix = f"{PUBLIC_ROOT_NAME}:"
+    prefixes = tuple(f"{s}:" for s in sources) + (public_prefix,)
 
     def wanted(keys: pa.Array) -> pa.Array:
         mask = pc.starts_with(keys, prefixes[0])
@@ -78,11 +89,14 @@ def load_image_lookup(
                 reason, row = next(reasons), next(rows)
                 if reason is not None:
                     lookup.unreadable.setdefault(key, reason)
-                elif key not in lookup.index:  # first one wins: deterministic
+                    continue
+                index = lookup.public_index if key.startswith(public_prefix) else lookup.index
+                if key not in index:  # first one wins: deterministic
                     codes[n_codes] = blocks[row, 1:-1] - C.IMAGE_CODE_OFFSET  # checked: 0..8191 fits uint16
-                    lookup.index[key] = n_codes
+                    index[key] = n_codes
                     n_codes += 1
         lookup.codes = codes[:n_codes]
+        lookup.credentialed_digests = frozenset(codes_digest(lookup.codes[i]) for i in lookup.index.values())
     if token_errors is not None:
         table = read_artifact(token_errors, "image_token_errors", columns=["image_key", "reason"])
         table = table.filter(wanted(table.column("image_key")))

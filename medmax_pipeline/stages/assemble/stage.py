@@ -5,6 +5,7 @@ writes, and its rules, are described in the package's docstring (assemble/__init
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 import time
@@ -26,6 +27,7 @@ from medmax_pipeline.core.rows import ROW_SCHEMA, RowProblem, read_jsonl_range, 
 from medmax_pipeline.core.sequences import build_sequence
 from medmax_pipeline.core.text_tokenizer import encode_texts, load_tokenizer
 from medmax_pipeline.stages.assemble.coverage import (
+    CREDENTIALED_TOKENS,
     ERROR_CATEGORIES,
     IMAGE_MISSING,
     IMAGE_UNREADABLE,
@@ -37,6 +39,14 @@ from medmax_pipeline.stages.assemble.coverage import (
     coverage_summary,
 )
 from medmax_pipeline.stages.assemble.image_lookup import ImageLookup, load_image_lookup
+from medmax_pipeline.stages.assemble.published_check import (
+    PUBLISHED_CHECK_SCHEMA,
+    PublishedCheck,
+    PublishedCounts,
+    compare_published_blocks,
+    rows_with_credentialed_blocks,
+)
+from medmax_pipeline.stages.assemble.separator_stats import SeparatorStats
 from medmax_pipeline.stages.assemble.sequence_logic import (
     PUBLISHED_MAX_LENGTH,
     check_published_tokens,
@@ -61,7 +71,11 @@ PROBLEM_SCHEMA = pa.schema(
         ("reason", pa.string()),
     ]
 )
-OUTPUT_FILES = ("dataset.parquet", "dataset_public.parquet", "dataset_problems.parquet", "coverage.parquet", "coverage_summary.txt")
+OUTPUT_FILES = (
+    "dataset.parquet", "dataset_public.parquet", "dataset_problems.parquet", "coverage.parquet", "coverage_summary.txt",
+    "separator_stats.parquet", "published_token_check.parquet",
+)
+DEFAULT_MAX_PUBLISHED_MISMATCH_FRACTION = 0.05
 
 
 class AssemblyError(Exception):
@@ -103,6 +117,7 @@ class Settings:
 class BatchResult:
     dataset: pa.RecordBatch
     problems: list[dict[str, Any]]
+    published: PublishedCounts = dataclasses.field(default_factory=dict)  # compare_published_blocks of the kept public rows
 
 
 def _problem(row: Mapping[str, Any], category: str, reason: str, file: str) -> dict[str, Any]:
@@ -173,6 +188,17 @@ def assemble_batch(
                 continue
             meta_rows = meta_rows or batch.select(["row_id", "line", "source", "task", "credential"]).to_pylist()
             problems.append(_problem(meta_rows[i], category, reason, file))
+        # The label is not trusted: a public row carrying a credentialed image's block is refused
+        # (from dataset too, so that dataset_public stays exactly the credential = no rows of dataset).
+        for i, block_number in rows_with_credentialed_blocks(values, offsets, np.flatnonzero(keep), lookup).items():
+            keep[i] = False
+            meta_rows = meta_rows or batch.select(["row_id", "line", "source", "task", "credential"]).to_pylist()
+            reason = f"credential = no, but image block {block_number} of its published tokens is that of a credentialed image"
+            problems.append(_problem(meta_rows[i], CREDENTIALED_TOKENS, reason, file))
+    published: PublishedCounts = {}
+    if lookup.public_index and keep.any():
+        checked = np.flatnonzero(keep)
+        published = compare_published_blocks(values, offsets, checked, batch.column("image_path").take(pa.array(checked)).to_pylist(), lookup)
 
     # Credentialed rows: build the sequence from text and the locally tokenized image.
     cred_index = np.flatnonzero(~public_mask)
@@ -242,7 +268,7 @@ def assemble_batch(
     out = pa.RecordBatch.from_arrays(
         arrays + [pa.array(np.diff(kept_offsets).astype(np.int32)), pa.array(truncated)], schema=DATASET_SCHEMA
     )
-    return BatchResult(out, problems)
+    return BatchResult(out, problems, published)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,8 +276,9 @@ def assemble_batch(
 # ----------------------------------------------------------------------------------------------
 
 # What one batch of the row file becomes: its dataset rows, and (its problems sorted by line, the
-# number of input rows it covered). The same shape from the serial and the parallel path.
-Assembled = tuple[pa.RecordBatch, tuple[list[dict[str, Any]], int]]
+# number of input rows it covered, its published-token comparison). The same shape from the serial
+# and the parallel path.
+Assembled = tuple[pa.RecordBatch, tuple[list[dict[str, Any]], int, PublishedCounts]]
 
 
 def _assemble_rows(
@@ -266,7 +293,7 @@ def _assemble_rows(
         for p in row_problems
     ] + result.problems
     problems.sort(key=lambda p: p["line"])
-    return result.dataset, (problems, batch.num_rows + len(row_problems))
+    return result.dataset, (problems, batch.num_rows + len(row_problems), result.published)
 
 
 @dataclass(frozen=True)
@@ -288,11 +315,11 @@ def _init_worker(config: _WorkerConfig) -> None:
     # The image lookup is built once, by the parent: the workers get its keys with the config and
     # map its codes read-only, so its pages are shared instead of loaded and checked again in
     # every worker.
-    n_codes = len(config.lookup.index)
+    n_codes = len(config.lookup.index) + len(config.lookup.public_index)
     codes = np.memmap(config.codes_path, np.uint16, "r", shape=(n_codes, C.CODES_PER_IMAGE)) if n_codes else config.lookup.codes
     _WORKER["config"] = config
     _WORKER["tokenizer"] = load_tokenizer(config.tokenizer_path)
-    _WORKER["lookup"] = ImageLookup(config.lookup.index, codes, config.lookup.unreadable, config.lookup.missing)
+    _WORKER["lookup"] = dataclasses.replace(config.lookup, codes=codes)
 
 
 def _assemble_range(byte_range: ByteRange) -> Assembled:
@@ -348,21 +375,27 @@ def assemble(
     max_length: int = C.DEFAULT_MAX_LENGTH,
     overflow: str = "truncate",
     max_error_fraction: float = 0.01,
+    max_published_mismatch_fraction: float = DEFAULT_MAX_PUBLISHED_MISMATCH_FRACTION,
     published_max_length: int = PUBLISHED_MAX_LENGTH,
     batch_size: int = 2048,
     workers: int | None = None,
     log: Any = sys.stdout,
 ) -> Coverage:
-    """Run stage 4 for one split; returns the coverage. Raises AssemblyError past the error fraction.
+    """Run stage 4 for one split; returns the coverage. Raises AssemblyError past the error fraction
+    or past the published-token mismatch fraction.
 
     workers: processes that read and assemble a jsonl row file (default: one per core, up to 4);
-    1 (or a parquet row file) assembles in this process. The outputs are the same either way."""
+    1 (or a parquet row file) assembles in this process. The outputs are the same either way.
+    On any failure no output of this run is left (older ones are removed too), nor any temporary
+    file or shared-memory folder of the stage, so a retry starts clean."""
     if overflow not in ("truncate", "drop"):
         raise AssemblyError(f"--overflow {overflow!r}: expected 'truncate' or 'drop'")
     if max_length < 2:
         raise AssemblyError(f"--max-length {max_length}: expected at least 2")
     if batch_size < 1:
         raise AssemblyError(f"--batch-size {batch_size}: expected at least 1")
+    if not 0 <= max_published_mismatch_fraction <= 1:
+        raise AssemblyError(f"--max-published-mismatch-fraction {max_published_mismatch_fraction}: expected a fraction in [0, 1]")
     workers = _default_workers() if workers is None else workers
     if workers < 1:
         raise AssemblyError(f"--workers {workers}: expected at least 1")
@@ -379,66 +412,78 @@ def assemble(
     optional = {k: Path(v) if v is not None else None for k, v in (("image_blocks", image_blocks), ("path_problems", path_problems), ("token_errors", token_errors))}
     settings = Settings(split, max_length, overflow, published_max_length)
     parallel = workers > 1 and rows.suffix != ".parquet"
-
-    # The row file is hashed once for both lineages. Public lineage: the row file only. In
-    # parallel, it is hashed while it is read (its fingerprint is filled in before the writers close).
-    if parallel:
-        rows_input: dict[str, Any] = {"path": str(rows), "artifact": None, "fingerprint": None, "credential": "public"}
-        lookup = load_image_lookup(optional["image_blocks"], optional["path_problems"], optional["token_errors"], sources)
-        scratch_dir = shared_scratch_dir("medmax-assemble-")
-        codes_path = scratch_dir / "image_codes.u16"
-        try:
-            lookup.codes.tofile(codes_path)
-        except BaseException:
-            shutil.rmtree(scratch_dir, ignore_errors=True)
-            raise
-        # The workers map the file; this process keeps the keys only (a fresh empty array, so the
-        # codes' memory is freed, not held by a view).
-        lookup.codes = np.zeros((0, C.CODES_PER_IMAGE), np.uint16)
-        config = _WorkerConfig(rows, settings, sources, Path(tokenizer_path), lookup, codes_path)
-
-        def record_fingerprint(fingerprint: str) -> None:
-            rows_input["fingerprint"] = fingerprint
-
-        batches: Iterator[Assembled] = map_line_ranges(
-            rows, batch_size, workers, _assemble_range, initializer=_init_worker, initargs=(config,), on_fingerprint=record_fingerprint
-        )
-    else:
-        rows_input = describe_input(rows)
-        lookup = load_image_lookup(optional["image_blocks"], optional["path_problems"], optional["token_errors"], sources)
-        batches = (
-            _assemble_rows(batch, row_problems, settings, str(rows), sources, lookup, tokenizer)
-            for batch, row_problems in prefetch(read_row_batches(rows, split, batch_size))
-        )
     public_params = {"split": split, "max_length": max_length, "overflow": overflow, "published_max_length": published_max_length}
-    params = {**public_params, "credentialed_sources": sorted(sources), "max_error_fraction": max_error_fraction}
-    private_inputs: list[Any] = [rows_input, describe_input(tokenizer_path)]
-    private_inputs += [p for p in optional.values() if p is not None]
+    params = {**public_params, "credentialed_sources": sorted(sources), "max_error_fraction": max_error_fraction,
+              "max_published_mismatch_fraction": max_published_mismatch_fraction}
     coverage = Coverage(split)
-    n_input = n_errors = 0
-    first_errors: list[str] = []
+    separators = SeparatorStats(split)
+    scratch_dir: Path | None = None
+    batches: Iterator[Assembled] | None = None
+    writers: list[ArtifactWriter] = []
     started = time.perf_counter()
-    writers = [
-        ArtifactWriter(output_dir / "dataset.parquet", DATASET_SCHEMA, artifact="dataset", inputs=private_inputs, params=params),
-        ArtifactWriter(output_dir / "dataset_public.parquet", DATASET_SCHEMA, artifact="dataset_public", inputs=[rows_input], params=public_params, credential="public"),
-        ArtifactWriter(output_dir / "dataset_problems.parquet", PROBLEM_SCHEMA, artifact="dataset_problems", inputs=private_inputs, params=params),
-    ]
-    dataset_writer, public_writer, problem_writer = writers
-    outputs = [_OrderedWriter(dataset_writer), _OrderedWriter(public_writer, _public_rows)]
+    n_input = 0
     try:
-        for dataset, (problems, n_batch) in batches:
-            n_input += n_batch
+        lookup = load_image_lookup(optional["image_blocks"], optional["path_problems"], optional["token_errors"], sources)
+        published = PublishedCheck(split, enabled=bool(lookup.public_index))
+        # The row file is hashed once for both lineages. Public lineage: the row file only. In
+        # parallel, it is hashed while it is read (its fingerprint is filled in before the writers close).
+        if parallel:
+            rows_input: dict[str, Any] = {"path": str(rows), "artifact": None, "fingerprint": None, "credential": "public"}
+            scratch_dir = shared_scratch_dir("medmax-assemble-")
+            codes_path = scratch_dir / "image_codes.u16"
+            lookup.codes.tofile(codes_path)
+            # The workers map the file; this process keeps the keys only (a fresh empty array, so the
+            # codes' memory is freed, not held by a view).
+            lookup.codes = np.zeros((0, C.CODES_PER_IMAGE), np.uint16)
+            config = _WorkerConfig(rows, settings, sources, Path(tokenizer_path), lookup, codes_path)
+
+            def record_fingerprint(fingerprint: str) -> None:
+                rows_input["fingerprint"] = fingerprint
+
+            batches = map_line_ranges(
+                rows, batch_size, workers, _assemble_range, initializer=_init_worker, initargs=(config,), on_fingerprint=record_fingerprint
+            )
+        else:
+            rows_input = describe_input(rows)
+            batches = (
+                _assemble_rows(batch, row_problems, settings, str(rows), sources, lookup, tokenizer)
+                for batch, row_problems in prefetch(read_row_batches(rows, split, batch_size))
+            )
+        private_inputs: list[Any] = [rows_input, describe_input(tokenizer_path)]
+        private_inputs += [p for p in optional.values() if p is not None]
+        n_errors = 0
+        first_errors: list[str] = []
+        for name, schema, artifact, inputs, artifact_params, credential in (
+            ("dataset.parquet", DATASET_SCHEMA, "dataset", private_inputs, params, None),
+            ("dataset_public.parquet", DATASET_SCHEMA, "dataset_public", [rows_input], public_params, "public"),
+            ("dataset_problems.parquet", PROBLEM_SCHEMA, "dataset_problems", private_inputs, params, None),
+        ):
+            writers.append(ArtifactWriter(output_dir / name, schema, artifact=artifact, inputs=inputs, params=artifact_params, credential=credential))
+        dataset_writer, public_writer, problem_writer = writers
+        outputs = [_OrderedWriter(dataset_writer), _OrderedWriter(public_writer, _public_rows)]
+        try:
+            for dataset, (problems, n_batch, published_counts) in batches:
+                n_input += n_batch
+                for output in outputs:
+                    output.submit(dataset)
+                if problems:
+                    problem_writer.write(pa.Table.from_pylist(problems, schema=PROBLEM_SCHEMA))
+                coverage.add_filled(dataset)
+                separators.add(dataset)
+                published.add(published_counts)
+                for problem in problems:
+                    coverage.add_problem(problem)
+                    if problem["category"] in ERROR_CATEGORIES:
+                        n_errors += 1
+                        if len(first_errors) < 20:
+                            first_errors.append(f"  {problem['file']}:{problem['line']}: {problem['reason']}")
+        except BaseException:
             for output in outputs:
-                output.submit(dataset)
-            if problems:
-                problem_writer.write(pa.Table.from_pylist(problems, schema=PROBLEM_SCHEMA))
-            coverage.add_filled(dataset)
-            for problem in problems:
-                coverage.add_problem(problem)
-                if problem["category"] in ERROR_CATEGORIES:
-                    n_errors += 1
-                    if len(first_errors) < 20:
-                        first_errors.append(f"  {problem['file']}:{problem['line']}: {problem['reason']}")
+                try:
+                    output.finish()
+                except BaseException:  # noqa: S110 (the first error is the one raised)
+                    pass
+            raise
         for output in outputs:
             output.finish()
         if n_input and n_errors / n_input > max_error_fraction:
@@ -446,36 +491,57 @@ def assemble(
                 f"{rows}: {n_errors} of {n_input} rows are malformed ({n_errors / n_input:.2%} > --max-error-fraction "
                 f"{max_error_fraction:.2%}); no outputs written. First problems:\n" + "\n".join(first_errors)
             )
+        _check_published_mismatch(rows, published, max_published_mismatch_fraction)
         if rows_input["fingerprint"] is None:
             raise AssemblyError(f"{rows}: the row file was not hashed")  # cannot happen: the planner hashes before its last batch
         for writer in writers:  # the writers copied rows_input while its fingerprint was pending
             for entry in writer.lineage["inputs"]:
                 if entry["path"] == str(rows) and entry["artifact"] is None:
                     entry["fingerprint"] = rows_input["fingerprint"]
+        for writer in writers:
+            writer.close()
+        write_artifact(coverage.table(), output_dir / "coverage.parquet", artifact="coverage", inputs=private_inputs, params=params)
+        write_artifact(separators.table(), output_dir / "separator_stats.parquet", artifact="separator_stats", inputs=private_inputs, params=params)
+        write_artifact(published.table(), output_dir / "published_token_check.parquet", artifact="published_token_check",
+                       inputs=private_inputs, params=params)
+        summary = coverage_summary(coverage) + "\n" + published.summary()
+        (output_dir / "coverage_summary.txt").write_text(summary + "\n")
     except BaseException:
-        for output in outputs:
-            try:
-                output.finish()
-            except BaseException:  # noqa: S110 (the first error is the one raised)
-                pass
         for writer in writers:
             writer.abort()
-        for name in OUTPUT_FILES:  # nothing stale may look like the result of this run
-            (output_dir / name).unlink(missing_ok=True)
+        _remove_outputs(output_dir)
         raise
     finally:
-        batches.close()  # stops the worker pool (if any) before the codes it maps go
-        if parallel:
+        if batches is not None:
+            batches.close()  # stops the worker pool (if any) before the codes it maps go
+        if scratch_dir is not None:
             shutil.rmtree(scratch_dir, ignore_errors=True)
-    for writer in writers:
-        writer.close()
-    write_artifact(coverage.table(), output_dir / "coverage.parquet", artifact="coverage", inputs=private_inputs, params=params)
-    summary = coverage_summary(coverage)
-    (output_dir / "coverage_summary.txt").write_text(summary + "\n")
     elapsed = time.perf_counter() - started
     print(summary, file=log)
     print(f"assembled {n_input} rows in {elapsed:.1f} s ({n_input / max(elapsed, 1e-9):.0f} rows/s)", file=log)
     return coverage
+
+
+def _check_published_mismatch(rows: Path, published: PublishedCheck, max_fraction: float) -> None:
+    """Stop when more than `max_fraction` of the compared public images have published tokens that
+    differ from the re-derived ones."""
+    compared, differing = published.images()
+    if compared and len(differing) / compared > max_fraction:
+        listed = "\n".join(f"  {key}: {codes} of {C.CODES_PER_IMAGE} codes differ" for key, codes in differing[:10])
+        raise AssemblyError(
+            f"{rows}: the published tokens of {len(differing)} of {compared} public images differ from the blocks re-derived "
+            f"from the images ({len(differing) / compared:.2%} > --max-published-mismatch-fraction {max_fraction:.2%}: "
+            f"assemble.max_published_mismatch_fraction); no outputs written. First images:\n{listed}"
+        )
+
+
+def _remove_outputs(output_dir: Path) -> None:
+    """Remove every output of the stage and the temporary files its writers may have left: nothing
+    stale may look like the result of a run, and a retry starts from a clean folder."""
+    for name in OUTPUT_FILES:
+        (output_dir / name).unlink(missing_ok=True)
+        for temporary in output_dir.glob(f".{name}.*.tmp"):  # ArtifactWriter's temporary names
+            temporary.unlink(missing_ok=True)
 
 
 def _public_rows(dataset: pa.RecordBatch) -> pa.RecordBatch:
@@ -506,6 +572,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=C.DEFAULT_MAX_LENGTH)
     parser.add_argument("--overflow", choices=["truncate", "drop"], default="truncate")
     parser.add_argument("--max-error-fraction", type=float, default=0.01)
+    parser.add_argument("--max-published-mismatch-fraction", type=float, default=DEFAULT_MAX_PUBLISHED_MISMATCH_FRACTION,
+                        help="stop when more than this fraction of the public images whose blocks were re-derived "
+                             "(images.include_public) have published tokens that differ from them")
     parser.add_argument("--published-max-length", type=int, default=PUBLISHED_MAX_LENGTH,
                         help="length at which the publisher truncated rows (accepted without eos)")
     parser.add_argument("--batch-size", type=int, default=2048)
@@ -528,6 +597,7 @@ def run(args: argparse.Namespace) -> int:
             max_length=args.max_length,
             overflow=args.overflow,
             max_error_fraction=args.max_error_fraction,
+            max_published_mismatch_fraction=args.max_published_mismatch_fraction,
             published_max_length=args.published_max_length,
             batch_size=args.batch_size,
             workers=args.workers,
