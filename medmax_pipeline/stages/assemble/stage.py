@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from medmax_pipeline.core import constants as C
 from medmax_pipeline.core.artifacts import ArtifactWriter, describe_input, write_artifact
-from medmax_pipeline.core.image_keys import CredentialedSource, image_key_for_row
+from medmax_pipeline.core.image_keys import CredentialedSource, CredentialedSpecError, image_key_for_row, parse_credentialed_specs
 from medmax_pipeline.core.parallel_rows import ByteRange, default_workers, map_line_ranges, prefetch, shared_scratch_dir
 from medmax_pipeline.core.rows import ROW_SCHEMA, RowProblem, read_jsonl_range, read_row_batches
 from medmax_pipeline.core.sequences import build_sequence
@@ -88,16 +88,12 @@ class AssemblyError(Exception):
 
 
 def parse_credentialed(entries: Sequence[str]) -> dict[str, CredentialedSource]:
-    """SOURCE=ROOT=TEMPLATE strings (as Snakemake passes them) to CredentialedSource by source."""
-    sources: dict[str, CredentialedSource] = {}
-    for entry in entries:
-        parts = entry.split("=", 2)
-        if len(parts) != 3 or not all(parts):
-            raise AssemblyError(f"--credentialed {entry!r}: expected SOURCE=ROOT=TEMPLATE")
-        if parts[0] in sources:
-            raise AssemblyError(f"--credentialed: source {parts[0]!r} is given twice")
-        sources[parts[0]] = CredentialedSource(*parts)
-    return sources
+    """SOURCE=ROOT=TEMPLATE or SOURCE=ROOT=mapping:PATH strings (as Snakemake passes them) to
+    CredentialedSource by source, through the one parser collect uses too."""
+    try:
+        return parse_credentialed_specs(entries)
+    except CredentialedSpecError as exc:
+        raise AssemblyError(str(exc)) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,6 +447,8 @@ def assemble(
             )
         private_inputs: list[Any] = [rows_input, describe_input(tokenizer_path)]
         private_inputs += [p for p in optional.values() if p is not None]
+        # A mapping file spells out credentialed image paths: a credentialed input of the local outputs.
+        private_inputs += [describe_input(s.mapping.path, credentialed=True) for s in sources.values() if s.mapping is not None]
         n_errors = 0
         first_errors: list[str] = []
         for name, schema, artifact, inputs, artifact_params, credential in (
@@ -568,7 +566,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--path-problems", help="image_path_problems.parquet (stage 1)")
     parser.add_argument("--token-errors", help="image_token_errors.parquet (stage 2)")
     parser.add_argument("--tokenizer", required=True, help="CKPT/tokenizer/text_tokenizer_modified.json")
-    parser.add_argument("--credentialed", action="append", default=[], metavar="SOURCE=ROOT=TEMPLATE")
+    parser.add_argument("--credentialed", action="append", default=[], metavar="SOURCE=ROOT=TEMPLATE|SOURCE=ROOT=mapping:PATH")
     parser.add_argument("--max-length", type=int, default=C.DEFAULT_MAX_LENGTH)
     parser.add_argument("--overflow", choices=["truncate", "drop"], default="truncate")
     parser.add_argument("--max-error-fraction", type=float, default=0.01)
