@@ -40,6 +40,8 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 import torch.nn.functional as F
 
+from medmax_pipeline.core import constants as C
+
 MODEL_SUBDIR = Path("models") / "7b"
 CONSOLIDATED_FILE = "consolidated.pth"
 PARAMS_FILE = "params.json"
@@ -470,6 +472,12 @@ def reference_logits(tensor: Callable[[str], torch.Tensor], p: OriginalParams, i
     x = _rms_norm(x, tensor("norm.weight"), p.norm_eps)
     output = tensor("output.weight")
     return chunked_logits(x, lambda a, b: output[a:b], p.vocab_size)
+
+
+def check_prompt_ids(vocab_size: int) -> list[int]:
+    """The short prompt the conversion checks run: bos, an image block's edges and codes, separator, text, eos."""
+    ids = [C.BOS_ID, C.BEGIN_IMAGE_ID, C.FIRST_IMAGE_TOKEN_ID + 17, C.LAST_IMAGE_TOKEN_ID, C.END_IMAGE_ID, C.SEPARATOR_ID, vocab_size - 1, C.EOS_ID]
+    return [i for i in ids if i < vocab_size]
 
 
 def compare_logits(expected: torch.Tensor, actual: torch.Tensor, what: str, rtol: float = 1e-3, atol: float = 1e-4) -> float:

@@ -33,7 +33,6 @@ from typing import Any
 import torch
 import yaml
 
-from medmax_pipeline.core import constants as C
 from medmax_pipeline.core.text_tokenizer import MODIFIED_TOKENIZER_FILE, TOKENIZER_FILE, TokenizerLayoutError, vocabulary_map
 from medmax_pipeline.models import chameleon
 from medmax_pipeline.models import chameleon_original as orig
@@ -47,12 +46,6 @@ VQ_SKIPPED_PREFIXES = ("decoder.", "loss.")  # HF's ChameleonVQVAE has no decode
 
 class ConversionError(ValueError):
     """The checkpoint cannot be converted faithfully (the message names the file, tensor and reason)."""
-
-
-def check_prompt(vocab_size: int) -> list[int]:
-    """Ids the logits check runs: bos, an image block edge with codes, separator, text, eos."""
-    ids = [C.BOS_ID, C.BEGIN_IMAGE_ID, C.FIRST_IMAGE_TOKEN_ID + 17, C.LAST_IMAGE_TOKEN_ID, C.END_IMAGE_ID, C.SEPARATOR_ID, vocab_size - 1, C.EOS_ID]
-    return [i for i in ids if i < vocab_size]
 
 
 def tokenizer_vocabulary(tokenizer_dir: Path) -> tuple[dict[str, int], Path]:
@@ -182,7 +175,7 @@ def convert_checkpoint(checkpoint: str | Path, output: str | Path, max_shard_byt
     files = chameleon.write_safetensors_streaming(tmp, plan, max_shard_bytes=max_shard_bytes)
     shutil.copyfile(tokenizer_source, tmp / "tokenizer.json")
 
-    ids = check_prompt(p.vocab_size)
+    ids = orig.check_prompt_ids(p.vocab_size)
     expected = orig.reference_logits(tensors, p, ids)
     actual = chameleon.streamed_logits(tmp, ids)
     worst = orig.compare_logits(expected, actual, f"{COMMAND} {checkpoint} -> {output}")
