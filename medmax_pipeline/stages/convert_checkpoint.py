@@ -170,15 +170,18 @@ def convert_checkpoint(checkpoint: str | Path, output: str | Path, max_shard_byt
     config.dtype = text_dtype
 
     tmp = chameleon.start_output_folder(output, MARKER, COMMAND)
-    config.save_pretrained(str(tmp))
-    GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
-    files = chameleon.write_safetensors_streaming(tmp, plan, max_shard_bytes=max_shard_bytes)
-    shutil.copyfile(tokenizer_source, tmp / "tokenizer.json")
-
-    ids = orig.check_prompt_ids(p.vocab_size)
-    expected = orig.reference_logits(tensors, p, ids)
-    actual = chameleon.streamed_logits(tmp, ids)
-    worst = orig.compare_logits(expected, actual, f"{COMMAND} {checkpoint} -> {output}")
+    try:
+        config.save_pretrained(str(tmp))
+        GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
+        files = chameleon.write_safetensors_streaming(tmp, plan, max_shard_bytes=max_shard_bytes)
+        shutil.copyfile(tokenizer_source, tmp / "tokenizer.json")
+        ids = orig.check_prompt_ids(p.vocab_size)
+        expected = orig.reference_logits(tensors, p, ids)
+        actual = chameleon.streamed_logits(tmp, ids)
+        worst = orig.compare_logits(expected, actual, f"{COMMAND} {checkpoint} -> {output}")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours: made by start_output_folder above
+        raise
     record = {
         "command": COMMAND,
         "source": str(checkpoint),

@@ -93,8 +93,6 @@ def export_model(
     dtype: str = "auto",
 ) -> dict[str, Any]:
     """Merge `adapter` into `base_model` and write both output folders; return the record written beside them."""
-    from peft import PeftModel
-
     base_model, adapter = Path(base_model), Path(adapter)
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     if not (adapter / "adapter_config.json").is_file():
@@ -104,14 +102,37 @@ def export_model(
         raise ExportError(f"{tokenizer_dir} does not exist; the exported checkpoint needs the source checkpoint's tokenizer folder")
     tokenizer = tokenizer_dir / MODIFIED_TOKENIZER_FILE if tokenizer_dir is not None and (tokenizer_dir / MODIFIED_TOKENIZER_FILE).is_file() else None
     out_dtype = stored_dtype(base_model, dtype)
+    # Everything that can refuse without loading weights comes before the output folders are claimed.
+    p = orig.params_from_hf_config(chameleon.check_base_model_folder(base_model, tokenizer), source=str(base_model / "config.json"))
+    params_texts = params_files(checkpoint, p)
     tmp_checkpoint = chameleon.start_output_folder(output_checkpoint, MARKER, COMMAND)
-    tmp_hf = chameleon.start_output_folder(output_hf, MARKER, COMMAND)
+    try:
+        tmp_hf = chameleon.start_output_folder(output_hf, MARKER, COMMAND)
+    except FileExistsError:
+        shutil.rmtree(tmp_checkpoint)
+        raise
+    try:
+        record = _write_outputs(base_model, adapter, tokenizer_dir, tokenizer, out_dtype, p, params_texts, tmp_checkpoint, tmp_hf)
+    except BaseException:
+        shutil.rmtree(tmp_checkpoint, ignore_errors=True)  # ours: made by start_output_folder above
+        shutil.rmtree(tmp_hf, ignore_errors=True)
+        raise
+    record.update({"checkpoint": str(checkpoint) if checkpoint is not None else None, "outputs": {"checkpoint": str(output_checkpoint), "hf": str(output_hf)}})
+    chameleon.finish_output_folder(tmp_hf, output_hf, MARKER, record)
+    chameleon.finish_output_folder(tmp_checkpoint, output_checkpoint, MARKER, record)
+    return record
+
+
+def _write_outputs(
+    base_model: Path, adapter: Path, tokenizer_dir: Path | None, tokenizer: Path | None, out_dtype: torch.dtype,
+    p: orig.OriginalParams, params_texts: dict[str, str], tmp_checkpoint: Path, tmp_hf: Path,
+) -> dict[str, Any]:
+    """Merge, write both folders' contents into the temporary folders, check logits; return the record."""
+    from peft import PeftModel
 
     # Merge in fp32 (LoRA deltas are small against bf16 steps), then store in the base's dtype.
     base = chameleon.load_base_model(base_model, dtype=torch.float32, device="cpu", tokenizer=tokenizer)
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().eval().to(out_dtype)
-    p = orig.params_from_hf_config(merged.config.to_dict(), source=str(base_model / "config.json"))
-
     merged.save_pretrained(str(tmp_hf))
     chameleon.copy_tokenizer_files(base_model, tmp_hf)
     state = original_state_from_hf(merged.state_dict(), p, source=f"{base_model} + {adapter}")
@@ -120,7 +141,7 @@ def export_model(
     model_dir.mkdir(parents=True)
     torch.save(state, model_dir / orig.CONSOLIDATED_FILE)
     del state
-    for name, text in params_files(checkpoint, p).items():
+    for name, text in params_texts.items():
         (model_dir / name).write_text(text)
     if tokenizer_dir is not None:
         shutil.copytree(tokenizer_dir, tmp_checkpoint / "tokenizer")
@@ -130,19 +151,14 @@ def export_model(
     expected = orig.reference_logits(orig.OriginalTensors(written, p, str(model_dir / orig.CONSOLIDATED_FILE)), p, ids)
     worst = orig.compare_logits(expected, chameleon.streamed_logits(tmp_hf, ids), f"{COMMAND}: original vs merged HF")
     del written
-    record = {
+    return {
         "command": COMMAND,
         "base_model": str(base_model),
         "adapter": str(adapter),
-        "checkpoint": str(checkpoint) if checkpoint is not None else None,
         "dtype": str(out_dtype).removeprefix("torch."),
         "params": orig.params_documents(p)[0]["model"],
-        "outputs": {"checkpoint": str(output_checkpoint), "hf": str(output_hf)},
         "logits_check": {"prompt_ids": ids, "max_abs_diff": worst, "precision": "fp32"},
     }
-    chameleon.finish_output_folder(tmp_hf, output_hf, MARKER, record)
-    chameleon.finish_output_folder(tmp_checkpoint, output_checkpoint, MARKER, record)
-    return record
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
