@@ -454,25 +454,45 @@ def write_safetensors_streaming(
 
 def weight_files(folder: str | Path) -> dict[str, Path]:
     """Tensor name -> safetensors file of an HF folder (single file or sharded with an index)."""
-    from safetensors import safe_open
-
     folder = Path(folder)
     index = folder / WEIGHT_INDEX_FILE
     if index.is_file():
         return {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
     files: dict[str, Path] = {}
     for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            files.update({name: path for name in f.keys()})
+        files.update({name: path for name in _safetensors_header(path)[0] if name != "__metadata__"})
     return files
 
 
-def read_tensor(files: Mapping[str, Path], name: str, rows: slice | None = None) -> torch.Tensor:
-    """One tensor (or a range of its rows) from safetensors; the file is closed again after the read."""
-    from safetensors import safe_open
+def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(size)), 8 + size
 
-    with safe_open(str(files[name]), framework="pt") as f:
-        return f.get_tensor(name) if rows is None else f.get_slice(name)[rows]
+
+def read_tensor(files: Mapping[str, Path], name: str, rows: slice | None = None) -> torch.Tensor:
+    """One tensor (or a range of its rows) read from its safetensors file with plain reads.
+
+    Not memory-mapped on purpose: pages of a mapping that was read stay in the process's RSS
+    while it is open, which would add a second copy of the weights to a streamed check.
+    """
+    path = Path(files[name])
+    header, data_start = _safetensors_header(path)
+    entry = header[name]
+    dtype = {v: k for k, v in SAFETENSORS_DTYPES.items()}[entry["dtype"]]
+    shape = list(entry["shape"])
+    begin, end = entry["data_offsets"]
+    if rows is not None:
+        row_bytes = (end - begin) // shape[0] if shape[0] else 0
+        first, last, _ = rows.indices(shape[0])
+        begin, end, shape = begin + first * row_bytes, begin + last * row_bytes, [max(last - first, 0), *shape[1:]]
+    buffer = bytearray(end - begin)
+    with open(path, "rb") as f:
+        f.seek(data_start + begin)
+        f.readinto(buffer)
+    if not buffer:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
 @torch.no_grad()
