@@ -406,11 +406,13 @@ def write_safetensors_streaming(
     folder: str | Path,
     plan: Sequence[tuple[str, torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]],
     max_shard_bytes: int = 2 * 1024**3,
+    after_write: Callable[[str], None] | None = None,
 ) -> list[str]:
     """Write (name, dtype, shape, make_tensor) entries as HF safetensors shards; return the file names.
 
     The header of each shard is known from the plan, so every tensor is made, written and
-    dropped before the next one is made: memory holds one tensor, not a shard. Shards are
+    dropped before the next one is made: memory holds one tensor, not a shard (`after_write(name)`
+    runs after each, e.g. to let go of its source). Shards are
     named as transformers names them, with model.safetensors.index.json when there are several.
     """
     folder = Path(folder)
@@ -446,6 +448,8 @@ def write_safetensors_streaming(
                     raise ValueError(f"{tensor_name}: made {tensor.dtype} {tuple(tensor.shape)}, planned {dtype} {tuple(shape)}")
                 out.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
                 del tensor
+                if after_write is not None:
+                    after_write(tensor_name)
     if len(names) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (folder / WEIGHT_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
@@ -500,8 +504,9 @@ def streamed_logits(folder: str | Path, ids: Sequence[int]) -> torch.Tensor:
     """(T, vocab) fp32 logits of the HF model in `folder`, its decoder layers loaded one at a time.
 
     HF's own ChameleonModel runs the layers (its rotary, q/k norm, attention and mask code); each
-    layer's weights are read in fp32 just before it runs and dropped after, and the embedding and
-    head are read a few rows at a time, so a 7B model is checked in the memory of about one layer.
+    module's weights (one projection, one norm) are read in fp32 just before it runs and dropped
+    after, and the embedding and head are read a few rows at a time, so a 7B model is checked in
+    the memory of about one fp32 matrix.
     Image-token logits are not masked (this is the raw head).
     """
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
@@ -517,7 +522,7 @@ def streamed_logits(folder: str | Path, ids: Sequence[int]) -> torch.Tensor:
     files = weight_files(folder)
 
     def load(module: torch.nn.Module, prefix: str) -> None:
-        state = {name: read_tensor(files, prefix + name).float() for name, _ in module.named_parameters()}
+        state = {name: read_tensor(files, prefix + name).float() for name, _ in module.named_parameters(recurse=False)}
         module.load_state_dict(state, assign=True, strict=True)
 
     def unload(module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -525,8 +530,11 @@ def streamed_logits(folder: str | Path, ids: Sequence[int]) -> torch.Tensor:
 
     handles = []
     for i, layer in enumerate(core.layers):
-        handles.append(layer.register_forward_pre_hook(lambda module, args, i=i: load(module, f"model.layers.{i}.")))
-        handles.append(layer.register_forward_hook(unload))
+        for name, module in layer.named_modules():
+            if any(True for _ in module.parameters(recurse=False)):  # q_proj, q_norm, input_layernorm, ...
+                prefix = f"model.layers.{i}.{name}."
+                handles.append(module.register_forward_pre_hook(lambda module, args, prefix=prefix: load(module, prefix)))
+                handles.append(module.register_forward_hook(unload))
     try:
         load(core.norm, "model.norm.")
         ids_tensor = torch.as_tensor(list(ids), dtype=torch.long)

@@ -31,8 +31,11 @@ conversion uses to check that the HF model it wrote computes the same logits.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -350,16 +353,44 @@ def to_original(rule: TensorRule, tensor: torch.Tensor, p: OriginalParams) -> to
     return tensor
 
 
+_MADV_DONTNEED = 4  # Linux
+
+
+def release_mapped_pages(tensor: torch.Tensor) -> None:
+    """Let go of the resident pages under a contiguous tensor that lies in a read-only file mapping.
+
+    Pages of a memory-mapped file that were read count in the process's RSS until the mapping is
+    closed, so a conversion reading every tensor once would end up holding the whole file.
+    MADV_DONTNEED on an unmodified private file mapping (torch.load(mmap=True) maps privately and
+    nothing here writes to it) drops only the cached copy: a later read faults the same bytes back
+    in from the file. Never call it on ordinary memory, where it would zero the data. No-op off Linux.
+    """
+    if not sys.platform.startswith("linux") or tensor.numel() == 0 or not tensor.is_contiguous():
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first, last = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
+    if last > first:
+        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
 class OriginalTensors:
     """Name -> tensor access to a consolidated.pth state dict that records which tensors were read.
 
     Also serves checkpoints saved with the original model's fused parameters (attention.wqkv,
     feed_forward.w13: its load hook accepts both), as views into the fused tensor.
+    `mapped`: the state was loaded with torch.load(mmap=True), so `release` may drop pages.
     """
 
-    def __init__(self, state: Mapping[str, Any], p: OriginalParams, source: str) -> None:
-        self.state, self.p, self.source = state, p, source
+    def __init__(self, state: Mapping[str, Any], p: OriginalParams, source: str, mapped: bool = False) -> None:
+        self.state, self.p, self.source, self.mapped = state, p, source, mapped
         self.used: set[str] = set()
+
+    def release(self, tensor: torch.Tensor) -> None:
+        """Drop the resident pages of a tensor (or view) read from the mapped file; no-op when not mapped."""
+        if self.mapped:
+            release_mapped_pages(tensor)
 
     def __call__(self, name: str) -> torch.Tensor:
         if name in self.state:
@@ -428,28 +459,40 @@ def chunked_logits(hidden: torch.Tensor, weight: Callable[[int, int], torch.Tens
 
 
 @torch.no_grad()
-def reference_logits(tensor: Callable[[str], torch.Tensor], p: OriginalParams, ids: Iterable[int]) -> torch.Tensor:
+def reference_logits(
+    tensor: Callable[[str], torch.Tensor], p: OriginalParams, ids: Iterable[int], release: Callable[[torch.Tensor], None] | None = None
+) -> torch.Tensor:
     """(T, vocab) fp32 logits of the original Chameleon forward pass for one unpadded sequence.
 
     `tensor(name)` returns an original-format tensor; each is read when needed and upcast on its
-    own, so memory stays near one layer in fp32 whatever the model size.
+    own, so memory stays near one matrix in fp32 whatever the model size. `release(t)` is
+    called on each source tensor once it has been read (OriginalTensors.release for a mapped file).
     """
+    release = release or (lambda t: None)
     ids = torch.as_tensor(list(ids), dtype=torch.long)
     seq, hd = len(ids), p.head_dim
-    x = tensor("tok_embeddings.weight")[ids].float()
+    embedding = tensor("tok_embeddings.weight")
+    x = embedding[ids].float()
+    release(embedding)
     mask = torch.full((seq, seq), float("-inf")).triu(1)
     group = p.n_heads // p.n_kv_heads
 
+    def read(name: str) -> torch.Tensor:
+        source = tensor(name)
+        value = source.float()
+        release(source)
+        return value
+
     def linear(h: torch.Tensor, name: str) -> torch.Tensor:
-        return h @ tensor(name).float().t()
+        return h @ read(name).t()
 
     def attention(h: torch.Tensor, o: str) -> torch.Tensor:
         q = linear(h, o + "attention.wq.weight").view(seq, p.n_heads, hd)
         k = linear(h, o + "attention.wk.weight").view(seq, p.n_kv_heads, hd)
         v = linear(h, o + "attention.wv.weight").view(seq, p.n_kv_heads, hd)
         if p.qk_normalization:
-            q = F.layer_norm(q, (hd,), tensor(o + "attention.q_normalization.weight").float(), tensor(o + "attention.q_normalization.bias").float(), QK_NORM_EPS)
-            k = F.layer_norm(k, (hd,), tensor(o + "attention.k_normalization.weight").float(), tensor(o + "attention.k_normalization.bias").float(), QK_NORM_EPS)
+            q = F.layer_norm(q, (hd,), read(o + "attention.q_normalization.weight"), read(o + "attention.q_normalization.bias"), QK_NORM_EPS)
+            k = F.layer_norm(k, (hd,), read(o + "attention.k_normalization.weight"), read(o + "attention.k_normalization.bias"), QK_NORM_EPS)
         q, k = _rotate_adjacent_pairs(q, p.rope_theta), _rotate_adjacent_pairs(k, p.rope_theta)
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # query head h uses kv head h // group
         scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd) + mask
@@ -462,16 +505,22 @@ def reference_logits(tensor: Callable[[str], torch.Tensor], p: OriginalParams, i
 
     for i in range(p.n_layers):
         o = f"layers.{i}."
-        attention_norm, ffn_norm = tensor(o + "attention_norm.weight"), tensor(o + "ffn_norm.weight")
+        attention_norm, ffn_norm = read(o + "attention_norm.weight"), read(o + "ffn_norm.weight")
         if p.swin_norm:  # normalise each block's output instead of its input
             h = x + _rms_norm(attention(x, o), attention_norm, p.norm_eps)
             x = h + _rms_norm(feed_forward(h, o), ffn_norm, p.norm_eps)
         else:
             h = x + attention(_rms_norm(x, attention_norm, p.norm_eps), o)
             x = h + feed_forward(_rms_norm(h, ffn_norm, p.norm_eps), o)
-    x = _rms_norm(x, tensor("norm.weight"), p.norm_eps)
+    x = _rms_norm(x, read("norm.weight"), p.norm_eps)
     output = tensor("output.weight")
-    return chunked_logits(x, lambda a, b: output[a:b], p.vocab_size)
+
+    def head_rows(a: int, b: int) -> torch.Tensor:
+        rows = output[a:b].float()
+        release(output[a:b])
+        return rows
+
+    return chunked_logits(x, head_rows, p.vocab_size)
 
 
 def check_prompt_ids(vocab_size: int) -> list[int]:

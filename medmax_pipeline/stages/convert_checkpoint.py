@@ -76,24 +76,24 @@ def load_vq_source(tokenizer_dir: Path) -> tuple[dict[str, Any], dict[str, torch
         raise ConversionError(f"{yaml_path}: not a taming vqgan config with model.params ({exc})") from None
     except VQGANLoadError as exc:
         raise ConversionError(str(exc)) from None
-    document = _load_weights(ckpt_path)
+    document, _ = _load_weights(ckpt_path)
     if not isinstance(document, dict) or not isinstance(document.get("state_dict"), dict):
         raise ConversionError(f"{ckpt_path}: expected a dict with the weights under 'state_dict'")
     state = {k: v for k, v in document["state_dict"].items() if not k.startswith(VQ_SKIPPED_PREFIXES)}
     return hf_vq_config(params), state
 
 
-def _load_weights(path: Path) -> Any:
-    """torch.load with weights_only=True, memory-mapped when the file allows it (zip format)."""
+def _load_weights(path: Path) -> tuple[Any, bool]:
+    """(torch.load with weights_only=True, whether it is memory-mapped: when the file allows it, zip format)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
     except RuntimeError as exc:
         if "mmap" not in str(exc):  # old non-zip files cannot be mapped: read them whole
             raise ConversionError(f"{path}: cannot load with torch.load(weights_only=True): {exc}") from None
     except Exception as exc:  # torch raises several types for damaged or unsafe pickles
         raise ConversionError(f"{path}: cannot load with torch.load(weights_only=True): {exc}") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True), False
     except Exception as exc:
         raise ConversionError(f"{path}: cannot load with torch.load(weights_only=True): {exc}") from None
 
@@ -147,10 +147,11 @@ def convert_checkpoint(checkpoint: str | Path, output: str | Path, max_shard_byt
     config = ChameleonConfig(**orig.hf_config_kwargs(p, vocab, vq_config))
     config.architectures = ["ChameleonForConditionalGeneration"]
 
-    state = _load_weights(consolidated)
+    state, mapped = _load_weights(consolidated)
     if not isinstance(state, dict):
         raise ConversionError(f"{consolidated}: expected a state dict, found {type(state).__name__}")
-    tensors = orig.OriginalTensors(state, p, str(consolidated))
+    tensors = orig.OriginalTensors(state, p, str(consolidated), mapped=mapped)
+    source_of = {rule.hf: rule.original for rule in orig.tensor_rules(p)}
     plan: list[tuple[str, torch.dtype, tuple[int, ...], Any]] = []
     for rule in orig.tensor_rules(p):
         source = tensors(rule.original)
@@ -173,10 +174,12 @@ def convert_checkpoint(checkpoint: str | Path, output: str | Path, max_shard_byt
     try:
         config.save_pretrained(str(tmp))
         GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
-        files = chameleon.write_safetensors_streaming(tmp, plan, max_shard_bytes=max_shard_bytes)
+        # Each source tensor's pages are let go once written: the process never holds the whole file.
+        after_write = lambda name: tensors.release(tensors(source_of[name])) if name in source_of else None  # noqa: E731
+        files = chameleon.write_safetensors_streaming(tmp, plan, max_shard_bytes=max_shard_bytes, after_write=after_write)
         shutil.copyfile(tokenizer_source, tmp / "tokenizer.json")
         ids = orig.check_prompt_ids(p.vocab_size)
-        expected = orig.reference_logits(tensors, p, ids)
+        expected = orig.reference_logits(tensors, p, ids, release=tensors.release)
         actual = chameleon.streamed_logits(tmp, ids)
         worst = orig.compare_logits(expected, actual, f"{COMMAND} {checkpoint} -> {output}")
     except BaseException:

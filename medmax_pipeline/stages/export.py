@@ -148,9 +148,10 @@ def _write_outputs(
 
     ids = orig.check_prompt_ids(p.vocab_size)
     written = torch.load(model_dir / orig.CONSOLIDATED_FILE, map_location="cpu", weights_only=True, mmap=True)
-    expected = orig.reference_logits(orig.OriginalTensors(written, p, str(model_dir / orig.CONSOLIDATED_FILE)), p, ids)
+    tensors = orig.OriginalTensors(written, p, str(model_dir / orig.CONSOLIDATED_FILE), mapped=True)
+    expected = orig.reference_logits(tensors, p, ids, release=tensors.release)
     worst = orig.compare_logits(expected, chameleon.streamed_logits(tmp_hf, ids), f"{COMMAND}: original vs merged HF")
-    del written
+    del tensors, written
     return {
         "command": COMMAND,
         "base_model": str(base_model),
