@@ -174,8 +174,10 @@ def convert_checkpoint(checkpoint: str | Path, output: str | Path, max_shard_byt
     try:
         config.save_pretrained(str(tmp))
         GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
-        # Each source tensor's pages are let go once written: the process never holds the whole file.
-        after_write = lambda name: tensors.release(tensors(source_of[name])) if name in source_of else None  # noqa: E731
+        def after_write(hf_name: str) -> None:  # the source's pages go once written: the file is never held whole
+            if hf_name in source_of:
+                tensors.release(tensors(source_of[hf_name]))
+
         files = chameleon.write_safetensors_streaming(tmp, plan, max_shard_bytes=max_shard_bytes, after_write=after_write)
         shutil.copyfile(tokenizer_source, tmp / "tokenizer.json")
         ids = orig.check_prompt_ids(p.vocab_size)
