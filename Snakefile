@@ -11,11 +11,13 @@ configfile: "config.yaml"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
+include: "workflow/rules/convert.smk"
 include: "workflow/rules/collect.smk"
 include: "workflow/rules/tokenize.smk"
 include: "workflow/rules/vocab.smk"
 include: "workflow/rules/assemble.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/export.smk"
 include: "workflow/rules/evaluate.smk"
 
 

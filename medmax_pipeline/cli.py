@@ -18,12 +18,14 @@ from medmax_pipeline import __version__
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("medmax_pipeline.demo", "generate the embedded demo (checkpoint, base model, rows, images, eval set)"),
+    "convert-checkpoint": ("medmax_pipeline.stages.convert_checkpoint", "original Chameleon checkpoint (consolidated.pth) -> HF folder, checked"),
     "collect": ("medmax_pipeline.stages.collect", "stage 1: resolve dataset rows to image paths inside the configured roots"),
     "tokenize": ("medmax_pipeline.stages.tokenize_images", "stage 2: VQGAN-tokenize one shard of images"),
     "gather-tokens": ("medmax_pipeline.stages.tokenize_images", "stage 2: merge tokenized shards into one artifact"),
     "map-vocab": ("medmax_pipeline.stages.vocab", "stage 3: map VQGAN codes to vocabulary image blocks"),
     "assemble": ("medmax_pipeline.stages.assemble", "stage 4: credential-aware dataset assembly"),
     "train": ("medmax_pipeline.stages.train", "stage 5: LoRA training"),
+    "export": ("medmax_pipeline.stages.export", "trained adapter merged into the base: original-format checkpoint + HF folder"),
     "generate": ("medmax_pipeline.stages.evaluate.generate", "stage 6: generate predictions on the evaluation set"),
     "clip-scores": ("medmax_pipeline.stages.evaluate.clip_scores", "stage 6: decode generated images and compute CLIP similarities, once per model"),
     "judge": ("medmax_pipeline.stages.evaluate.judge_replies", "stage 6: LLM judge replies for the open questions, once per model"),

@@ -3,9 +3,11 @@
 `medmax demo` writes, at the paths it is given (the config's paths, when the workflow runs it):
 - a checkpoint folder in the original layout: tokenizer/vqgan.yaml + vqgan.ckpt (random taming
   VQGAN, small `ch`, still 32x32 codes for 512x512), tokenizer/text_tokenizer.json and
-  text_tokenizer_modified.json (real BPE files with the Chameleon id layout), models/7b/params.json;
-- an HF-format base model folder (a tiny random ChameleonForConditionalGeneration whose
-  vocabulary_map comes from that tokenizer);
+  text_tokenizer_modified.json (real BPE files with the Chameleon id layout), and
+  models/7b/consolidated.pth + params.json + consolidate_params.json (a tiny random Chameleon in
+  the 7B's layout: q/k normalization, the 7B's FFN rounding, rope.freqs);
+- optionally an HF-format base model folder, converted from that checkpoint by the same code
+  as `medmax convert-checkpoint` (the workflow converts it itself when base_model is unset);
 - medmax_data rows (train.jsonl, validation.jsonl) for every task, credential = no rows as
   published (image_path and tokens filled, tokens made with the demo VQGAN and tokenizer) and
   credential = yes rows as published (no image_path, no tokens; subject_id / study_id / dicom_id
@@ -208,7 +210,7 @@ def corpus_for_tokenizer(rng: random.Random, n: int = 400) -> list[str]:
 @dataclass
 class DemoPaths:
     checkpoint: Path
-    base_model: Path
+    base_model: Path | None  # None: no HF folder (the workflow converts the checkpoint itself)
     train: Path
     validation: Path
     public_root: Path
@@ -234,32 +236,34 @@ def generate_demo(paths: DemoPaths, seed: int = 0, vqgan_channels: int = 32, row
     """Write the whole demo; returns counts of what was written."""
     import torch
 
+    from medmax_pipeline.models import chameleon_original
     from medmax_pipeline.models.clip import make_random_clip
-    from medmax_pipeline.models.chameleon import build_tiny_chameleon
     from medmax_pipeline.models.vqgan import encode_image_files, make_random_vqgan, save_original_checkpoint
+    from medmax_pipeline.stages.convert_checkpoint import convert_checkpoint
 
     rng = random.Random(seed)
     torch.manual_seed(seed)
     for folder in (paths.checkpoint, paths.base_model, paths.public_root, paths.credentialed_root, paths.eval_image_root, paths.clip):
-        _fresh_dir(folder)
+        if folder is not None:
+            _fresh_dir(folder)
 
     # Checkpoint folder, original layout.
     tokenizer_dir = paths.checkpoint / "tokenizer"
     build_chameleon_tokenizer(tokenizer_dir, corpus_for_tokenizer(random.Random(seed + 1)), text_vocab_size=1500)
     vqgan, vqgan_yaml = make_random_vqgan(ch=vqgan_channels, seed=seed)
     save_original_checkpoint(tokenizer_dir, vqgan, vqgan_yaml)
-    model_dir = paths.checkpoint / "models" / "7b"
-    model_dir.mkdir(parents=True)
-    # The LLM weights of the original layout (consolidated.pth) are not read by the pipeline, which
-    # trains from the HF-format folder; the demo writes the parameter files that describe them.
-    (model_dir / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": C.VOCAB_SIZE, "demo": True}, indent=2))
-    (model_dir / "consolidate_params.json").write_text(json.dumps({"demo": True}, indent=2))
     tokenizer = load_tokenizer(tokenizer_dir / MODIFIED_TOKENIZER_FILE)
-
-    # HF-format base model.
+    # The LLM in the original layout: the 7B's params.json fields with tiny sizes; vocab_size is
+    # the demo tokenizer's (its text vocabulary is small).
+    params = chameleon_original.OriginalParams(
+        dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=max(vocabulary_map(tokenizer).values()) + 1
+    )
     # A wider initialisation than HF's 0.02 gives a 64-wide model logits with room to learn in a few steps.
-    build_tiny_chameleon(paths.base_model, vocabulary_map(tokenizer), seed=seed, initializer_range=0.2)
-    shutil.copy(tokenizer_dir / MODIFIED_TOKENIZER_FILE, paths.base_model / "tokenizer.json")
+    state = chameleon_original.random_original_state(params, seed=seed, std=0.2)
+    chameleon_original.write_original_model(paths.checkpoint / chameleon_original.MODEL_SUBDIR, state, params)
+    del state
+    if paths.base_model is not None:
+        convert_checkpoint(paths.checkpoint, paths.base_model)
 
     # Public images.
     public_images: list[Path] = []
@@ -398,6 +402,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows-per-task", type=int, default=4)
     for name in ("checkpoint", "base-model", "train", "validation", "public-root", "eval-set", "eval-image-root", "clip"):
         parser.add_argument(f"--{name}")
+    parser.add_argument("--no-base-model", action="store_true", help="write no HF base model (the workflow converts the checkpoint)")
     parser.add_argument("--credentialed", action="append", default=[], help="SOURCE=ROOT=TEMPLATE; the demo fills the mimic_cxr root")
 
 
@@ -422,6 +427,10 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, field)
         if value:
             setattr(paths, field, Path(value))
+    if args.no_base_model:
+        if args.base_model:
+            raise SystemExit("error: --base-model and --no-base-model contradict each other")
+        paths.base_model = None
     for entry in args.credentialed:
         source, root, template = entry.split("=", 2)
         if source != CREDENTIALED_SOURCE or template != "mimic_cxr_jpg":

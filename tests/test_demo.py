@@ -9,14 +9,25 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import torch
+
 from medmax_pipeline.core import constants as C
+from medmax_pipeline.models.chameleon_original import read_params
 from medmax_pipeline.demo import TASKS, VQA_TASKS, DemoPaths, default_paths, generate_demo
 from medmax_pipeline.core.rows import read_row_batches
 from medmax_pipeline.core.text_tokenizer import check_tokenizer_layout, load_tokenizer
 
 
+def file_digest(path: Path) -> str:
+    if path.name == "medmax_conversion.json":  # its record names the source folder, which differs by location on purpose
+        record = json.loads(path.read_text())
+        record.pop("source")
+        return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def tree_digest(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {p.relative_to(root).as_posix(): file_digest(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +56,11 @@ def test_checkpoint_folder_has_the_original_layout(demo) -> None:
     tokenizer_dir = paths.checkpoint / "tokenizer"
     for name in ("vqgan.yaml", "vqgan.ckpt", "text_tokenizer.json", "text_tokenizer_modified.json"):
         assert (tokenizer_dir / name).is_file(), name
-    assert (paths.checkpoint / "models" / "7b" / "params.json").is_file()
+    model_dir = paths.checkpoint / "models" / "7b"
+    params = read_params(model_dir)  # the original loader's merge of params.json + consolidate_params.json
+    assert (params.dim, params.n_heads, params.qk_normalization, params.ffn_dim) == (64, 4, True, 256)
+    state = torch.load(model_dir / "consolidated.pth", weights_only=True)
+    assert "rope.freqs" in state and state["tok_embeddings.weight"].shape == (params.vocab_size, 64)
     check_tokenizer_layout(load_tokenizer(tokenizer_dir / "text_tokenizer_modified.json"), require_image_placeholder=True)
     plain = load_tokenizer(tokenizer_dir / "text_tokenizer.json")
     check_tokenizer_layout(plain, require_image_placeholder=False)
@@ -53,6 +68,16 @@ def test_checkpoint_folder_has_the_original_layout(demo) -> None:
     config = json.loads((paths.base_model / "config.json").read_text())
     assert config["vocabulary_map"]["<image>"] == C.IMAGE_PLACEHOLDER_ID
     assert config["vocabulary_map"]["IMGIMGFDZ"] == 57
+    # The HF base model is the checkpoint converted (and checked) by convert-checkpoint.
+    assert json.loads((paths.base_model / "medmax_conversion.json").read_text())["logits_check"]["max_abs_diff"] < 1e-4
+
+
+def test_without_a_base_model_only_the_checkpoint_holds_the_model(tmp_path: Path) -> None:
+    paths = default_paths(tmp_path)
+    paths.base_model = None
+    generate_demo(paths, seed=3, vqgan_channels=32, rows_per_task=1)
+    assert (paths.checkpoint / "models" / "7b" / "consolidated.pth").is_file()
+    assert not (tmp_path / "base_model").exists()
 
 
 def test_rows_cover_every_task_with_public_and_credentialed_rows(demo) -> None:

@@ -111,7 +111,7 @@ def test_load_base_model_refuses_bad_folders(base_dir: Path, tmp_path: Path) -> 
     consolidated = tmp_path / "anole"
     (consolidated / "models" / "7b").mkdir(parents=True)
     (consolidated / "models" / "7b" / "consolidated.pth").write_bytes(b"")
-    with pytest.raises(H.ModelLayoutError, match="consolidated Anole"):
+    with pytest.raises(H.ModelLayoutError, match="consolidated Anole.*medmax convert-checkpoint"):
         H.load_base_model(consolidated)
     llama = tmp_path / "llama"
     llama.mkdir()
@@ -178,3 +178,61 @@ def test_load_model_for_generation_with_adapter_reproduces_logits(base_dir: Path
     assert bool((_image_logits(plain) == torch.finfo(torch.float32).min).all())
     with pytest.raises(H.ModelLayoutError, match="no adapter_config.json"):
         H.load_model_for_generation(base_dir, tmp_path, allow_image_output=False, device="cpu")
+
+
+def test_streaming_safetensors_writer_shards_like_transformers(base_dir: Path, tmp_path: Path) -> None:
+    """Tensors written one at a time into shards with an index load back with HF, bit for bit."""
+    weights = load_file(str(base_dir / "model.safetensors"))
+    made: list[str] = []
+
+    def maker(name: str):
+        def make() -> torch.Tensor:
+            made.append(name)
+            return weights[name]
+        return make
+
+    plan = [(name, t.dtype, tuple(t.shape), maker(name)) for name, t in weights.items()]
+    out = tmp_path / "streamed"
+    out.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        if (base_dir / name).is_file():
+            (out / name).write_bytes((base_dir / name).read_bytes())
+    files = H.write_safetensors_streaming(out, plan, max_shard_bytes=2_000_000)
+    assert len(files) > 1 and (out / H.WEIGHT_INDEX_FILE).is_file()
+    assert made == [name for name, *_ in plan]  # each tensor made exactly once, in order
+    assert set(H.weight_files(out)) == set(weights)
+    reloaded = H.load_base_model(out).state_dict()
+    original = H.load_base_model(base_dir).state_dict()
+    assert all(torch.equal(reloaded[k], original[k]) for k in original)
+    bad = [("x", torch.float32, (2,), lambda: torch.zeros(3))]
+    with pytest.raises(ValueError, match=r"x: made torch.float32 \(3,\), planned torch.float32 \(2,\)"):
+        H.write_safetensors_streaming(tmp_path, bad)
+
+
+def test_streamed_logits_equal_the_full_forward(base_dir: Path) -> None:
+    ids = [C.BOS_ID, TEXT_IDS[0], C.SEPARATOR_ID, C.BEGIN_IMAGE_ID, 57, TEXT_IDS[5]]
+    model = H.allow_image_logits(H.load_base_model(base_dir))
+    with torch.no_grad():
+        full = model(input_ids=torch.tensor([ids])).logits[0]
+    streamed = H.streamed_logits(base_dir, ids)
+    assert streamed.shape == full.shape
+    assert float((streamed - full).abs().max()) < 1e-5
+
+
+def test_output_folders_are_only_replaced_when_ours(tmp_path: Path) -> None:
+    final = tmp_path / "out"
+    tmp = H.start_output_folder(final, "made.json", "medmax test")
+    (tmp / "a.txt").write_text("1")
+    H.finish_output_folder(tmp, final, "made.json", {"n": 1})
+    assert (final / "a.txt").read_text() == "1" and not (final / H.PARTIAL_MARKER).exists()
+    tmp = H.start_output_folder(final, "made.json", "medmax test")  # ours: may be replaced
+    H.finish_output_folder(tmp, final, "made.json", {"n": 2})
+    assert not (final / "a.txt").exists() and json.loads((final / "made.json").read_text()) == {"n": 2}
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "data.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        H.start_output_folder(tmp_path / "user", "made.json", "medmax test")
+    (tmp_path / ".tmp-other").mkdir()
+    with pytest.raises(FileExistsError, match="is not a partial output"):
+        H.start_output_folder(tmp_path / "other", "made.json", "medmax test")
+    assert (tmp_path / "user" / "data.txt").read_text() == "keep" and (tmp_path / ".tmp-other").is_dir()

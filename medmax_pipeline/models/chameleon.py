@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -111,7 +111,7 @@ def read_model_config(folder: str | Path) -> dict[str, Any]:
         if (folder / "models" / "7b" / "consolidated.pth").exists():
             hint = (
                 " It looks like the original consolidated Anole/MedMax checkpoint; convert it to HF format first "
-                "(transformers' models/chameleon/convert_chameleon_weights_to_hf.py)."
+                "(`medmax convert-checkpoint`, or leave base_model unset in the config and the workflow converts it)."
             )
         raise ModelLayoutError(f"{folder} is not an HF model folder: it has no config.json.{hint}")
     try:
@@ -385,3 +385,211 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path, names: Iterable[str] 
             shutil.copyfile(Path(src) / name, Path(dst) / name)
             copied.append(name)
     return copied
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming safetensors: written and read one tensor at a time
+# ----------------------------------------------------------------------------------------------
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
+WEIGHT_INDEX_FILE = "model.safetensors.index.json"
+
+
+def _tensor_bytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    count = 1
+    for size in shape:
+        count *= int(size)
+    return count * torch.empty((), dtype=dtype).element_size()
+
+
+def write_safetensors_streaming(
+    folder: str | Path,
+    plan: Sequence[tuple[str, torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]],
+    max_shard_bytes: int = 2 * 1024**3,
+    after_write: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Write (name, dtype, shape, make_tensor) entries as HF safetensors shards; return the file names.
+
+    The header of each shard is known from the plan, so every tensor is made, written and
+    dropped before the next one is made: memory holds one tensor, not a shard (`after_write(name)`
+    runs after each, e.g. to let go of its source). Shards are
+    named as transformers names them, with model.safetensors.index.json when there are several.
+    """
+    folder = Path(folder)
+    shards: list[list[tuple[str, torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]]] = [[]]
+    size = 0
+    for entry in plan:
+        nbytes = _tensor_bytes(entry[2], entry[1])
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map: dict[str, str] = {}
+    total = 0
+    for name, entries in zip(names, shards):
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for tensor_name, dtype, shape, _ in entries:
+            nbytes = _tensor_bytes(shape, dtype)
+            header[tensor_name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[tensor_name] = name
+        total += offset
+        header_bytes = json.dumps(header, separators=(",", ":")).encode()
+        header_bytes += b" " * (-len(header_bytes) % 8)  # safetensors aligns the data start to 8 bytes
+        with open(folder / name, "wb") as out:
+            out.write(len(header_bytes).to_bytes(8, "little"))
+            out.write(header_bytes)
+            for tensor_name, dtype, shape, make in entries:
+                tensor = make()
+                if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                    raise ValueError(f"{tensor_name}: made {tensor.dtype} {tuple(tensor.shape)}, planned {dtype} {tuple(shape)}")
+                out.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                del tensor
+                if after_write is not None:
+                    after_write(tensor_name)
+    if len(names) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / WEIGHT_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def weight_files(folder: str | Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file of an HF folder (single file or sharded with an index)."""
+    folder = Path(folder)
+    index = folder / WEIGHT_INDEX_FILE
+    if index.is_file():
+        return {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    files: dict[str, Path] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        files.update({name: path for name in _safetensors_header(path)[0] if name != "__metadata__"})
+    return files
+
+
+def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(size)), 8 + size
+
+
+def read_tensor(files: Mapping[str, Path], name: str, rows: slice | None = None) -> torch.Tensor:
+    """One tensor (or a range of its rows) read from its safetensors file with plain reads.
+
+    Not memory-mapped on purpose: pages of a mapping that was read stay in the process's RSS
+    while it is open, which would add a second copy of the weights to a streamed check.
+    """
+    path = Path(files[name])
+    header, data_start = _safetensors_header(path)
+    entry = header[name]
+    dtype = {v: k for k, v in SAFETENSORS_DTYPES.items()}[entry["dtype"]]
+    shape = list(entry["shape"])
+    begin, end = entry["data_offsets"]
+    if rows is not None:
+        row_bytes = (end - begin) // shape[0] if shape[0] else 0
+        first, last, _ = rows.indices(shape[0])
+        begin, end, shape = begin + first * row_bytes, begin + last * row_bytes, [max(last - first, 0), *shape[1:]]
+    buffer = bytearray(end - begin)
+    with open(path, "rb") as f:
+        f.seek(data_start + begin)
+        f.readinto(buffer)
+    if not buffer:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+@torch.no_grad()
+def streamed_logits(folder: str | Path, ids: Sequence[int]) -> torch.Tensor:
+    """(T, vocab) fp32 logits of the HF model in `folder`, its decoder layers loaded one at a time.
+
+    HF's own ChameleonModel runs the layers (its rotary, q/k norm, attention and mask code); each
+    module's weights (one projection, one norm) are read in fp32 just before it runs and dropped
+    after, and the embedding and head are read a few rows at a time, so a 7B model is checked in
+    the memory of about one fp32 matrix.
+    Image-token logits are not masked (this is the raw head).
+    """
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+    from medmax_pipeline.models.chameleon_original import chunked_logits
+
+    folder = Path(folder)
+    config = ChameleonConfig.from_pretrained(str(folder))
+    with torch.device("meta"):
+        model = ChameleonForConditionalGeneration(config)
+    core = model.model
+    core.rotary_emb = type(core.rotary_emb)(config=config)  # its inverse frequencies are buffers, not weights
+    files = weight_files(folder)
+
+    def load(module: torch.nn.Module, prefix: str) -> None:
+        state = {name: read_tensor(files, prefix + name).float() for name, _ in module.named_parameters(recurse=False)}
+        module.load_state_dict(state, assign=True, strict=True)
+
+    def unload(module: torch.nn.Module, args: Any, output: Any) -> None:
+        module.to("meta")  # returns None: a forward hook's return value would replace the layer's output
+
+    handles = []
+    for i, layer in enumerate(core.layers):
+        for name, module in layer.named_modules():
+            if any(True for _ in module.parameters(recurse=False)):  # q_proj, q_norm, input_layernorm, ...
+                prefix = f"model.layers.{i}.{name}."
+                handles.append(module.register_forward_pre_hook(lambda module, args, prefix=prefix: load(module, prefix)))
+                handles.append(module.register_forward_hook(unload))
+    try:
+        load(core.norm, "model.norm.")
+        ids_tensor = torch.as_tensor(list(ids), dtype=torch.long)
+        rows = torch.stack([read_tensor(files, "model.embed_tokens.weight", slice(i, i + 1))[0] for i in ids_tensor.tolist()])
+        hidden = core(inputs_embeds=rows.float()[None], use_cache=False).last_hidden_state[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return chunked_logits(hidden, lambda a, b: read_tensor(files, "lm_head.weight", slice(a, b)), config.vocab_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Output folders written whole or not at all, never over someone else's files
+# ----------------------------------------------------------------------------------------------
+
+PARTIAL_MARKER = ".medmax-partial"
+
+
+def _ours_or_empty(folder: Path, marker: str) -> bool:
+    return folder.is_dir() and ((folder / marker).is_file() or not any(folder.iterdir()))
+
+
+def start_output_folder(final: str | Path, marker: str, command: str) -> Path:
+    """A fresh temporary folder beside `final` to write into; refuses when `final` is not ours to replace.
+
+    `final` may be absent, empty, or a folder an earlier run of `command` made (it holds
+    `marker`); anything else is someone's data and is left alone. The temporary folder is marked
+    partial so a later run may clear it after a crash, and only such a folder.
+    """
+    final = Path(final)
+    if final.exists() and not _ours_or_empty(final, marker):
+        raise FileExistsError(
+            f"{final} exists and was not written by {command} (it has no {marker}); refusing to overwrite it. "
+            "Choose another output folder or remove it yourself."
+        )
+    tmp = final.with_name(f".tmp-{final.name}")
+    if tmp.exists():
+        if not (tmp / PARTIAL_MARKER).is_file():
+            raise FileExistsError(f"{tmp} exists and is not a partial output of {command}; refusing to remove it")
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    (tmp / PARTIAL_MARKER).touch()
+    return tmp
+
+
+def finish_output_folder(tmp: Path, final: str | Path, marker: str, record: Mapping[str, Any]) -> Path:
+    """Write `marker` (a JSON record of what was made) into `tmp` and move it to `final`."""
+    import os
+
+    final = Path(final)
+    (tmp / marker).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    (tmp / PARTIAL_MARKER).unlink()
+    if final.exists():
+        if not _ours_or_empty(final, marker):  # checked again: it may have changed while we worked
+            raise FileExistsError(f"{final} appeared while writing and is not ours; the result is left in {tmp}")
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final

@@ -46,6 +46,12 @@ def results(*parts):
     return "/".join([RESULTS, *parts])
 
 
+def base_model_path():
+    """The HF base model train and generate read: config base_model as is, or, when it is null,
+    the checkpoint converted by the convert_checkpoint rule."""
+    return config["base_model"] or results("convert", "base_model")
+
+
 def log_path(name):
     return results("logs", f"{name}.log")
 
@@ -87,6 +93,8 @@ def final_targets():
         *expand(results("assemble", "{split}", "dataset.parquet"), split=SPLITS),
         *expand(results("assemble", "{split}", "dataset_public.parquet"), split=SPLITS),
         results("train", "adapter"),
+        results("export", "checkpoint"),
+        results("export", "merged_hf"),
         *expand(results("evaluate", "{rules}", "score_summary.parquet"), rules=config["evaluate"]["rules"]),
         results("report", "summary.html"),
     ]

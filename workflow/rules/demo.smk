@@ -7,7 +7,8 @@ if config["demo"]["enabled"]:
     rule demo:
         output:
             checkpoint=directory(config["checkpoint"]),
-            base_model=directory(config["base_model"]),
+            # Only when the config names an HF base model; with base_model null the workflow converts the checkpoint.
+            base_model=directory(config["base_model"]) if config["base_model"] else [],
             train=config["dataset"]["train"],
             validation=config["dataset"]["validation"],
             public_root=directory(config["images"]["public_root"]),
@@ -21,6 +22,7 @@ if config["demo"]["enabled"]:
             vqgan_channels=config["demo"]["vqgan_channels"],
             rows_per_task=config["demo"]["rows_per_task"],
             credentialed=credentialed_args(),
+            base_model=f"--base-model {config['base_model']}" if config["base_model"] else "--no-base-model",
         log:
             log_path("demo"),
         conda:
@@ -28,7 +30,7 @@ if config["demo"]["enabled"]:
         shell:
             "{params.medmax} demo --seed {params.seed} --vqgan-channels {params.vqgan_channels}"
             " --rows-per-task {params.rows_per_task}"
-            " --checkpoint {output.checkpoint} --base-model {output.base_model}"
+            " --checkpoint {output.checkpoint} {params.base_model}"
             " --train {output.train} --validation {output.validation}"
             " --public-root {output.public_root} {params.credentialed}"
             " --eval-set {output.eval_set} --eval-image-root {output.eval_images} --clip {output.clip}"

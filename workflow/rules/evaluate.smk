@@ -12,7 +12,7 @@ rule generate:
         eval_set=EVAL["eval_set"],
         image_root=EVAL["image_root"],
         checkpoint=config["checkpoint"],
-        base_model=config["base_model"],
+        base_model=base_model_path(),
         adapter=lambda wildcards: results("train", "adapter") if wildcards.model == "trained" else [],
     output:
         predictions=results("evaluate", "predictions_{model}.parquet"),

@@ -9,7 +9,7 @@ rule train:
     input:
         dataset=results("assemble", "train", "dataset.parquet"),
         eval_dataset=results("assemble", "validation", "dataset.parquet"),
-        base_model=config["base_model"],
+        base_model=base_model_path(),
         deepspeed=workflow.source_path("../deepspeed/zero2.json") if TRAIN["deepspeed"] == "workflow/deepspeed/zero2.json" else TRAIN["deepspeed"],
     output:
         adapter=directory(results("train", "adapter")),

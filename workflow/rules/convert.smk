@@ -1,0 +1,18 @@
+# The published checkpoint (original Chameleon layout: models/7b/consolidated.pth + params.json,
+# tokenizer/) converted to the HF folder that train and generate read. Used when base_model is
+# null in the config (common.smk: base_model_path); a configured base_model is used as is.
+
+
+rule convert_checkpoint:
+    input:
+        checkpoint=config["checkpoint"],
+    output:
+        base_model=directory(results("convert", "base_model")),
+    params:
+        medmax=MEDMAX,
+    log:
+        log_path("convert_checkpoint"),
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "{params.medmax} convert-checkpoint --checkpoint {input.checkpoint} --output {output.base_model} > {log} 2>&1"

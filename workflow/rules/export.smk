@@ -1,0 +1,22 @@
+# The trained adapter merged into the base model and written back in both formats: the original
+# Chameleon layout (models/7b/consolidated.pth, params.json, the checkpoint's tokenizer/ folder)
+# for the public Chameleon/MedMax inference and evaluation code, and a merged HF folder.
+
+
+rule export:
+    input:
+        base_model=base_model_path(),
+        adapter=results("train", "adapter"),
+        checkpoint=config["checkpoint"],
+    output:
+        checkpoint=directory(results("export", "checkpoint")),
+        merged_hf=directory(results("export", "merged_hf")),
+    params:
+        medmax=MEDMAX,
+    log:
+        log_path("export"),
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "{params.medmax} export --base-model {input.base_model} --adapter {input.adapter} --checkpoint {input.checkpoint}"
+        " --output-checkpoint {output.checkpoint} --output-hf {output.merged_hf} > {log} 2>&1"
