@@ -196,3 +196,26 @@ def test_load_config_names_its_file(config: dict, tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: unknown key 'tokenize.num_shardz'"):
         load_config(path, check_paths=False)
+
+
+def test_a_null_base_model_needs_the_original_weights_in_the_checkpoint(config: dict, tmp_path: Path) -> None:
+    """base_model null: the workflow converts checkpoint/models/7b itself, so those files must exist."""
+    config["checkpoint"] = str(tmp_path / "checkpoint")
+    config["base_model"] = None
+    for rel in ("tokenizer/vqgan.yaml", "tokenizer/vqgan.ckpt", "tokenizer/text_tokenizer_modified.json"):
+        (tmp_path / "checkpoint" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "checkpoint" / rel).write_text("")
+    for section, key in (("dataset", "train"), ("dataset", "validation"), ("evaluate", "eval_set")):
+        config[section][key] = str(tmp_path / f"{key}.jsonl")
+        (tmp_path / f"{key}.jsonl").write_text("")
+    for section, key in (("images", "public_root"), ("evaluate", "image_root"), ("evaluate", "clip")):
+        config[section][key] = str(tmp_path / key)
+        (tmp_path / key).mkdir()
+    config["images"]["credentialed"] = []
+    config["demo"]["enabled"] = False
+    with pytest.raises(ConfigError, match=r"key 'checkpoint': .* lacks models/7b/consolidated.pth"):
+        validate_config(config)
+    for rel in ("models/7b/consolidated.pth", "models/7b/params.json"):
+        (tmp_path / "checkpoint" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "checkpoint" / rel).write_text("")
+    assert validate_config(config)["base_model"] is None

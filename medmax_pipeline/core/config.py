@@ -110,13 +110,14 @@ def _input_paths(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """(key, path, kind) of every input the user must provide when the demo does not make them."""
     paths = [
         ("checkpoint", config["checkpoint"], "dir"),
-        ("base_model", config["base_model"], "dir"),
         ("dataset.train", config["dataset"]["train"], "file"),
         ("dataset.validation", config["dataset"]["validation"], "file"),
         ("images.public_root", config["images"]["public_root"], "dir"),
         ("evaluate.eval_set", config["evaluate"]["eval_set"], "file"),
         ("evaluate.image_root", config["evaluate"]["image_root"], "dir"),
     ]
+    if config["base_model"] is not None:  # null: the workflow converts `checkpoint` itself
+        paths.append(("base_model", config["base_model"], "dir"))
     for i, entry in enumerate(config["images"]["credentialed"]):
         paths.append((f"images.credentialed.{i}.root", entry["root"], "dir"))
         if entry.get("mapping") is not None:  # the user's own file: the demo does not make it
@@ -141,7 +142,10 @@ def _check_paths(config: Mapping[str, Any], source: SourceNamer) -> None:
         if kind == "file" and not p.is_file():
             raise ConfigError(f"{source(_key_path(key))}: key '{key}': file {path} does not exist")
     ckpt = Path(config["checkpoint"])
-    for rel in ("tokenizer/vqgan.yaml", "tokenizer/vqgan.ckpt", "tokenizer/text_tokenizer_modified.json"):
+    required = ["tokenizer/vqgan.yaml", "tokenizer/vqgan.ckpt", "tokenizer/text_tokenizer_modified.json"]
+    if config["base_model"] is None:  # converted from the original weights
+        required += ["models/7b/consolidated.pth", "models/7b/params.json"]
+    for rel in required:
         if not (ckpt / rel).is_file():
             raise ConfigError(
                 f"{source(['checkpoint'])}: key 'checkpoint': {ckpt} lacks {rel} (expected the original MedMax/Anole layout)"
