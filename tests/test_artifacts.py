@@ -267,3 +267,25 @@ def test_artifacts_honour_the_umask(tmp_path: Path, umask: int, mode: int) -> No
         os.umask(old)
     for name in ("d.parquet", "s.parquet"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
+
+
+def test_a_folder_with_credentialed_provenance_makes_what_is_computed_from_it_credentialed(tmp_path: Path) -> None:
+    from medmax_pipeline.core.artifacts import PROVENANCE_FILE, describe_input, read_provenance, write_provenance
+
+    rows = tmp_path / "dataset.parquet"
+    write_artifact(pa.table({"text": ["x"], "credential": ["yes"]}), rows, artifact="dataset")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "weights.bin").write_bytes(b"w")
+    assert describe_input(adapter)["credential"] == "public"  # no record: a plain folder
+    record = write_provenance(adapter, "adapter", inputs=[rows], params={"lr": 1e-4})
+    assert record["credential"] == "credentialed" and read_provenance(adapter) == record
+    entry = describe_input(adapter)
+    assert entry["credential"] == "credentialed" and entry["artifact"] == "adapter"
+    predictions = pa.table({"prediction": ["yes"]})
+    with pytest.raises(CredentialLeakError):
+        write_artifact(predictions, tmp_path / "p.parquet", artifact="predictions", inputs=[adapter], credential="public")
+    assert write_artifact(predictions, tmp_path / "p.parquet", artifact="predictions", inputs=[adapter]).credential == "credentialed"
+    (adapter / PROVENANCE_FILE).write_text("{not json")
+    with pytest.raises(ArtifactError, match="unreadable provenance record"):
+        describe_input(adapter)

@@ -232,8 +232,48 @@ def _hash_directory(path: Path) -> str:
     return FINGERPRINT_PREFIX + h.hexdigest()
 
 
+# A folder the pipeline writes (a trained adapter, a converted or merged model) carries this file:
+# what made it, from which inputs, and whether anything credentialed went into it. Readers of
+# the folder take its credential from here, so the mark follows a model trained on credentialed
+# rows into everything computed with it.
+PROVENANCE_FILE = "medmax_provenance.json"
+
+
+def write_provenance(
+    folder: str | Path, kind: str, inputs: Sequence[str | Path | Mapping[str, Any]] = (),
+    params: Mapping[str, Any] | None = None, credentialed_inputs: Sequence[str | Path] = (),
+) -> dict[str, Any]:
+    """Write FOLDER/medmax_provenance.json (atomically): kind, lineage, credential, version.
+    `inputs` are paths (described with describe_input) or ready lineage entries."""
+    folder = Path(folder)
+    entries = [dict(i) if isinstance(i, Mapping) else describe_input(i) for i in inputs]
+    entries += [describe_input(i, credentialed=True) for i in credentialed_inputs]
+    credential = "credentialed" if any(e["credential"] == "credentialed" for e in entries) else "public"
+    record = {"kind": kind, "credential": credential, "pipeline_version": __version__,
+              "lineage": {"inputs": entries, "params": dict(params or {})}}
+    tmp = folder / f".{PROVENANCE_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True, default=_json_default) + "\n")
+    tmp.replace(folder / PROVENANCE_FILE)
+    return record
+
+
+def read_provenance(folder: str | Path) -> dict[str, Any] | None:
+    """The provenance record of a folder the pipeline wrote, or None for any other folder."""
+    path = Path(folder) / PROVENANCE_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: unreadable provenance record ({exc})") from None
+    if not isinstance(record, dict) or record.get("credential") not in ("public", "credentialed"):
+        raise ArtifactError(f"{path}: provenance record without a valid 'credential'")
+    return record
+
+
 def describe_input(path: str | Path, credentialed: bool = False) -> dict[str, Any]:
-    """Lineage entry for one input: an artifact (its own metadata) or a plain file or folder."""
+    """Lineage entry for one input: an artifact (its own metadata) or a plain file or folder. A
+    folder with a provenance record is credentialed when the record says so."""
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"lineage input {path} does not exist")
@@ -246,9 +286,11 @@ def describe_input(path: str | Path, credentialed: bool = False) -> dict[str, An
             "credential": meta.credential,
         }
     fingerprint = _hash_file(path) if path.is_file() else _hash_directory(path)
+    provenance = read_provenance(path) if path.is_dir() else None
+    credentialed = credentialed or (provenance is not None and provenance["credential"] == "credentialed")
     return {
         "path": str(path),
-        "artifact": None,
+        "artifact": provenance["kind"] if provenance else None,
         "fingerprint": fingerprint,
         "credential": "credentialed" if credentialed else "public",
     }
