@@ -47,11 +47,11 @@ from medmax_pipeline.models.chameleon import allow_image_logits, check_image_log
 from medmax_pipeline.core.text_tokenizer import layout_tokens  # noqa: E402
 from medmax_pipeline.stages.train import (  # noqa: E402
     DEFAULT_TARGET_MODULES,
-    _label_tokens,
-    _token_loss_sum,
     collate,
     init_deepspeed,
+    label_token_count as _label_tokens,
     resolve_deepspeed_config,
+    token_loss_sum as _token_loss_sum,
 )
 
 ZERO2 = Path(__file__).resolve().parents[1] / "workflow" / "deepspeed" / "zero2.json"

@@ -32,7 +32,7 @@ from medmax_pipeline.stages.train import (
     response_labels,
     shard_batches,
     steps_per_epoch,
-    _free_port,
+    free_port as _free_port,
     train,
 )
 

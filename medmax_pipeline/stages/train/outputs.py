@@ -1,0 +1,85 @@
+"""What a finished run leaves in OUTPUT: adapter/ (with its provenance), train_metrics.parquet,
+and on request merged/ (the base model with the adapter folded in)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import pyarrow as pa
+import torch
+
+from medmax_pipeline.core.artifacts import read_meta, write_artifact
+from medmax_pipeline.models import chameleon
+
+from .config import TrainConfig
+
+METRICS_SCHEMA = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("epoch", pa.float64()),
+        ("loss", pa.float64()),
+        ("lr", pa.float64()),
+        ("grad_norm", pa.float64()),
+        ("label_tokens", pa.int64()),
+        ("tokens", pa.int64()),
+        ("eval_loss", pa.float64()),
+        # Wall-clock throughput: the only non-deterministic column. It is part of the artifact's
+        # fingerprint, so two identical runs give train_metrics files with different fingerprints;
+        # compare runs on the other columns.
+        ("tokens_per_s", pa.float64()),
+    ]
+)
+
+
+def save_adapter(model: torch.nn.Module, output: Path, cfg: TrainConfig, run_config: Mapping[str, Any]) -> Path:
+    """OUTPUT/adapter: the PEFT adapter and medmax_provenance.json, replaced atomically."""
+    final = output / "adapter"
+    tmp = output / ".tmp-adapter"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    dataset_meta = read_meta(cfg.dataset)
+    # The adapter was fitted to the dataset's rows: it carries the dataset's credential status.
+    provenance = {
+        "dataset": str(cfg.dataset), "dataset_fingerprint": dataset_meta.fingerprint,
+        "credential": dataset_meta.credential, "base_model": str(cfg.base_model), "run_config": run_config,
+    }
+    (tmp / "medmax_provenance.json").write_text(json.dumps(provenance, indent=1, default=str))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def write_metrics(metrics: list[dict[str, Any]], path: Path, cfg: TrainConfig, run_config: Mapping[str, Any]) -> Path:
+    """The `train_metrics` artifact: one row per optimizer step, the run config as its params."""
+    table = pa.Table.from_pylist(metrics, schema=METRICS_SCHEMA)
+    inputs: list[Any] = [cfg.dataset] + ([cfg.eval_dataset] if cfg.eval_dataset else [])
+    # The base model enters the lineage by config.json hash and weight sizes: hashing 14 GB of
+    # safetensors for a lineage line is not worth it.
+    identity = hashlib.blake2b(json.dumps(run_config["base_model"], sort_keys=True).encode(), digest_size=32).hexdigest()
+    inputs.append({"path": str(cfg.base_model), "artifact": None, "fingerprint": f"config+sizes:{identity}", "credential": "public"})
+    write_artifact(table, path, artifact="train_metrics", inputs=inputs, params=dict(run_config))
+    return path
+
+
+def merge_adapter(
+    base_model: str | Path, adapter_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32,
+    tokenizer: str | Path | None = None,
+) -> Path:
+    """Fold the LoRA adapter into the base weights and save a plain HF Chameleon folder."""
+    from peft import PeftModel
+
+    base = chameleon.load_base_model(base_model, dtype=dtype, device="cpu", tokenizer=tokenizer)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(str(tmp))
+    chameleon.copy_tokenizer_files(base_model, tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
