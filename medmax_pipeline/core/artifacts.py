@@ -290,7 +290,7 @@ def describe_input(path: str | Path, credentialed: bool = False) -> dict[str, An
     credentialed = credentialed or (provenance is not None and provenance["credential"] == "credentialed")
     return {
         "path": str(path),
-        "artifact": provenance["kind"] if provenance else None,
+        "artifact": provenance.get("kind") if provenance else None,
         "fingerprint": fingerprint,
         "credential": "credentialed" if credentialed else "public",
     }
