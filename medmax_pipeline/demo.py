@@ -26,6 +26,7 @@ import io
 import json
 import random
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,10 +226,44 @@ def _write_bytes(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
+# Every folder the demo makes carries this file. The demo replaces a folder or file only when it
+# (or, for a file, its folder) carries it: it never deletes or overwrites what it did not create.
+DEMO_MARKER = ".medmax-demo"
+
+
+class DemoOwnershipError(RuntimeError):
+    """A path the demo would write holds data the demo did not create."""
+
+
+def _made_by_demo(folder: Path) -> bool:
+    return (folder / DEMO_MARKER).is_file()
+
+
+def check_demo_targets(paths: DemoPaths) -> None:
+    """Refuse before writing anything when a target holds data the demo did not create: a non-empty
+    folder without the marker, or an existing file whose folder lacks it."""
+    folders = [paths.checkpoint, paths.base_model, paths.public_root, paths.credentialed_root, paths.eval_image_root, paths.clip]
+    for folder in folders:
+        if folder is not None and folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not _made_by_demo(folder))):
+            raise DemoOwnershipError(f"{folder} exists and was not made by `medmax demo` (no {DEMO_MARKER} in it): "
+                                     "the demo never replaces data it did not create; point demo paths inside the results folder "
+                                     "or set demo.enabled: false for a real run")
+    for file in (paths.train, paths.validation, paths.eval_set):
+        if file.exists() and not _made_by_demo(file.parent):
+            raise DemoOwnershipError(f"{file} exists and was not made by `medmax demo` (no {DEMO_MARKER} beside it): "
+                                     "the demo never overwrites data it did not create")
+
+
+def _mark(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / DEMO_MARKER).write_text("made by `medmax demo`: the demo may replace this folder\n")
+
+
 def _fresh_dir(path: Path) -> Path:
+    """An empty folder of the demo's own at `path` (check_demo_targets has vouched for it)."""
     if path.exists():
         shutil.rmtree(path)
-    path.mkdir(parents=True)
+    _mark(path)
     return path
 
 
@@ -241,6 +276,7 @@ def generate_demo(paths: DemoPaths, seed: int = 0, vqgan_channels: int = 32, row
     from medmax_pipeline.models.vqgan import encode_image_files, make_random_vqgan, save_original_checkpoint
     from medmax_pipeline.stages.convert_checkpoint import convert_checkpoint
 
+    check_demo_targets(paths)
     rng = random.Random(seed)
     torch.manual_seed(seed)
     for folder in (paths.checkpoint, paths.base_model, paths.public_root, paths.credentialed_root, paths.eval_image_root, paths.clip):
@@ -342,7 +378,7 @@ def generate_demo(paths: DemoPaths, seed: int = 0, vqgan_channels: int = 32, row
             lines.insert(7, json.dumps({"text": 42, "tokens": [], "task": "VQA", "source": "slake", "credential": "no"}))
             lines.insert(9, json.dumps({"text": f"{IMG}\nIs this normal?{SEP}Yes", "tokens": [0, 5, 2], "image_path": None, "task": "VQA", "source": "slake", "credential": "no"}))
             lines.insert(11, json.dumps({"text": f"Is this normal?{SEP}Yes", "tokens": [0, 5, 2], "image_path": public_names[0], "task": "VQA", "source": "slake", "credential": "no"}))
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _mark(path.parent)
         path.write_text("\n".join(lines) + "\n")
         counts[f"{split}_lines"] = len(lines)
 
@@ -390,7 +426,7 @@ def _write_eval_set(paths: DemoPaths, rng: random.Random, seed: int) -> dict[str
         rows.append({"task_name": "image_captioning", "question_type": question_type, "prompt": "Describe the image briefly.", "answer": f"A {rng.choice(MODALITIES)} showing {rng.choice(FINDINGS)}.", "image_path": eval_image("radiograph")})
     for question_type in ("pmc_oa", "quilt"):
         rows.append({"task_name": "image_generation", "question_type": question_type, "prompt": f"Generate a {rng.choice(MODALITIES)} of {rng.choice(TISSUES)}.", "answer": "", "image_path": eval_image("histology")})
-    paths.eval_set.parent.mkdir(parents=True, exist_ok=True)
+    _mark(paths.eval_set.parent)
     paths.eval_set.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return {"eval_rows": len(rows)}
 
@@ -436,6 +472,10 @@ def run(args: argparse.Namespace) -> int:
         if source != CREDENTIALED_SOURCE or template != "mimic_cxr_jpg":
             raise SystemExit(f"error: the demo makes only the {CREDENTIALED_SOURCE} source with template mimic_cxr_jpg, not {entry!r}")
         paths.credentialed_root = Path(root)
-    counts = generate_demo(paths, seed=args.seed, vqgan_channels=args.vqgan_channels, rows_per_task=args.rows_per_task)
+    try:
+        counts = generate_demo(paths, seed=args.seed, vqgan_channels=args.vqgan_channels, rows_per_task=args.rows_per_task)
+    except DemoOwnershipError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps(counts, sort_keys=True))
     return 0

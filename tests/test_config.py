@@ -219,3 +219,57 @@ def test_a_null_base_model_needs_the_original_weights_in_the_checkpoint(config: 
         (tmp_path / "checkpoint" / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "checkpoint" / rel).write_text("")
     assert validate_config(config)["base_model"] is None
+
+
+def _keys(document: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in document.items():
+        out.add(prefix + key)
+        if isinstance(value, dict):
+            out |= _keys(value, prefix + key + ".")
+    return out
+
+
+def test_the_real_run_template_turns_the_demo_off_and_sets_every_key_the_demo_config_sets(config: dict) -> None:
+    """Merged over config.yaml, the template leaves no demo value in force."""
+    template_path = REPO / "config.real-run.yaml"
+    template = yaml.safe_load(template_path.read_text())
+    assert _keys(config) <= _keys(template), f"config.real-run.yaml lacks {sorted(_keys(config) - _keys(template))}"
+    validated = load_config(template_path, check_paths=False)
+    assert validated["demo"]["enabled"] is False
+    assert validated["images"]["include_public"] is False  # re-encoding every public image is opt-in
+    assert validated["train"]["learning_rate"] == 1.0e-4
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(template_path))}: key 'checkpoint': folder .* does not exist"):
+        load_config(template_path)  # the placeholders are not on this machine
+
+
+@pytest.mark.parametrize("key", ["checkpoint", "dataset.train", "images.public_root", "images.credentialed.0.root", "evaluate.clip"])
+def test_with_the_demo_on_no_input_may_lie_outside_the_results_folder(config: dict, tmp_path: Path, key: str) -> None:
+    parts = [int(p) if p.isdigit() else p for p in key.split(".")]
+    target = config
+    for part in parts[:-1]:
+        target = target[part]
+    target[parts[-1]] = str(tmp_path / "real-data")
+    with pytest.raises(ConfigError, match=rf"key '{re.escape(key)}': demo.enabled is true .* outside results_dir 'results'"):
+        validate_config(config)
+    target[parts[-1]] = "results/elsewhere/real-data"  # inside the results folder it is the demo's to write
+    validate_config(config)
+
+
+def test_a_configfile_without_a_demo_section_cannot_make_the_demo_touch_real_data(tmp_path: Path, config: dict) -> None:
+    """It is merged over config.yaml (demo on): the run stops before planning, the data untouched."""
+    import subprocess
+    import sys
+
+    real = tmp_path / "anole"
+    (real / "tokenizer").mkdir(parents=True)
+    (real / "tokenizer" / "vqgan.ckpt").write_bytes(b"real weights")
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump({"checkpoint": str(real)}))
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(mine), "--directory", str(REPO)],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert result.returncode != 0
+    assert f"{mine}: key 'checkpoint': demo.enabled is true (from " in result.stdout + result.stderr
+    assert (real / "tokenizer" / "vqgan.ckpt").read_bytes() == b"real weights"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import json
 from pathlib import Path
 
@@ -132,3 +133,30 @@ def test_eval_set_covers_the_twelve_vqa_tasks(demo) -> None:
     assert {"image_captioning", "image_generation"} <= {r["task_name"] for r in rows}
     assert set(rows[0]) == {"task_name", "question_type", "prompt", "answer", "image_path"}
     assert all((paths.eval_image_root / r["image_path"]).is_file() for r in rows)
+
+
+def test_the_demo_never_replaces_what_it_did_not_create(tmp_path: Path) -> None:
+    """A folder or file at a demo path that the demo did not make is refused before anything is
+    written; the demo's own folders (marked) are replaced on the next run."""
+    from medmax_pipeline.cli import main as cli_main
+    from medmax_pipeline.demo import DEMO_MARKER, DemoOwnershipError
+
+    paths = default_paths(tmp_path / "demo")
+    user_checkpoint = tmp_path / "demo" / "checkpoint"
+    (user_checkpoint / "models" / "7b").mkdir(parents=True)
+    (user_checkpoint / "models" / "7b" / "consolidated.pth").write_bytes(b"the user's weights")
+    with pytest.raises(DemoOwnershipError, match=rf"{re.escape(str(user_checkpoint))} exists and was not made by `medmax demo`"):
+        generate_demo(paths, seed=0, vqgan_channels=32, rows_per_task=1)
+    assert (user_checkpoint / "models" / "7b" / "consolidated.pth").read_bytes() == b"the user's weights"
+    assert not paths.train.exists() and not paths.public_root.exists()  # refused before writing anything
+
+    user_rows = tmp_path / "mine" / "train.jsonl"
+    user_rows.parent.mkdir()
+    user_rows.write_text('{"text": "mine"}\n')
+    code = cli_main(["demo", str(tmp_path / "other"), "--train", str(user_rows)])
+    assert code == 1 and user_rows.read_text() == '{"text": "mine"}\n'
+
+    fresh = default_paths(tmp_path / "fresh")
+    generate_demo(fresh, seed=0, vqgan_channels=32, rows_per_task=1)
+    assert (fresh.checkpoint / DEMO_MARKER).is_file() and (fresh.train.parent / DEMO_MARKER).is_file()
+    generate_demo(fresh, seed=0, vqgan_channels=32, rows_per_task=1)  # its own output: replaced

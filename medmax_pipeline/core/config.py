@@ -152,6 +152,36 @@ def _check_paths(config: Mapping[str, Any], source: SourceNamer) -> None:
             )
 
 
+def _demo_written_paths(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(key, path) of every input path the demo rule writes (its outputs)."""
+    paths = [("checkpoint", config["checkpoint"]), ("dataset.train", config["dataset"]["train"]),
+             ("dataset.validation", config["dataset"]["validation"]), ("images.public_root", config["images"]["public_root"]),
+             ("evaluate.eval_set", config["evaluate"]["eval_set"]), ("evaluate.image_root", config["evaluate"]["image_root"])]
+    if config["base_model"] is not None:
+        paths.append(("base_model", config["base_model"]))
+    if config["evaluate"].get("clip"):
+        paths.append(("evaluate.clip", config["evaluate"]["clip"]))
+    paths += [(f"images.credentialed.{i}.root", e["root"]) for i, e in enumerate(config["images"]["credentialed"])]
+    return paths
+
+
+def _check_demo_paths(config: Mapping[str, Any], source: SourceNamer) -> None:
+    """With the demo on, the demo rule owns every input path as an output (Snakemake may delete
+    it before the rule runs): refuse any that lies outside the results folder, so that the demo
+    can never replace a user's real data."""
+    if not config["demo"]["enabled"]:
+        return
+    results = Path(config["results_dir"]).resolve()
+    for key, path in _demo_written_paths(config):
+        resolved = Path(path).resolve()
+        if resolved == results or results not in resolved.parents:
+            raise ConfigError(
+                f"{source(_key_path(key))}: key '{key}': demo.enabled is true (from {source(['demo', 'enabled'])}), so the demo would "
+                f"write {path}, which lies outside results_dir '{config['results_dir']}'; for a real run set demo.enabled: false "
+                "(start from config.real-run.yaml)"
+            )
+
+
 def _check_semantics(config: Mapping[str, Any], source: SourceNamer) -> None:
     # The same checks as the stages' --credentialed parser, so a source the config accepts is one
     # the workflow can plan and run, and one it refuses stops the workflow before planning.
@@ -195,6 +225,7 @@ def validate_config(
         raise ConfigError(_error_message(jsonschema.exceptions.best_match(errors) or errors[0], namer))
     _apply_defaults(config, schema)
     _check_semantics(config, namer)
+    _check_demo_paths(config, namer)
     if check_paths:
         _check_paths(config, namer)
     return config
