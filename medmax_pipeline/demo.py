@@ -226,37 +226,40 @@ def _write_bytes(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
-# Every folder the demo makes carries this file. The demo replaces a folder or file only when it
-# (or, for a file, its folder) carries it: it never deletes or overwrites what it did not create.
-DEMO_MARKER = ".medmax-demo"
+# Every folder or file the demo makes has a marker beside it (in its parent folder, so that image
+# roots and model folders hold only what a real download holds). The demo replaces a path only when
+# its marker is there: it never deletes or overwrites what it did not create.
+DEMO_MARKER_SUFFIX = ".medmax-demo"
 
 
 class DemoOwnershipError(RuntimeError):
     """A path the demo would write holds data the demo did not create."""
 
 
-def _made_by_demo(folder: Path) -> bool:
-    return (folder / DEMO_MARKER).is_file()
+def demo_marker(path: Path) -> Path:
+    """The marker beside PATH that says the demo made it: PARENT/.NAME.medmax-demo."""
+    return path.parent / f".{path.name}{DEMO_MARKER_SUFFIX}"
 
 
 def check_demo_targets(paths: DemoPaths) -> None:
-    """Refuse before writing anything when a target holds data the demo did not create: a non-empty
-    folder without the marker, or an existing file whose folder lacks it."""
-    folders = [paths.checkpoint, paths.base_model, paths.public_root, paths.credentialed_root, paths.eval_image_root, paths.clip]
-    for folder in folders:
-        if folder is not None and folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not _made_by_demo(folder))):
-            raise DemoOwnershipError(f"{folder} exists and was not made by `medmax demo` (no {DEMO_MARKER} in it): "
-                                     "the demo never replaces data it did not create; point demo paths inside the results folder "
-                                     "or set demo.enabled: false for a real run")
-    for file in (paths.train, paths.validation, paths.eval_set):
-        if file.exists() and not _made_by_demo(file.parent):
-            raise DemoOwnershipError(f"{file} exists and was not made by `medmax demo` (no {DEMO_MARKER} beside it): "
-                                     "the demo never overwrites data it did not create")
+    """Refuse before writing anything when a target holds data the demo did not create: an
+    unmarked non-empty folder or an unmarked existing file."""
+    # The HF base model is written by convert_checkpoint, which guards its own output the same way.
+    folders = [paths.checkpoint, paths.public_root, paths.credentialed_root, paths.eval_image_root, paths.clip]
+    files = [paths.train, paths.validation, paths.eval_set]
+    for target in folders + files:
+        if not target.exists() or demo_marker(target).is_file():
+            continue
+        if target in folders and target.is_dir() and not any(target.iterdir()):
+            continue  # an empty folder holds nothing to lose
+        raise DemoOwnershipError(f"{target} exists and was not made by `medmax demo` (no {demo_marker(target).name} beside it): "
+                                 "the demo never replaces data it did not create; keep demo paths inside the results folder "
+                                 "or set demo.enabled: false for a real run")
 
 
-def _mark(folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / DEMO_MARKER).write_text("made by `medmax demo`: the demo may replace this folder\n")
+def _mark(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    demo_marker(path).write_text("made by `medmax demo`, which may replace it\n")
 
 
 def _fresh_dir(path: Path) -> Path:
@@ -264,6 +267,7 @@ def _fresh_dir(path: Path) -> Path:
     if path.exists():
         shutil.rmtree(path)
     _mark(path)
+    path.mkdir(parents=True)
     return path
 
 
@@ -279,9 +283,8 @@ def generate_demo(paths: DemoPaths, seed: int = 0, vqgan_channels: int = 32, row
     check_demo_targets(paths)
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    for folder in (paths.checkpoint, paths.base_model, paths.public_root, paths.credentialed_root, paths.eval_image_root, paths.clip):
-        if folder is not None:
-            _fresh_dir(folder)
+    for folder in (paths.checkpoint, paths.public_root, paths.credentialed_root, paths.eval_image_root, paths.clip):
+        _fresh_dir(folder)
 
     # Checkpoint folder, original layout.
     tokenizer_dir = paths.checkpoint / "tokenizer"
@@ -378,7 +381,8 @@ def generate_demo(paths: DemoPaths, seed: int = 0, vqgan_channels: int = 32, row
             lines.insert(7, json.dumps({"text": 42, "tokens": [], "task": "VQA", "source": "slake", "credential": "no"}))
             lines.insert(9, json.dumps({"text": f"{IMG}\nIs this normal?{SEP}Yes", "tokens": [0, 5, 2], "image_path": None, "task": "VQA", "source": "slake", "credential": "no"}))
             lines.insert(11, json.dumps({"text": f"Is this normal?{SEP}Yes", "tokens": [0, 5, 2], "image_path": public_names[0], "task": "VQA", "source": "slake", "credential": "no"}))
-        _mark(path.parent)
+        _mark(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(lines) + "\n")
         counts[f"{split}_lines"] = len(lines)
 
@@ -426,7 +430,7 @@ def _write_eval_set(paths: DemoPaths, rng: random.Random, seed: int) -> dict[str
         rows.append({"task_name": "image_captioning", "question_type": question_type, "prompt": "Describe the image briefly.", "answer": f"A {rng.choice(MODALITIES)} showing {rng.choice(FINDINGS)}.", "image_path": eval_image("radiograph")})
     for question_type in ("pmc_oa", "quilt"):
         rows.append({"task_name": "image_generation", "question_type": question_type, "prompt": f"Generate a {rng.choice(MODALITIES)} of {rng.choice(TISSUES)}.", "answer": "", "image_path": eval_image("histology")})
-    _mark(paths.eval_set.parent)
+    _mark(paths.eval_set)
     paths.eval_set.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return {"eval_rows": len(rows)}
 

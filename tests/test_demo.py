@@ -139,7 +139,7 @@ def test_the_demo_never_replaces_what_it_did_not_create(tmp_path: Path) -> None:
     """A folder or file at a demo path that the demo did not make is refused before anything is
     written; the demo's own folders (marked) are replaced on the next run."""
     from medmax_pipeline.cli import main as cli_main
-    from medmax_pipeline.demo import DEMO_MARKER, DemoOwnershipError
+    from medmax_pipeline.demo import DemoOwnershipError, demo_marker
 
     paths = default_paths(tmp_path / "demo")
     user_checkpoint = tmp_path / "demo" / "checkpoint"
@@ -158,5 +158,6 @@ def test_the_demo_never_replaces_what_it_did_not_create(tmp_path: Path) -> None:
 
     fresh = default_paths(tmp_path / "fresh")
     generate_demo(fresh, seed=0, vqgan_channels=32, rows_per_task=1)
-    assert (fresh.checkpoint / DEMO_MARKER).is_file() and (fresh.train.parent / DEMO_MARKER).is_file()
+    assert demo_marker(fresh.checkpoint).is_file() and demo_marker(fresh.train).is_file()
+    assert not any(p.name.endswith('.medmax-demo') for p in fresh.public_root.rglob('*'))  # image roots hold only images
     generate_demo(fresh, seed=0, vqgan_channels=32, rows_per_task=1)  # its own output: replaced

@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from medmax_pipeline import __version__
+from medmax_pipeline.core.folder_identity import folder_fingerprint
 from medmax_pipeline.core.rows import CREDENTIAL_VALUES
 
 Credential = Literal["public", "credentialed"]
@@ -220,16 +221,11 @@ def _hash_file(path: Path) -> str:
     return FINGERPRINT_PREFIX + h.hexdigest()
 
 
-def _hash_directory(path: Path) -> str:
-    # Names, sizes and contents of every file, in sorted order; symlinks by their target text.
-    h = new_hash()
-    for sub in sorted(p for p in path.rglob("*")):
-        rel = sub.relative_to(path).as_posix()
-        if sub.is_symlink():
-            h.update(f"L {rel} -> {os.readlink(sub)}\n".encode())
-        elif sub.is_file():
-            h.update(f"F {rel} {sub.stat().st_size} {_hash_file(sub)}\n".encode())
-    return FINGERPRINT_PREFIX + h.hexdigest()
+def current_fingerprint(path: str | Path) -> str:
+    """What a lineage entry records for a plain input now: a file's content hash, a folder's cheap
+    identity (core/folder_identity: names, sizes, times, small config files' contents)."""
+    path = Path(path)
+    return _hash_file(path) if path.is_file() else folder_fingerprint(path)
 
 
 # A folder the pipeline writes (a trained adapter, a converted or merged model) carries this file:
@@ -285,7 +281,7 @@ def describe_input(path: str | Path, credentialed: bool = False) -> dict[str, An
             "fingerprint": meta.fingerprint,
             "credential": meta.credential,
         }
-    fingerprint = _hash_file(path) if path.is_file() else _hash_directory(path)
+    fingerprint = current_fingerprint(path)
     provenance = read_provenance(path) if path.is_dir() else None
     credentialed = credentialed or (provenance is not None and provenance["credential"] == "credentialed")
     return {
@@ -615,8 +611,11 @@ def lineage_tree(path: str | Path, depth: int = 0, seen: set[str] | None = None)
             sub[0] += stale
             lines.extend(sub)
         else:
-            kind = entry.get("artifact") or "file"
-            lines.append(f"{pad}  {input_path}: {kind} {entry.get('credential')} {str(entry.get('fingerprint'))[:31]}")
+            kind = entry.get("artifact") or ("folder" if Path(input_path).is_dir() else "file")
+            changed = ""
+            if Path(input_path).exists() and entry.get("fingerprint") and current_fingerprint(input_path) != entry["fingerprint"]:
+                changed = "  (changed since: stale)"
+            lines.append(f"{pad}  {input_path}: {kind} {entry.get('credential')} {str(entry.get('fingerprint'))[:31]}{changed}")
     return lines
 
 

@@ -24,8 +24,13 @@ def run(args: argparse.Namespace) -> int:
                 print(f"warning: {exc}")
                 status = 1
             if not args.no_lineage:
+                lines = lineage_tree(path)
                 print("lineage:")
-                print("\n".join("  " + line for line in lineage_tree(path)))
+                print("\n".join("  " + line for line in lines))
+                stale = [line.strip().split(":")[0] for line in lines if line.endswith("(changed since: stale)")]
+                if stale:
+                    print(f"warning: {len(stale)} input(s) changed since {path} was written (stale): {', '.join(stale)}")
+                    status = 1
         except ArtifactError as exc:
             print(f"error: {exc}")
             status = 1

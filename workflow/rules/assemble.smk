@@ -9,6 +9,7 @@ rule assemble:
         path_problems=results("collect", "image_path_problems.parquet"),
         token_errors=results("tokenize", "image_token_errors.parquet"),
         checkpoint=config["checkpoint"],
+        manifests=folder_manifest("checkpoint", config["checkpoint"]),
         mappings=[e["mapping"] for e in CREDENTIALED if e.get("mapping") is not None],
     output:
         dataset=results("assemble", "{split}", "dataset.parquet"),

@@ -7,6 +7,7 @@ rule collect:
         validation=config["dataset"]["validation"],
         public_root=config["images"]["public_root"],
         credentialed_roots=credentialed_roots(),
+        manifests=image_root_manifests(),
         mappings=[e["mapping"] for e in CREDENTIALED if e.get("mapping") is not None],
     output:
         image_paths=results("collect", "image_paths.parquet"),

@@ -5,6 +5,7 @@ from pathlib import Path
 from snakemake.settings.types import DeploymentMethod
 
 from medmax_pipeline.core.config import ConfigError, validate_config
+from medmax_pipeline.core.folder_identity import write_manifest_if_changed
 from medmax_pipeline.core.image_keys import format_credentialed_spec
 
 try:
@@ -44,6 +45,32 @@ TOKENIZER = f"{config['checkpoint']}/tokenizer/text_tokenizer_modified.json"
 
 def results(*parts):
     return "/".join([RESULTS, *parts])
+
+
+_MANIFESTS = {}
+
+
+def folder_manifest(name, folder):
+    """[the manifest file] standing for a folder input the user provides, for a rule's input: ([] without one).
+
+    Snakemake sees only a folder's own modification time, which does not move when a file inside
+    is replaced. The manifest (names, sizes, times, contents of small config files:
+    core/folder_identity.py) is rewritten at planning only when the folder changed, so a real change
+    reruns the rules that read the folder. With the demo on, the folders are the demo rule's outputs
+    and Snakemake tracks them itself: no manifest. Walking an image root costs one stat per file
+    at every planning (seconds for a million local files)."""
+    if config["demo"]["enabled"] or folder is None or not Path(folder).is_dir():
+        return []
+    if name not in _MANIFESTS:
+        _MANIFESTS[name] = str(write_manifest_if_changed(folder, results("manifests", f"{name}.json")))
+    return [_MANIFESTS[name]]
+
+
+def image_root_manifests():
+    """Manifests of the public image root and every credentialed root: the images themselves."""
+    roots = [("public_root", config["images"]["public_root"])]
+    roots += [(f"credentialed-{e['source']}", e["root"]) for e in CREDENTIALED]
+    return [m for name, root in roots for m in folder_manifest(name, root)]
 
 
 def base_model_path():

@@ -6,6 +6,7 @@
 rule convert_checkpoint:
     input:
         checkpoint=config["checkpoint"],
+        manifests=folder_manifest("checkpoint", config["checkpoint"]),
     output:
         base_model=directory(results("convert", "base_model")),
     params:

@@ -8,6 +8,7 @@ rule export:
         base_model=base_model_path(),
         adapter=results("train", "adapter"),
         checkpoint=config["checkpoint"],
+        manifests=[*folder_manifest("checkpoint", config["checkpoint"]), *folder_manifest("base_model", config["base_model"])],
     output:
         checkpoint=directory(results("export", "checkpoint")),
         merged_hf=directory(results("export", "merged_hf")),

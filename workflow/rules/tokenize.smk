@@ -8,6 +8,7 @@ rule tokenize_shard:
         csv=results("collect", "img_paths.csv"),
         checkpoint=config["checkpoint"],
         credentialed_roots=credentialed_roots(),
+        manifests=[*folder_manifest("checkpoint", config["checkpoint"]), *image_root_manifests()],
     output:
         tokens=results("tokenize", f"n{NUM_SHARDS}", "shard-{shard}-of-" + str(NUM_SHARDS) + ".parquet"),
         errors=results("tokenize", f"n{NUM_SHARDS}", "shard-{shard}-of-" + str(NUM_SHARDS) + ".errors.parquet"),
