@@ -1,11 +1,12 @@
 # Shared by every rule: config validation, paths of the stage outputs, how rules call the package.
+import shlex
 import sys
 from pathlib import Path
 
 from snakemake.settings.types import DeploymentMethod
 
 from medmax_pipeline.core.config import ConfigError, validate_config
-from medmax_pipeline.core.folder_identity import write_manifest_if_changed
+from medmax_pipeline.core.folder_identity import package_code_fingerprint, write_manifest_if_changed
 from medmax_pipeline.core.image_keys import format_credentialed_spec
 
 try:
@@ -34,6 +35,13 @@ MEDMAX = f"{PYTHON} -m medmax_pipeline"
 def torchrun(nproc):
     """The package's command line under torchrun, nproc ranks inside this one job."""
     return f"{PYTHON} -m torch.distributed.run --standalone --nproc-per-node {nproc} -m medmax_pipeline"
+
+def code_version(*stage_parts):
+    """A param for every rule: a hash of the package code it runs (its stage plus core/ and
+    models/), so a change to that code reruns the rule and what follows; Snakemake's own code
+    trigger sees only the rule's shell command, not the package it calls."""
+    return package_code_fingerprint(stage_parts)
+
 
 RESULTS = config["results_dir"]
 SPLITS = ["train", "validation"]
