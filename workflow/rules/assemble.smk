@@ -24,6 +24,7 @@ rule assemble:
         published_check=results("assemble", "{split}", "published_token_check.parquet"),
         summary=results("assemble", "{split}", "coverage_summary.txt"),
     params:
+        code=code_version("stages/assemble"),
         medmax=MEDMAX,
         tokenizer=TOKENIZER,
         credentialed=credentialed_args(),

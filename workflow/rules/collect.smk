@@ -14,6 +14,7 @@ rule collect:
         problems=results("collect", "image_path_problems.parquet"),
         csv=results("collect", "img_paths.csv"),
     params:
+        code=code_version("stages/collect.py"),
         medmax=MEDMAX,
         credentialed=credentialed_args(),
         include_public="--include-public" if config["images"]["include_public"] else "--no-include-public",

@@ -10,6 +10,7 @@ rule convert_checkpoint:
     output:
         base_model=directory(results("convert", "base_model")),
     params:
+        code=code_version("stages/convert_checkpoint.py"),
         medmax=MEDMAX,
     log:
         log_path("convert_checkpoint"),

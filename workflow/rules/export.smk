@@ -13,6 +13,7 @@ rule export:
         checkpoint=directory(results("export", "checkpoint")),
         merged_hf=directory(results("export", "merged_hf")),
     params:
+        code=code_version("stages/export.py"),
         medmax=MEDMAX,
     log:
         log_path("export"),

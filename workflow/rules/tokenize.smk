@@ -13,6 +13,7 @@ rule tokenize_shard:
         tokens=results("tokenize", f"n{NUM_SHARDS}", "shard-{shard}-of-" + str(NUM_SHARDS) + ".parquet"),
         errors=results("tokenize", f"n{NUM_SHARDS}", "shard-{shard}-of-" + str(NUM_SHARDS) + ".errors.parquet"),
     params:
+        code=code_version("stages/tokenize_images.py"),
         num_shards=NUM_SHARDS,
         output_dir=lambda wildcards, output: Path(output.tokens).parent,
         batch_size=config["tokenize"]["batch_size"],
@@ -53,6 +54,7 @@ rule gather_tokens:
         tokens=results("tokenize", "image_tokens.parquet"),
         errors=results("tokenize", "image_token_errors.parquet"),
     params:
+        code=code_version("stages/tokenize_images.py"),
         medmax=MEDMAX,
         shards_dir=lambda wildcards, input: Path(input[0]).parent,
         num_shards=NUM_SHARDS,

@@ -8,6 +8,7 @@ rule map_vocab:
     output:
         blocks=results("vocab", "image_blocks.parquet"),
     params:
+        code=code_version("stages/vocab.py"),
         medmax=MEDMAX,
         tokenizer=TOKENIZER,
     log:
