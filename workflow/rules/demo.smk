@@ -18,7 +18,7 @@ if config["demo"]["enabled"]:
             clip=directory(config["evaluate"]["clip"]),
         params:
             medmax=MEDMAX,
-            code=code_version("demo.py"),
+            code=code_version("demo.py", "stages/convert_checkpoint.py"),
             seed=config["demo"]["seed"],
             vqgan_channels=config["demo"]["vqgan_channels"],
             rows_per_task=config["demo"]["rows_per_task"],
