@@ -200,7 +200,8 @@ def test_report_writes_self_contained_outputs(tmp_path):
                              "loss": [2.0, 1.5, 1.2, 1.4]}), metrics, artifact="train_metrics")
     written = make_report([summary], tmp_path / "report", train_metrics=metrics, coverage=tmp_path / "absent.parquet")
     names = sorted(p.name for p in written)
-    assert names == ["coverage.html", "loss_curve.png", "summary.html", "vqa_accuracy.png"]
+    assert names == ["coverage.html", "families.html", "family_scores.png", "gallery.png", "loss_curve.png", "summary.html",
+                     "vqa_accuracy.png"]
     assert (tmp_path / "report" / "vqa_accuracy.png").read_bytes()[:4] == b"\x89PNG"
     page = (tmp_path / "report" / "summary.html").read_text()
     assert "vqa_average" in page and "<script" not in page and "http" not in page
