@@ -33,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from vqgan_fixtures import write_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+VISUAL_CHAT_ANSWER = repr({"gpt4_answer": "ref", "fig_label": "Fig 1", "fig_caption": "cap", "in_text_mention": "ctx",
+                           "domain": {"chest_xray": True, "mri": False, "histology": False, "gross": False, "ct_scan": False}})
 
 
 class FakeJudge:
@@ -47,10 +49,13 @@ class FakeJudge:
                 pass
 
             def do_POST(self):
-                content = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][0]["content"]
+                content = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][-1]["content"]
                 judge.requests += 1
-                determined = content.split("answer to be determined:")[1].splitlines()[0]
-                reply = "I cannot tell." if "mumble" in determined else f"Correctness: {int('lung' in determined)}"
+                if "[Assistant 1]" in content:  # visual chat / mm_out: two scores on the first line
+                    reply = "8 4\nAssistant 1 is better."
+                else:
+                    determined = content.split("answer to be determined:")[1].splitlines()[0]
+                    reply = "I cannot tell." if "mumble" in determined else f"Correctness: {int('lung' in determined)}"
                 body = json.dumps({"choices": [{"message": {"content": reply}}]}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -108,7 +113,7 @@ def case(tmp_path_factory):
             _row("image_generation", "pmc_oa", "", "", model, image_path="im1.png", tokens=tokens,
                  prompt="a lung"),
             _row("image_generation", "quilt", "", "", model, image_path="im2.png", prompt="a slide"),  # no image made
-            _row("visual_chat", "conversation", "ref", "text", model),
+            _row("visual_chat", "conversation", VISUAL_CHAT_ANSWER, f"text of {model}", model),
         ]
         path = root / f"predictions_{model}.parquet"
         write_artifact(pa.Table.from_pylist(rows), path, artifact="predictions")
@@ -118,7 +123,7 @@ def case(tmp_path_factory):
 
 def _judge_config(root, url, name, cache=None):
     path = root / f"{name}.json"
-    path.write_text(json.dumps({"base_url": url, "model": "judge-x", "cache_path": str(cache) if cache else None}))
+    path.write_text(json.dumps({"base_url": url, "model": "judge-x", "api_key_env": None, "cache_path": str(cache) if cache else None}))
     return path
 
 
@@ -154,19 +159,21 @@ def test_clip_scores_artifact_on_a_tiny_case(case):
 def test_judge_replies_artifact_and_cache(case, fake_judge, tmp_path):
     base = case["predictions"][0]
     out = tmp_path / "judge_base.parquet"
-    options = judge_command_options({"base_url": fake_judge.url, "model": "judge-x", "concurrency": 2},
+    options = judge_command_options({"base_url": fake_judge.url, "model": "judge-x", "concurrency": 2, "api_key_env": None},
                                     str(tmp_path / "cache.jsonl"))
     before = fake_judge.requests
     assert main(["judge", "--predictions", str(base), "--output", str(out), *shlex.split(options)]) == 0
     rows = read_artifact(out, artifact="judge_replies").to_pylist()
-    assert [r["row"] for r in rows] == [1, 2]  # the open questions only
+    assert [r["row"] for r in rows] == [1, 2, 6]  # the open questions and visual chat
+    assert [r["protocol"] for r in rows] == ["open_vqa", "open_vqa", "visual_chat"]
     assert rows[0]["judge_reply"] == "Correctness: 0" and rows[1]["judge_reply"] == "I cannot tell."
-    assert fake_judge.requests - before == 2
+    assert fake_judge.requests - before == 3
     params = read_meta(out).lineage["params"]
-    assert params["judge_model"] == "judge-x" and params["judge_stats"]["requests"] == 2
+    assert params["judge_model"] == "judge-x" and params["judge_stats"]["requests"] == 3
+    assert params["judge_request_fields"] == ["model", "messages"]
     # A rerun is answered from the cache: no request, the replies flagged cached.
     assert main(["judge", "--predictions", str(base), "--output", str(out), *shlex.split(options)]) == 0
-    assert fake_judge.requests - before == 2
+    assert fake_judge.requests - before == 3
     assert all(r["cached"] for r in read_artifact(out, artifact="judge_replies").to_pylist())
 
 
@@ -181,7 +188,7 @@ def test_score_with_per_model_artifacts_equals_score_computed_the_old_way(case, 
                      "--judge-config", str(_judge_config(tmp_path, fake_judge.url, "judge_job"))]) == 0
         clip_artifacts.append(clip_out)
         judge_artifacts.append(judge_out)
-    for rules in ("medmax", "llava_med", "strict"):
+    for rules in ("medmax", "medmax_tolerant", "llava_med", "strict"):
         old_scores, old_summary = score_predictions(
             preds, tmp_path / f"old_{rules}", rules, judge_config=_judge_config(tmp_path, fake_judge.url, "judge_old"),
             clip_dir=case["clip"], ckpt_dir=case["ckpt"], image_root=case["images"], n_bootstrap=100)
@@ -194,7 +201,7 @@ def test_score_with_per_model_artifacts_equals_score_computed_the_old_way(case, 
         scores = read_artifact(new_scores).to_pylist()
         if rules == "medmax":
             assert [s["judge_reply"] for s in scores[1:3]] == ["Correctness: 0", "I cannot tell."]
-            assert scores[2]["unjudged"] and "no Correctness verdict" in scores[2]["note"]
+            assert scores[2]["unjudged"] and "no 'Correctness: 1' or 'Correctness: 0'" in scores[2]["note"]
         assert scores[7 + 4]["score_ref_image"] is not None and scores[4]["note"] == "no image generated: scored 0"
         inputs = [i["artifact"] for i in read_meta(new_scores).lineage["inputs"]]
         assert inputs == ["predictions", "predictions", "clip_scores", "clip_scores", "judge_replies", "judge_replies"]
@@ -236,7 +243,7 @@ def test_judge_options_built_from_config_values():
     assert (config.base_url, config.model, config.api_key_env, config.cache_path) == ("https://x.example/v1", "gpt 4o", "KEY", "results/c.jsonl")
     assert (config.concurrency, config.max_retries, config.timeout_s) == (3, 2, 9.5)
     with pytest.raises(JudgeError, match="not options of medmax judge"):
-        judge_command_options({"base_url": "u", "model": "m", "temperature": 0.5})
+        judge_command_options({"base_url": "u", "model": "m", "top_p": 0.5})
     with pytest.raises(JudgeError, match="either --judge-config or the settings"):
         judge_config_from_args(parser.parse_args(["--predictions", "p", "--output", "o", "--judge-config", "j.json",
                                                   "--base-url", "u"]))
@@ -251,7 +258,7 @@ def test_score_job_imports_no_torch():
     assert result.stdout.strip() == "False"
 
 
-def test_dry_run_plans_judge_once_per_model_for_the_medmax_rule_set_only(tmp_path):
+def test_dry_run_plans_judge_once_per_model_and_every_score_job_reads_it(tmp_path):
     overlay = tmp_path / "judge.yaml"
     overlay.write_text(yaml.safe_dump({"evaluate": {"judge": {"base_url": "http://127.0.0.1:9/v1", "model": "m"}}}))
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), "-n",
@@ -261,10 +268,11 @@ def test_dry_run_plans_judge_once_per_model_for_the_medmax_rule_set_only(tmp_pat
     plan = result.stdout + result.stderr
     stats = plan.split("Job stats:")[1].split("\ntotal")[0]
     counts = {line.split()[0]: int(line.split()[1]) for line in stats.splitlines()[3:] if line.strip()}
-    assert counts["clip_scores"] == 2 and counts["judge"] == 2 and counts["score"] == 3
+    # The endpoint (port 9) is unreachable: a dry run does not check it (onstart does not run).
+    assert counts["clip_scores"] == 2 and counts["judge"] == 2 and counts["score"] == 4
     score_commands = [line for line in plan.splitlines() if " medmax_pipeline score " in line]
-    assert len(score_commands) == 3
+    assert len(score_commands) == 4
     for line in score_commands:
-        assert ("--judge-replies" in line) == ("--rules medmax" in line)
+        assert "--judge-replies" in line  # visual_chat / mm_out relative scores in every rule set
         assert "--clip-scores" in line and "--clip " not in line and "--ckpt" not in line
     assert "--judge-config" not in plan

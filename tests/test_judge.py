@@ -1,179 +1,148 @@
-"""The LLM judge against a real local HTTP server that misbehaves on purpose."""
+"""The judge: public requests byte for byte, public verdict reading, relative scores, the openai client."""
 
 import json
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
-from medmax_pipeline.stages.evaluate.judge import (
-    JudgeConfig,
-    JudgeError,
-    LLMJudge,
-    build_judge_messages,
-    load_judge_config,
-    parse_verdict,
-    retry_after_seconds,
-)
+from medmax_pipeline.stages.evaluate.judge import JudgeConfig, JudgeError, LLMJudge, check_endpoint
+from medmax_pipeline.stages.evaluate.judge_protocols import parse_relative_scores, public_verdict, tolerant_verdict
+from medmax_pipeline.stages.evaluate.judge_replies import judge_request
+
+PUBLIC = json.loads((Path(__file__).parent / "data" / "public_judge_requests.json").read_text())
 
 
-class FakeEndpoint:
-    """An OpenAI-compatible /chat/completions whose behaviour is chosen by the prediction text.
-
-    'good-1' / 'good-0': a verdict; 'noverdict': a reply without one; 'garbage': a body that is
-    not JSON; 'ratelimit': 429 (Retry-After: 3) once, then a verdict; 'flaky': 500 once, then a
-    verdict; 'slow': the first answer takes longer than the client's timeout; 'always500': 500.
-    """
+class Endpoint:
+    """An OpenAI-compatible server on 127.0.0.1 recording every request body."""
 
     def __init__(self):
-        self.requests = []
-        self.seen = {}
-        self.lock = threading.Lock()
+        self.bodies, self.attempts = [], {}
         endpoint = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
 
+            def do_GET(self):
+                self._send(200 if self.headers.get("Authorization") != "Bearer bad" else 401, {"data": []})
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                content = body["messages"][0]["content"]
-                with endpoint.lock:
-                    endpoint.requests.append((self.path, self.headers.get("Authorization"), body["model"]))
-                    kind = next(k for k in ("good-1", "good-0", "noverdict", "garbage", "ratelimit", "flaky", "slow", "always500")
-                                if f"determined: {k}" in content)
-                    count = endpoint.seen[kind] = endpoint.seen.get(kind, 0) + 1
-                if kind == "ratelimit" and count == 1:
-                    return self._send(429, b"{}", {"Retry-After": "3"})
-                if kind == "flaky" and count == 1:
-                    return self._send(500, b"oops")
-                if kind == "always500":
-                    return self._send(500, b"down")
-                if kind == "slow" and count == 1:
-                    time.sleep(0.6)
-                if kind == "garbage":
-                    return self._send(200, b"<html>not json</html>")
-                reply = {"good-0": "The answer is wrong.\nCorrectness: 0", "noverdict": "I cannot tell."}.get(
-                    kind, "Matches.\nCorrectness: 1")
-                self._send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode())
+                text = body["messages"][-1]["content"]
+                endpoint.attempts[text] = endpoint.attempts.get(text, 0) + 1
+                if "ratelimit" in text and endpoint.attempts[text] == 1:
+                    return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"})
+                endpoint.bodies.append(body)
+                self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                                 "choices": [{"index": 0, "finish_reason": "stop",
+                                              "message": {"role": "assistant", "content": "Correctness: 1"}}]})
 
             def _send(self, code, payload, headers=None):
-                try:
-                    self.send_response(code)
-                    for k, v in (headers or {}).items():
-                        self.send_header(k, v)
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (timeout test)
+                data = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def count(self):
-        with self.lock:
-            return len(self.requests)
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
-@pytest.fixture
+@pytest.fixture()
 def endpoint():
-    ep = FakeEndpoint()
-    yield ep
-    ep.close()
+    e = Endpoint()
+    yield e
+    e.server.shutdown()
 
 
-def make_judge(endpoint, tmp_path, sleeps, **overrides):
-    config = JudgeConfig(base_url=endpoint.base_url, model="judge-model", cache_path=str(tmp_path / "cache.jsonl"),
-                         timeout_s=0.3, max_retries=3, backoff_s=0.01, concurrency=3, **overrides)
-    return LLMJudge(config, sleep=sleeps.append)
+def _row(case):
+    task = {"open_vqa": "slake", "visual_chat": "visual_chat", "mm_out": "mm_out"}[case["protocol"]]
+    qtype = {"open_vqa": "open", "visual_chat": "conversation", "mm_out": "mm_out"}[case["protocol"]]
+    return {"task_name": task, "question_type": qtype, "prompt": case["question"], "answer": case["answer"],
+            "prediction": case["prediction"]}
 
 
-def test_parse_verdict_rules():
-    assert parse_verdict("blah\nCorrectness: 1") == (True, "judge: Correctness: 1")
-    assert parse_verdict("Correctness: 0")[0] is False
-    # Public precedence: 'Correctness: 1' is checked first even if 0 also appears.
-    assert parse_verdict("Correctness: 0 ... Correctness: 1")[0] is True
-    assert parse_verdict("**Correctness:** 0")[0] is False
-    assert parse_verdict("I think it is right")[0] is None
-    assert parse_verdict(None)[0] is None
+@pytest.mark.parametrize("case", PUBLIC["cases"], ids=lambda c: c["protocol"])
+def test_requests_equal_the_public_ones_field_by_field(case):
+    # tests/data/public_judge_requests.json was written by running the public builders (see its "source").
+    ours = judge_request(_row(case), "fixture")
+    assert len(ours) == len(case["messages"])
+    for mine, public in zip(ours, case["messages"]):
+        assert mine.keys() == public.keys()
+        assert mine["role"] == public["role"]
+        assert mine["content"] == public["content"]
 
 
-def test_prompt_asks_for_the_verdict_and_lowercases_prediction():
-    content = build_judge_messages("Which organ?", "Lung", "The LUNG")[0]["content"]
-    assert "Correctness:" in content and "the lung" in content and "Lung" in content
+# Every verdict spelling: vqa.py reads only the literal strings, 'Correctness: 1' first.
+@pytest.mark.parametrize("reply, public, tolerant", [
+    ("Correctness: 1", True, True),
+    ("Correctness: 0", False, False),
+    ("The answer matches.\nCorrectness: 1\n", True, True),
+    ("Correctness: 0 ... on reflection Correctness: 1", True, True),  # '1' is tested first
+    ("**Correctness:** 1", None, True),
+    ("Correctness:1", None, True),
+    ("correctness: 0", None, False),
+    ("CORRECTNESS: 1", None, True),
+    ("Correctness = 0", None, False),
+    ("Correctness: yes", None, None),
+    ("1", None, None),
+    ("", None, None),
+    (None, None, None),
+])
+def test_verdicts_public_and_tolerant(reply, public, tolerant):
+    assert public_verdict(reply)[0] is public
+    assert tolerant_verdict(reply)[0] is tolerant
 
 
-def test_retry_after_parsing():
-    assert retry_after_seconds("3") == 3.0
-    assert retry_after_seconds(None) is None
-    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past
+@pytest.mark.parametrize("reply, scores", [
+    ("8 6\nAssistant 1 is more detailed.", (8.0, 6.0)),
+    ("  7 7  \n", (7.0, 7.0)),
+    ("\n9 4.5\nexplanation", (9.0, 4.5)),  # the reply is stripped first
+    ("8, 6\nx", None),  # two parts but '8,' is no number
+    ("8  6\nx", None),  # two spaces: three parts
+    ("Scores: 8 6", None),
+    ("8\n6", None),
+    ("0 5", None),  # s2/s1 would divide by zero
+    ("nan 5", None),
+    (None, None),
+])
+def test_relative_scores_first_line(reply, scores):
+    parsed = parse_relative_scores(reply)
+    assert (None if not parsed.judged else (parsed.reference, parsed.model)) == scores
+    if scores:
+        assert parsed.relative == scores[1] / scores[0]
 
 
-def test_good_malformed_and_cache(endpoint, tmp_path):
-    sleeps = []
-    judge = make_judge(endpoint, tmp_path, sleeps)
-    items = [("q1", "lung", "good-1"), ("q2", "lung", "good-0"), ("q3", "lung", "noverdict"), ("q4", "lung", "garbage"),
-             ("q1", "lung", "good-1")]  # a duplicate is asked once
-    verdicts = judge.judge_many(items)
-    assert [v.correct for v in verdicts] == [True, False, None, None, True]
-    assert "no Correctness verdict" in verdicts[2].note
-    assert "malformed" in verdicts[3].note
-    assert judge.stats.unjudged == 2
-    assert endpoint.count() == 4
-    # A rerun asks nothing again for cached replies; the malformed one (not cached) is asked again.
-    judge2 = make_judge(endpoint, tmp_path, sleeps)
-    verdicts2 = judge2.judge_many(items)
-    assert [v.correct for v in verdicts2] == [True, False, None, None, True]
-    assert endpoint.count() == 5
-    assert judge2.stats.cache_hits == 3
-    assert all(v.cached for v in verdicts2[:3])
+def test_request_fields_retry_after_and_cache(endpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", "k")
+    config = JudgeConfig(base_url=endpoint.url, model="gpt-4o-mini", api_key_env="JUDGE_KEY",
+                         cache_path=str(tmp_path / "cache.jsonl"), max_retries=2)
+    requests = [[{"role": "user", "content": "a"}], [{"role": "user", "content": "ratelimit"}],
+                [{"role": "user", "content": "a"}]]
+    replies = LLMJudge(config).ask_many(requests)
+    assert [r.reply for r in replies] == ["Correctness: 1"] * 3
+    assert endpoint.attempts == {"a": 1, "ratelimit": 2}  # the client retried the 429; duplicates asked once
+    assert all(set(b) == {"model", "messages"} for b in endpoint.bodies)  # no temperature unless set
+    again = LLMJudge(config)
+    assert all(r.cached for r in again.ask_many(requests)) and again.stats.requests == 0
+    hot = LLMJudge(JudgeConfig(base_url=endpoint.url, model="m", api_key_env="JUDGE_KEY", temperature=0.0))
+    hot.ask_many([[{"role": "user", "content": "b"}]])
+    assert endpoint.bodies[-1]["temperature"] == 0.0
 
 
-def test_retries_on_429_500_and_timeout(endpoint, tmp_path):
-    sleeps = []
-    judge = make_judge(endpoint, tmp_path, sleeps)
-    verdicts = judge.judge_many([("q", "a", "ratelimit"), ("q", "a", "flaky"), ("q", "a", "slow")])
-    assert [v.correct for v in verdicts] == [True, True, True]
-    assert judge.stats.retries == 3
-    assert endpoint.seen == {"ratelimit": 2, "flaky": 2, "slow": 2}
-    assert 3.0 in sleeps  # Retry-After honoured
-    assert all(s < 1.0 for s in sleeps if s != 3.0)  # the others: exponential backoff from 0.01 s
-
-
-def test_gives_up_and_reports_unjudged(endpoint, tmp_path):
-    sleeps = []
-    judge = make_judge(endpoint, tmp_path, sleeps)
-    v = judge.judge("q", "a", "always500")
-    assert v.correct is None and "gave up after 4 attempts" in v.note
-    assert endpoint.seen["always500"] == 4
-    assert sleeps == sorted(sleeps) and len(sleeps) == 3  # growing waits
-
-
-def test_api_key_from_named_env_var(endpoint, tmp_path, monkeypatch):
-    monkeypatch.setenv("MEDMAX_TEST_KEY", "sk-test")
-    judge = make_judge(endpoint, tmp_path, [], api_key_env="MEDMAX_TEST_KEY")
-    assert judge.judge("q", "a", "good-1").correct is True
-    assert endpoint.requests[-1] == ("/v1/chat/completions", "Bearer sk-test", "judge-model")
-    monkeypatch.delenv("MEDMAX_TEST_KEY")
-    with pytest.raises(JudgeError, match="MEDMAX_TEST_KEY"):
-        make_judge(endpoint, tmp_path, [], api_key_env="MEDMAX_TEST_KEY")
-
-
-def test_load_config_errors(tmp_path):
-    with pytest.raises(JudgeError, match="does not exist"):
-        load_judge_config(tmp_path / "none.json")
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"base_url": "http://x", "model": "m", "modle": "typo"}))
-    with pytest.raises(JudgeError, match="unknown keys"):
-        load_judge_config(bad)
-    good = tmp_path / "good.yaml"
-    good.write_text("base_url: http://x\nmodel: m\nconcurrency: 2\n")
-    assert load_judge_config(good).concurrency == 2
+def test_check_endpoint_one_line_errors(endpoint, monkeypatch):
+    monkeypatch.delenv("NO_SUCH_KEY", raising=False)
+    with pytest.raises(JudgeError, match="NO_SUCH_KEY is not set"):
+        check_endpoint(JudgeConfig(base_url=endpoint.url, model="m", api_key_env="NO_SUCH_KEY"))
+    monkeypatch.setenv("BAD_KEY", "bad")
+    with pytest.raises(JudgeError, match="rejected the key"):
+        check_endpoint(JudgeConfig(base_url=endpoint.url, model="m", api_key_env="BAD_KEY"))
+    check_endpoint(JudgeConfig(base_url=endpoint.url, model="m", api_key_env=None))
+    with pytest.raises(JudgeError, match="unreachable"):
+        check_endpoint(JudgeConfig(base_url="http://127.0.0.1:9/v1", model="m", api_key_env=None), timeout_s=2)

@@ -9,7 +9,7 @@ import pytest
 
 from medmax_pipeline.core.artifacts import read_artifact, read_meta, write_artifact
 from medmax_pipeline.stages.evaluate.clip_scores import image_codes_from_tokens
-from medmax_pipeline.stages.evaluate.judge import JudgeVerdict
+from medmax_pipeline.stages.evaluate.judge import JudgeReply, JudgeStats
 from medmax_pipeline.stages.evaluate.score import (
     AVERAGE_TASK,
     ScoreError,
@@ -57,11 +57,14 @@ class StubJudge:
         self.verdicts = verdicts
         self.calls = []
 
-    def judge_many(self, items):
-        self.calls.extend(items)
-        return [JudgeVerdict(self.verdicts[p], None if self.verdicts[p] is None else f"Correctness: {int(self.verdicts[p])}",
-                             "judge" if self.verdicts[p] is not None else "unjudged: reply has no Correctness verdict")
-                for _, _, p in items]
+    def ask_many(self, requests):
+        self.calls.extend(requests)
+        replies = []
+        for messages in requests:
+            determined = messages[-1]["content"].split("answer to be determined: ")[1].split("\n")[0]
+            verdict = self.verdicts[determined]
+            replies.append(JudgeReply("I cannot tell" if verdict is None else f"Correctness: {int(verdict)}"))
+        return replies
 
 
 def test_unjudged_stay_in_the_denominator():
@@ -82,9 +85,9 @@ def test_unjudged_stay_in_the_denominator():
 def test_no_judge_token_recall_stands_in():
     rows = [_row("slake", "open", "left lung", "the lung")]
     scored = score_rows(rows, "medmax")
-    assert scored[0]["score"] == 0.5 and "stands in" in scored[0]["note"]
+    assert scored[0]["score"] == 0.5 and "stand-in" in scored[0]["note"]
     summary = summarize([{**rows[0], **scored[0]}], n_bootstrap=50)
-    assert summary[0]["metric"] == "token_recall"
+    assert summary[0]["metric"] == "token_recall_stand_in" and summary[0]["stand_in"]
 
 
 def test_bad_row_names_source_and_row():
@@ -94,7 +97,8 @@ def test_bad_row_names_source_and_row():
 
 
 def test_other_tasks_flagged_not_dropped():
-    rows = [_row("visual_chat", "conversation", "ref", "text"), _row("image_captioning", "pmc_oa", "cap", "a caption")]
+    answer = repr({"gpt4_answer": "ref", "fig_label": "F", "fig_caption": "c", "in_text_mention": "m", "domain": {"mri": True}})
+    rows = [_row("visual_chat", "conversation", answer, "text"), _row("image_captioning", "pmc_oa", "cap", "a caption")]
     scored = score_rows(rows, "medmax")
     assert all(s["unjudged"] for s in scored) and "not scored" in scored[1]["note"]
 
@@ -196,7 +200,8 @@ def test_report_writes_self_contained_outputs(tmp_path):
                              "loss": [2.0, 1.5, 1.2, 1.4]}), metrics, artifact="train_metrics")
     written = make_report([summary], tmp_path / "report", train_metrics=metrics, coverage=tmp_path / "absent.parquet")
     names = sorted(p.name for p in written)
-    assert names == ["coverage.html", "loss_curve.png", "summary.html", "vqa_accuracy.png"]
+    assert names == ["coverage.html", "families.html", "family_scores.png", "gallery.png", "loss_curve.png", "summary.html",
+                     "vqa_accuracy.png"]
     assert (tmp_path / "report" / "vqa_accuracy.png").read_bytes()[:4] == b"\x89PNG"
     page = (tmp_path / "report" / "summary.html").read_text()
     assert "vqa_average" in page and "<script" not in page and "http" not in page

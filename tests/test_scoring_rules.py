@@ -11,6 +11,7 @@ from medmax_pipeline.stages.evaluate.scoring_rules import (
     llava_closed,
     llava_normalize,
     llava_open,
+    llava_recall,
     medmax_closed,
     medmax_mcq,
     parse_options,
@@ -169,7 +170,7 @@ def test_strict_mcq_and_open():
 
 def test_dispatch_and_errors():
     r = score_vqa_item("medmax", "open", "left lung", "left lung")
-    assert r.score == 1.0 and "stands in" in r.note
+    assert r.score == 1.0 and "stand-in" in r.note
     assert score_vqa_item("strict", "mcq", "(B)", "B", PROMPT).correct is True
     with pytest.raises(ScoringInputError, match="rule set"):
         score_vqa_item("nope", "closed", "yes", "yes")
@@ -186,3 +187,38 @@ def test_same_prediction_differs_by_rule_set():
     pred2 = "I know it is present"
     assert score_vqa_item("llava_med", "closed", pred2, "no").correct is True
     assert score_vqa_item("strict", "closed", pred2, "no").correct is False
+
+
+# -- llava_med = LLaVA-Med's run_eval.py, quirks included ---------------------------------------
+# Expected values worked out by hand from microsoft/LLaVA-Med v1.0.0 llava/eval/run_eval.py and
+# eval_metrics/{glossary,utils,evaluate_metrics}.py, and checked by running those functions
+# (20,000 random strings agreed with llava_normalize / llava_recall / llava_closed; see the report).
+
+
+def test_llava_recall_counts_repeated_prediction_words():
+    # calculate_f1score: tp adds the prediction's count of a shared word (3), fn the missing 'lung' (1).
+    assert llava_recall("left left left", "left lung") == 0.75
+    assert llava_recall("left lung", "left lung") == 1.0
+    assert llava_recall("", "lung") == 0.0  # empty candidate
+    assert llava_recall("lung", "the") == 0.0  # reference empty after dropping the article
+    assert llava_recall("heart", "lung") == 0.0  # tp == 0
+
+
+def test_llava_period_strip_is_limited_to_32_periods():
+    # period_strip.sub("", text, re.UNICODE): re.UNICODE (32) is the count argument.
+    assert llava_normalize("a." * 40) == "a" * 32 + "a." * 8
+    assert llava_normalize("1.5 mm.") == "1.5 mm"  # a period before a digit stays
+
+
+def test_llava_closed_rule_quirks():
+    # 'no' is a substring test: 'not' and 'know' contain it; then the reference must be a substring.
+    assert llava_closed("it is not", "no").correct is True
+    assert llava_closed("yes", "no").correct is False
+    assert llava_closed("Normal", "no").correct is True  # 'normal' contains 'no'
+    assert llava_closed("maybe", "yes").correct is False  # neither yes nor no
+
+
+def test_medmax_tolerant_shares_medmax_closed_and_mcq():
+    assert score_vqa_item("medmax_tolerant", "closed", "Not", "no", first_token="Not").correct is True
+    assert score_vqa_item("medmax_tolerant", "mcq", "b", "B", first_token="b").correct is True
+    assert "stand-in" in score_vqa_item("llava_med", "mcq", "B", "B", "Options: (A) x (B) y").note

@@ -2,9 +2,24 @@
 # generated images + CLIP similarities (clip_scores) and LLM judge replies (judge, when configured);
 # then score with each named rule set (cheap: it reads those per-model artifacts) and draw the
 # figures of the Snakemake report.
+import os
+
 from medmax_pipeline.stages.evaluate.judge_replies import judge_command_options
 
 EVAL = config["evaluate"]
+
+
+# With evaluate.judge set, check the key and the endpoint before any job runs: one clear line
+# instead of a failure after hours of generation. onstart does not run for dry runs (-n); set
+# MEDMAX_SKIP_JUDGE_CHECK=1 to skip it otherwise (e.g. offline reruns whose judge replies exist).
+onstart:
+    if EVAL["judge"] and not os.environ.get("MEDMAX_SKIP_JUDGE_CHECK"):
+        from medmax_pipeline.stages.evaluate.judge import JudgeError, check_endpoint, judge_config_from_mapping
+
+        try:
+            check_endpoint(judge_config_from_mapping(dict(EVAL["judge"]), "config evaluate.judge"))
+        except JudgeError as exc:
+            raise WorkflowError(f"evaluate.judge: {exc}") from None
 
 
 rule generate:
@@ -62,7 +77,7 @@ rule clip_scores:
         " > {log} 2>&1"
 
 
-# Only planned when evaluate.judge is set. The reply cache lives beside the artifact, one per model
+# Only planned when evaluate.judge is set: open VQA, visual_chat and mm_out text. The reply cache lives beside the artifact, one per model
 # (two jobs never append to one file), and is not an output: Snakemake would delete it before a rerun.
 rule judge:
     input:
@@ -84,19 +99,16 @@ rule judge:
     conda:
         "../../envs/data.yaml"
     shell:
-        "{params.medmax} judge --predictions {input.predictions} --output {output.replies} {params.options} > {log} 2>&1"
+        "{params.medmax} judge --predictions '{input.predictions}' --output '{output.replies}' {params.options} > '{log}' 2>&1"
 
 
 rule score:
     input:
         predictions=expand(results("evaluate", "predictions_{model}.parquet"), model=MODELS),
         clip_scores=expand(results("evaluate", "clip_{model}.parquet"), model=MODELS),
-        # Only the medmax rule set asks the judge (open questions).
-        judge_replies=lambda wildcards: (
-            expand(results("evaluate", "judge_{model}.parquet"), model=MODELS)
-            if EVAL["judge"] and wildcards.rules == "medmax"
-            else []
-        ),
+        # Every rule set reads the judge's replies when it is configured: visual_chat and mm_out
+        # relative scores are the same for all; open VQA verdicts only for medmax / medmax_tolerant.
+        judge_replies=expand(results("evaluate", "judge_{model}.parquet"), model=MODELS) if EVAL["judge"] else [],
     output:
         scores=results("evaluate", "{rules}", "scores.parquet"),
         summary=results("evaluate", "{rules}", "score_summary.parquet"),
@@ -106,7 +118,7 @@ rule score:
         judge_replies=lambda wildcards, input: f"--judge-replies {' '.join(input.judge_replies)}" if input.judge_replies else "",
         bootstrap=EVAL["bootstrap_samples"],
     wildcard_constraints:
-        rules="medmax|llava_med|strict",
+        rules="medmax|medmax_tolerant|llava_med|strict",
     log:
         log_path("score/{rules}"),
     conda:
@@ -118,23 +130,33 @@ rule score:
 
 rule report_figures:
     input:
-        summary=results("evaluate", "medmax", "score_summary.parquet"),
         summaries=expand(results("evaluate", "{rules}", "score_summary.parquet"), rules=EVAL["rules"]),
         metrics=results("train", "train_metrics.parquet"),
         coverage=expand(results("assemble", "{split}", "coverage.parquet"), split=SPLITS),
+        # Generated images decoded by clip_scores (the gallery).
+        images=expand(results("evaluate", "images_{model}"), model=MODELS),
     output:
-        table=report(results("report", "summary.html"), category="Evaluation", labels={"figure": "score summary"}),
-        bars=report(results("report", "vqa_accuracy.png"), category="Evaluation", labels={"figure": "accuracy per task"}),
+        table=report(results("report", "summary.html"), category="Evaluation", subcategory="Tables",
+                     labels={"figure": "score summary"}),
+        families=report(results("report", "families.html"), category="Evaluation", subcategory="Tables",
+                        labels={"figure": "base vs trained, every task family"}),
+        bars=report(results("report", "vqa_accuracy.png"), category="Evaluation", subcategory="Figures",
+                    labels={"figure": "VQA accuracy per task"}),
+        similarity=report(results("report", "family_scores.png"), category="Evaluation", subcategory="Figures",
+                          labels={"figure": "captioning, generation, visual chat, mm_out"}),
+        gallery=report(results("report", "gallery.png"), category="Evaluation", subcategory="Figures",
+                       labels={"figure": "generated images"}),
         coverage=report(results("report", "coverage.html"), category="Dataset coverage", labels={"figure": "coverage summary"}),
         # The same figure as train's loss_curve.png (one plotting function); only train's is in the report.
         loss_curve=results("report", "loss_curve.png"),
     params:
         medmax=MEDMAX,
         output_dir=lambda wildcards, output: Path(output.table).parent,
+        images=lambda wildcards, input: " ".join(f"'{m}={d}'" for m, d in zip(MODELS, input.images)),
     log:
         log_path("report_figures"),
     conda:
         "../../envs/data.yaml"
     shell:
-        "{params.medmax} report --summary {input.summaries} --train-metrics {input.metrics}"
-        " --coverage {input.coverage} --output-dir {params.output_dir} > {log} 2>&1"
+        "{params.medmax} report --summary {input.summaries:q} --train-metrics '{input.metrics}'"
+        " --coverage {input.coverage:q} --images {params.images} --output-dir '{params.output_dir}' > '{log}' 2>&1"

@@ -6,14 +6,15 @@
 
 Every rule set scores captioning and image generation the same way, so these similarities are
 computed once per model here (not once per rule set) and `medmax score --clip-scores` reads them.
-The artifact `clip_scores` has one row per captioning / image-generation item:
+The artifact `clip_scores` has one row per captioning / image-generation / mm_out item:
 
     row              index of the item in the predictions file
     task_name, question_type
     unjudged         true when the item could not be scored (no CLIP folder, no VQGAN decoder)
     score            captioning: CLIP cosine(image, generated caption); image generation: CLIP
                      cosine(generated image, prompt), 0 when no image was generated; null if unjudged
-    score_ref_image  image generation: CLIP cosine(generated image, reference image)
+    score_ref_image  image generation and mm_out: CLIP cosine(generated image, reference image)
+                     (mm_out: null when the model produced no image; its text is judged, not here)
     note             how the score was made, or why there is none
     generated_image  path of the PNG decoded from the generated image tokens (with --ckpt and
                      --image-dir), else null
@@ -35,6 +36,7 @@ from medmax_pipeline.core.artifacts import ArtifactError, read_artifact, read_me
 from medmax_pipeline.stages.evaluate.predictions import (
     CAPTIONING,
     IMAGE_GENERATION,
+    MM_OUT,
     ScoreError,
     predictions_fingerprint,
     read_predictions,
@@ -67,10 +69,17 @@ def image_codes_from_tokens(tokens: Sequence[int], where: str) -> list[int]:
     return codes
 
 
-def clip_items(rows: Sequence[Mapping[str, Any]]) -> tuple[list[int], list[int]]:
-    """Indices of the captioning rows and of the image-generation rows."""
+def clip_items(rows: Sequence[Mapping[str, Any]]) -> tuple[list[int], list[int], list[int]]:
+    """Indices of the captioning rows, of the image-generation rows and of the mm_out rows."""
     kinds = [scorer_of(r["task_name"], r["question_type"]) for r in rows]
-    return [i for i, k in enumerate(kinds) if k == CAPTIONING], [i for i, k in enumerate(kinds) if k == IMAGE_GENERATION]
+    return tuple([i for i, k in enumerate(kinds) if k == kind] for kind in (CAPTIONING, IMAGE_GENERATION, MM_OUT))
+
+
+def complete_image_tokens(tokens: Sequence[int] | None) -> bool:
+    """True when generated tokens hold a whole image (1024 codes besides the begin/end markers)."""
+    from medmax_pipeline.core.constants import BEGIN_IMAGE_ID, CODES_PER_IMAGE, END_IMAGE_ID
+
+    return sum(t not in (BEGIN_IMAGE_ID, END_IMAGE_ID) for t in tokens or ()) >= CODES_PER_IMAGE
 
 
 def _result(row: int, source_row: Mapping[str, Any], *, unjudged: bool, score: float | None, note: str,
@@ -118,7 +127,7 @@ def clip_score_rows(rows: Sequence[Mapping[str, Any]], clip: Any = None, vqgan: 
     Captions of one file are embedded in one batch and generated images one at a time, as score
     always did, so the similarities are the same numbers bit for bit.
     """
-    captions, generations = clip_items(rows)
+    captions, generations, mm_outs = clip_items(rows)
     out: dict[int, dict[str, Any]] = {}
     if clip is None:
         for i in captions:
@@ -153,7 +162,35 @@ def clip_score_rows(rows: Sequence[Mapping[str, Any]], clip: Any = None, vqgan: 
                 ref = float(clip.image_image_similarity([image], [ref_image])[0])
                 note += "; score_ref_image = CLIP cosine(generated, reference image)"
             out[i] = _result(i, rows[i], unjudged=False, score=sim, score_ref_image=ref, note=note, generated_image=png)
+    for i in mm_outs:
+        out[i] = _mm_out_image_result(i, rows[i], clip, vqgan, image_root, f"{source} row {i}", image_dir)
     return [out[i] for i in sorted(out)]
+
+
+def _mm_out_image_result(i: int, row: Mapping[str, Any], clip: Any, vqgan: Any, image_root: str | Path | None, where: str,
+                         image_dir: str | Path | None) -> dict[str, Any]:
+    """mm_out.py: CLIP cosine(generated image, reference image) when the model produced an image.
+
+    `score` stays null (the text is scored by the judge); an image cut short by the token budget
+    counts as no image.
+    """
+    tokens = row["generated_image_tokens"] or []
+    if not complete_image_tokens(tokens):
+        note = "no image generated" if not tokens else f"no complete image generated ({len(tokens)} image tokens)"
+        return _result(i, row, unjudged=False, score=None, note=note)
+    if vqgan is None:
+        return _result(i, row, unjudged=True, score=None, note="image not scored: needs --ckpt (VQGAN decoder) and --clip")
+    image = _decode_image(vqgan, image_codes_from_tokens(tokens, where))
+    png = None
+    if image_dir is not None:
+        png = str(Path(image_dir) / f"row{i:05d}.png")
+        image.save(png)
+    if clip is None:
+        return _result(i, row, unjudged=True, score=None, generated_image=png, note="image not scored: needs --clip")
+    reference = open_image(image_root, row["image_path"], where)
+    sim = float(clip.image_image_similarity([image], [reference])[0])
+    return _result(i, row, unjudged=False, score=None, score_ref_image=sim, generated_image=png,
+                   note="score_ref_image = CLIP cosine(generated image, reference image)")
 
 
 def load_models(clip_dir: str | Path | None, ckpt_dir: str | Path | None, device: str = "cpu") -> tuple[Any, Any]:
@@ -207,7 +244,7 @@ def check_clip_scores(results: Mapping[int, Mapping[str, Any]], rows: Sequence[M
     """The artifact must cover exactly the captioning / image-generation rows of its predictions file."""
     expected = set().union(*clip_items(rows))
     for i in sorted(set(results) ^ expected):
-        why = "is not a captioning / image-generation row" if i in results else "has no entry"
+        why = "is not a captioning / image-generation / mm_out row" if i in results else "has no entry"
         raise ScoreError(f"{artifact}: row {i} of {predictions} {why}; rerun medmax clip-scores on it")
     for i in sorted(expected):
         r = results[i]

@@ -11,7 +11,8 @@ from anywhere, e.g. GPT-4o outputs):
     image_path     needed for captioning CLIP scores (with --image-root)
     prediction_first_token   optional; the medmax rule reads the first generated token, else
                    it approximates that token from the text (noted per row)
-    generated_image_tokens   image generation only: 1024 VQGAN codes (+4 vocab offset or not)
+    generated_image_tokens   image generation and mm_out: 1024 VQGAN codes (+4 vocab offset or
+                   not); empty when the model produced no image
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from medmax_pipeline.core.artifacts import ArtifactError, describe_input, is_artifact, read_artifact
+from medmax_pipeline.stages.evaluate.judge_protocols import MM_OUT as PROTOCOL_MM_OUT
+from medmax_pipeline.stages.evaluate.judge_protocols import OPEN_VQA
+from medmax_pipeline.stages.evaluate.judge_protocols import VISUAL_CHAT as PROTOCOL_VISUAL_CHAT
 from medmax_pipeline.stages.evaluate.scoring_rules import OPEN, QUESTION_TYPES, VQA_TASK_SET
 
 REQUIRED_COLUMNS = ("task_name", "question_type", "answer", "prediction")
@@ -39,6 +43,8 @@ PREDICTION_COLUMNS: dict[str, pa.DataType] = {
 }
 CAPTIONING = "image_captioning"
 IMAGE_GENERATION = "image_generation"
+VISUAL_CHAT = "visual_chat"
+MM_OUT = "mm_out"
 # What scores a row (see scorer_of).
 VQA = "vqa"
 UNSCORED = "unscored"
@@ -96,7 +102,10 @@ def predictions_fingerprint(path: str | Path) -> str:
 
 
 def scorer_of(task: str | None, question_type: str | None) -> str:
-    """Which scorer a row goes to: VQA (rule sets), CAPTIONING or IMAGE_GENERATION (CLIP), or UNSCORED."""
+    """Which scorer a row goes to: VQA (rule sets), CAPTIONING or IMAGE_GENERATION (CLIP),
+    VISUAL_CHAT or MM_OUT (relative judge score; mm_out images by CLIP), or UNSCORED."""
+    if task in (VISUAL_CHAT, MM_OUT):
+        return task
     if (task, question_type) in VQA_TASK_SET or (question_type in QUESTION_TYPES and task not in (CAPTIONING, IMAGE_GENERATION)):
         return VQA
     if task in (CAPTIONING, IMAGE_GENERATION):
@@ -104,6 +113,14 @@ def scorer_of(task: str | None, question_type: str | None) -> str:
     return UNSCORED
 
 
+def judge_protocol_of(row: Mapping[str, Any]) -> str | None:
+    """The judge protocol a row is put to (judge_protocols.py), or None when the judge is not asked."""
+    scorer = scorer_of(row["task_name"], row["question_type"])
+    if scorer == VQA and row["question_type"] == OPEN:
+        return OPEN_VQA
+    return {VISUAL_CHAT: PROTOCOL_VISUAL_CHAT, MM_OUT: PROTOCOL_MM_OUT}.get(scorer)
+
+
 def is_judged(row: Mapping[str, Any]) -> bool:
-    """True for an open VQA question: the medmax rule set asks the LLM judge about these."""
-    return scorer_of(row["task_name"], row["question_type"]) == VQA and row["question_type"] == OPEN
+    """True for a row the LLM judge is asked about: open VQA questions, visual chat, mm_out text."""
+    return judge_protocol_of(row) is not None

@@ -1,13 +1,18 @@
 """Stage 6: figures and tables for the Snakemake report (self-contained, opens offline).
 
     medmax report --summary results/scores/score_summary.parquet [--train-metrics train_metrics.parquet] \
-        [--coverage coverage.parquet] --output-dir results/report
+        [--coverage coverage.parquet] [--images base=DIR trained=DIR] --output-dir results/report
 
 Writes into the output folder (always the same names, so Snakemake can list them as outputs):
     vqa_accuracy.png   per-task bars, one bar per model (base vs trained), 95% bootstrap error bars
     loss_curve.png     training (and validation) loss by step; a placeholder figure saying why
                        when --train-metrics is not given or has no loss column
     summary.html       the summary table (every model, task, rule set, interval, unjudged count)
+    families.html      base and trained side by side for every task family (VQA per rule set,
+                       captioning / generation similarity, visual chat and mm_out relative scores)
+    family_scores.png  the non-VQA families as bars, base vs trained
+    gallery.png        a few generated images per model (the PNGs clip_scores decoded)
+Only figures and tables: no artifact, no absolute path (image names are shown without folders).
     coverage.html      the dataset coverage table, or a note that no coverage artifact was given
 No external JS or CSS: inline styles only.
 """
@@ -112,13 +117,99 @@ def plot_vqa_bars(summary: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-SUMMARY_COLUMNS = ("model", "task_name", "question_type", "rule_set", "metric", "n", "unjudged", "accuracy",
-                   "accuracy_judged", "stderr", "ci_low", "ci_high", "n_tasks", "note")
+SUMMARY_COLUMNS = ("model", "task_name", "question_type", "rule_set", "metric", "stand_in", "n", "unjudged", "accuracy",
+                   "accuracy_judged", "mean_reference_score", "mean_model_score", "stderr", "ci_low", "ci_high",
+                   "n_tasks", "note")
+FAMILY_COLUMNS = ("family", "task_name", "question_type", "rule_set", "metric", "base", "trained", "n", "note")
+NON_VQA_TASKS = ("image_captioning", "image_generation", "visual_chat", "mm_out")
+GALLERY_PER_MODEL = 6
+
+
+def family_of(task: str) -> str:
+    return task if task in NON_VQA_TASKS else "vqa"
+
+
+def family_rows(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (task, group, rule set, metric) with the base and the trained value side by side.
+
+    Non-VQA families score the same under every rule set, so they are shown once (first rule set).
+    """
+    rule_sets = sorted({r["rule_set"] for r in summary})
+    rows: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    for r in summary:
+        family = family_of(r["task_name"])
+        if family != "vqa" and rule_sets and r["rule_set"] != rule_sets[0]:
+            continue
+        key = (r["task_name"], r["question_type"], r["rule_set"] if family == "vqa" else "any", r["metric"])
+        row = rows.setdefault(key, {"family": family, "task_name": r["task_name"], "question_type": r["question_type"],
+                                    "rule_set": key[2], "metric": r["metric"], "base": math.nan, "trained": math.nan,
+                                    "n": r["n"], "note": r["note"] or ""})
+        if r["model"] in ("base", "trained"):
+            row[r["model"]] = r["accuracy"]
+    order = {f: i for i, f in enumerate(("vqa", *NON_VQA_TASKS))}
+    return sorted(rows.values(), key=lambda r: (order[r["family"]], r["rule_set"], r["task_name"] == "vqa_average",
+                                                r["task_name"], r["question_type"]))
+
+
+def plot_family_scores(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Bars of the non-VQA families (similarities and relative scores), base vs trained."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = [r for r in rows if r["family"] != "vqa"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 2), 3.8))
+    if not rows:
+        ax.text(0.5, 0.5, "no captioning, generation, visual chat or mm_out rows", ha="center", va="center")
+        ax.set_axis_off()
+    else:
+        x = np.arange(len(rows))
+        for j, model in enumerate(("base", "trained")):
+            ax.bar(x + (j - 0.5) * 0.4, np.nan_to_num([r[model] for r in rows]), 0.4, label=model)
+        ax.set_xticks(x, [f"{r['task_name']}\n{r['question_type']}\n{r['metric']}" for r in rows], fontsize=6)
+        ax.set_ylabel("CLIP cosine / relative score (s2/s1)")
+        ax.set_title("Captioning, generation, visual chat and mm_out: base vs trained", fontsize=10)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_gallery(images: Sequence[tuple[str, Path]], path: Path, per_model: int = GALLERY_PER_MODEL) -> None:
+    """A grid: one row per model, its first `per_model` generated PNGs (names only, no folders)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    found = [(model, sorted(Path(folder).glob("*.png"))[:per_model]) for model, folder in images]
+    found = [(m, pngs) for m, pngs in found if pngs]
+    if not found:
+        fig, ax = plt.subplots(figsize=(6, 1.5))
+        ax.text(0.5, 0.5, "no generated images", ha="center", va="center")
+        ax.set_axis_off()
+    else:
+        cols = max(len(p) for _, p in found)
+        fig, axes = plt.subplots(len(found), cols, figsize=(2 * cols, 2.2 * len(found)), squeeze=False)
+        for (model, pngs), axrow in zip(found, axes):
+            for k, ax in enumerate(axrow):
+                ax.set_axis_off()
+                if k < len(pngs):
+                    with Image.open(pngs[k]) as im:
+                        ax.imshow(im.convert("RGB"))
+                    ax.set_title(f"{model}: {pngs[k].name}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 COVERAGE_PREFERRED = ("source", "task", "split", "expected", "filled", "missing", "reasons")
 
 
 def make_report(summary: Sequence[str | Path], output_dir: str | Path, train_metrics: str | Path | None = None,
-                coverage: str | Path | Sequence[str | Path] | None = None) -> list[Path]:
+                coverage: str | Path | Sequence[str | Path] | None = None,
+                images: Sequence[tuple[str, str | Path]] = ()) -> list[Path]:
     """Write the figures and tables; returns their paths."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,10 +237,22 @@ def make_report(summary: Sequence[str | Path], output_dir: str | Path, train_met
     (out / "summary.html").write_text(html_table(
         ordered, SUMMARY_COLUMNS, "Evaluation summary",
         "Values are fractions: accuracy for closed/mcq, judge accuracy or token recall for open questions "
-        "(see metric), CLIP cosine for captioning / image generation. Unjudged items count as wrong "
-        "in accuracy; accuracy_judged leaves them out (as the public code did).",
+        "(see metric), CLIP cosine for captioning / image generation, relative score s2/s1 (x100 in the "
+        "paper) for visual chat and mm_out text. Unjudged items count as wrong in accuracy; accuracy_judged "
+        "leaves them out (as the public code did). A metric ending in _stand_in (or _with_stand_ins) was "
+        "made by a stand-in for the rule set's own rule; see note.",
     ))
     written.append(out / "summary.html")
+    families = family_rows(rows)
+    (out / "families.html").write_text(html_table(
+        families, FAMILY_COLUMNS, "Base vs trained, every task family",
+        "VQA per rule set; the other families score alike under every rule set (rule_set 'any').",
+    ))
+    written.append(out / "families.html")
+    plot_family_scores(families, out / "family_scores.png")
+    written.append(out / "family_scores.png")
+    plot_gallery([(m, Path(d)) for m, d in images], out / "gallery.png")
+    written.append(out / "gallery.png")
     coverage_paths = [] if coverage is None else [coverage] if isinstance(coverage, (str, Path)) else list(coverage)
     missing = [str(p) for p in coverage_paths if not Path(p).exists()]
     if coverage_paths and not missing:
@@ -173,12 +276,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--summary", nargs="+", required=True, help="score_summary artifacts (one per rule set)")
     parser.add_argument("--train-metrics", help="train_metrics artifact of the training stage")
     parser.add_argument("--coverage", nargs="*", default=None, help="coverage artifacts of the assembly stage, one per split (optional)")
+    parser.add_argument("--images", nargs="*", default=[], help="MODEL=DIR folders of generated PNGs (clip_scores)")
     parser.add_argument("--output-dir", required=True)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        written = make_report(args.summary, args.output_dir, args.train_metrics, args.coverage)
+        images = []
+        for item in args.images:
+            model, sep, folder = item.partition("=")
+            if not sep:
+                raise ReportError(f"--images {item!r}: expected MODEL=DIR")
+            images.append((model, folder))
+        written = make_report(args.summary, args.output_dir, args.train_metrics, args.coverage, images)
     except ReportError as exc:
         print(f"error: {exc}")
         return 1

@@ -45,12 +45,21 @@ from medmax_pipeline.stages.evaluate.clip_scores import (
     load_models,
     read_clip_scores,
 )
-from medmax_pipeline.stages.evaluate.judge import JudgeVerdict
-from medmax_pipeline.stages.evaluate.judge_replies import check_judge_replies, judge_rows, read_judge_replies
+from medmax_pipeline.stages.evaluate.judge_protocols import (
+    JudgeInputError,
+    parse_relative_scores,
+    parse_visual_chat_answer,
+    public_verdict,
+    tolerant_verdict,
+    visual_chat_domain,
+)
+from medmax_pipeline.stages.evaluate.judge_replies import check_judge_replies, judge_rows, read_judge_replies, reply_record
 from medmax_pipeline.stages.evaluate.predictions import (
     CAPTIONING,
     IMAGE_GENERATION,
+    MM_OUT,
     PREDICTION_COLUMNS,
+    VISUAL_CHAT,
     VQA,
     ScoreError,
     is_judged,
@@ -59,8 +68,10 @@ from medmax_pipeline.stages.evaluate.predictions import (
     scorer_of,
 )
 from medmax_pipeline.stages.evaluate.scoring_rules import (
+    JUDGED_RULE_SETS,
     OPEN,
     RULE_SETS,
+    STAND_IN,
     VQA_TASK_SET,
     VQA_TASKS,
     RuleResult,
@@ -75,6 +86,8 @@ SCORE_COLUMNS: dict[str, pa.DataType] = {
     "unjudged": pa.bool_(),
     "score": pa.float64(),
     "score_ref_image": pa.float64(),
+    "reference_judge_score": pa.float64(),
+    "model_judge_score": pa.float64(),
     "judge_reply": pa.string(),
     "note": pa.string(),
 }
@@ -83,9 +96,12 @@ SUMMARY_SCHEMA = pa.schema([
     ("metric", pa.string()), ("n", pa.int64()), ("n_judged", pa.int64()), ("unjudged", pa.int64()),
     ("accuracy", pa.float64()), ("accuracy_judged", pa.float64()), ("stderr", pa.float64()),
     ("ci_low", pa.float64()), ("ci_high", pa.float64()), ("n_bootstrap", pa.int64()), ("seed", pa.int64()),
-    ("n_tasks", pa.int64()), ("note", pa.string()),
+    ("n_tasks", pa.int64()), ("mean_reference_score", pa.float64()), ("mean_model_score", pa.float64()),
+    ("stand_in", pa.bool_()), ("note", pa.string()),
 ])
 AVERAGE_TASK = "vqa_average"
+# Visual chat summary groups besides the question types (visual_chat.py's table columns).
+VISUAL_CHAT_GROUPS = ("conversation", "detailed_description", "chest_xray", "mri", "histology", "gross", "ct_scan", "overall")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,43 +155,68 @@ def bootstrap_average_ci(groups: Sequence[Sequence[float]], n_resamples: int = 1
 # ----------------------------------------------------------------------------------------------
 
 
+def _item(rule_set: str, *, correct: bool | None = None, extracted: str | None = None, unjudged: bool, score: float | None,
+          note: str, score_ref_image: float | None = None, reference_judge_score: float | None = None,
+          model_judge_score: float | None = None, judge_reply: str | None = None) -> dict[str, Any]:
+    return {"rule_set": rule_set, "correct": correct, "extracted": extracted, "unjudged": unjudged, "score": score,
+            "score_ref_image": score_ref_image, "reference_judge_score": reference_judge_score,
+            "model_judge_score": model_judge_score, "judge_reply": judge_reply, "note": note}
+
+
 def _verdict_row(result: RuleResult, rule_set: str) -> dict[str, Any]:
-    return {"rule_set": rule_set, "correct": result.correct, "extracted": result.extracted,
-            "unjudged": result.correct is None, "score": result.score, "score_ref_image": None,
-            "judge_reply": None, "note": result.note}
+    return _item(rule_set, correct=result.correct, extracted=result.extracted, unjudged=result.correct is None,
+                 score=result.score, note=result.note)
 
 
-def _judge_row(verdict: JudgeVerdict, rule_set: str) -> dict[str, Any]:
-    return {"rule_set": rule_set, "correct": verdict.correct, "extracted": None, "unjudged": verdict.correct is None,
-            "score": None if verdict.correct is None else float(verdict.correct), "score_ref_image": None,
-            "judge_reply": verdict.reply, "note": verdict.note + (" (cached)" if verdict.cached else "")}
+def _reply_failure(record: Mapping[str, Any]) -> str:
+    return record["failure"] or "unjudged: no reply"
+
+
+def _open_judge_row(record: Mapping[str, Any], rule_set: str) -> dict[str, Any]:
+    """An open VQA item from its judge reply: the public verdict strings (medmax) or any spelling (medmax_tolerant)."""
+    reply = record["judge_reply"]
+    read = public_verdict if rule_set == "medmax" else tolerant_verdict
+    correct, note = read(reply) if reply is not None else (None, _reply_failure(record))
+    return _item(rule_set, correct=correct, unjudged=correct is None, score=None if correct is None else float(correct),
+                 judge_reply=reply, note=note + (" (cached)" if record["cached"] else ""))
+
+
+def _relative_row(record: Mapping[str, Any] | None, rule_set: str) -> dict[str, Any]:
+    """A visual_chat / mm_out text item from its judge reply: s2 / s1 of the reply's first line."""
+    if record is None:
+        return _item(rule_set, unjudged=True, score=None, note="not scored: the relative score needs the LLM judge (evaluate.judge)")
+    reply = record["judge_reply"]
+    if reply is None:
+        return _item(rule_set, unjudged=True, score=None, note=_reply_failure(record))
+    scores = parse_relative_scores(reply)
+    return _item(rule_set, unjudged=not scores.judged, score=scores.relative, reference_judge_score=scores.reference,
+                 model_judge_score=scores.model, judge_reply=reply, note=scores.note + (" (cached)" if record["cached"] else ""))
 
 
 def _clip_row(result: Mapping[str, Any], rule_set: str) -> dict[str, Any]:
-    return {"rule_set": rule_set, "correct": None, "extracted": None, "unjudged": result["unjudged"],
-            "score": result["score"], "score_ref_image": result["score_ref_image"], "judge_reply": None,
-            "note": result["note"]}
+    return _item(rule_set, unjudged=result["unjudged"], score=result["score"], score_ref_image=result["score_ref_image"],
+                 note=result["note"])
 
 
 def score_rows(rows: list[dict[str, Any]], rule_set: str, *, source: str = "predictions",
                clip_results: Mapping[int, Mapping[str, Any]] | None = None,
-               judge_verdicts: Mapping[int, JudgeVerdict] | None = None,
+               judge_replies: Mapping[int, Mapping[str, Any]] | None = None,
                judge: Any = None, clip: Any = None, vqgan: Any = None,
                image_root: str | Path | None = None) -> list[dict[str, Any]]:
     """Score prediction rows (dicts with PREDICTION_COLUMNS); returns the SCORE_COLUMNS per row.
 
     clip_results (CLIP_SCORES_SCHEMA rows by row index, from `medmax clip-scores`) and
-    judge_verdicts (by row index, from `medmax judge`) are the per-model results. When they are
-    not given they are computed here: with the live `clip` / `vqgan` models and `judge` when
-    given, else captioning and image generation are "not scored" and open questions fall back
-    to the rule set's text rule.
+    judge_replies (JUDGE_REPLIES_SCHEMA rows by row index, from `medmax judge`) are the per-model
+    results. When they are not given they are computed here: with the live `clip` / `vqgan`
+    models and `judge` when given, else captioning, image generation and the judged families are
+    "not scored" and open questions fall back to the rule set's text rule (a stand-in for medmax).
     """
     if rule_set not in RULE_SETS:
         raise ScoreError(f"unknown rule set {rule_set!r}; expected one of {RULE_SETS}")
     if clip_results is None:
         clip_results = {r["row"]: r for r in clip_score_rows(rows, clip, vqgan, image_root, source)}
-    if judge_verdicts is None and judge is not None and rule_set == "medmax":
-        judge_verdicts = judge_rows(rows, judge)
+    if judge_replies is None and judge is not None:
+        judge_replies = {i: reply_record(i, rows[i], r) for i, r in judge_rows(rows, judge, source).items()}
     out: list[dict[str, Any]] = []
     for i, row in enumerate(rows):
         task, qtype = row["task_name"], row["question_type"]
@@ -183,6 +224,9 @@ def score_rows(rows: list[dict[str, Any]], rule_set: str, *, source: str = "pred
         if task is None or qtype is None:
             raise ScoreError(f"{where}: task_name and question_type must not be empty")
         scorer = scorer_of(task, qtype)
+        if judge_replies is not None and is_judged(row) and i not in judge_replies:
+            raise ScoreError(f"{where}: the judge replies have no entry for this row")
+        record = judge_replies.get(i) if judge_replies is not None else None
         if scorer == VQA:
             try:
                 result = score_vqa_item(rule_set, qtype, row["prediction"] or "", row["answer"], row["prompt"] or "",
@@ -192,20 +236,30 @@ def score_rows(rows: list[dict[str, Any]], rule_set: str, *, source: str = "pred
             if (task, qtype) not in VQA_TASK_SET:
                 result = RuleResult(result.correct, result.extracted, result.note + "; task outside the 12 VQA tasks",
                                     score=result.score)
-            if rule_set == "medmax" and judge_verdicts is not None and is_judged(row):
-                if i not in judge_verdicts:
-                    raise ScoreError(f"{where}: the judge replies have no entry for this open question")
-                out.append(_judge_row(judge_verdicts[i], rule_set))
+            if rule_set in JUDGED_RULE_SETS and record is not None:
+                out.append(_open_judge_row(record, rule_set))
             else:
                 out.append(_verdict_row(result, rule_set))
         elif scorer in (CAPTIONING, IMAGE_GENERATION):
             if i not in clip_results:
                 raise ScoreError(f"{where}: the CLIP scores have no entry for this row")
             out.append(_clip_row(clip_results[i], rule_set))
+        elif scorer == VISUAL_CHAT:
+            try:
+                parse_visual_chat_answer(row["answer"] or "", where)  # the domain is read from it when summarising
+            except JudgeInputError as exc:
+                raise ScoreError(str(exc)) from exc
+            out.append(_relative_row(record, rule_set))
+        elif scorer == MM_OUT:
+            if i not in clip_results:
+                raise ScoreError(f"{where}: the CLIP scores have no entry for this row")
+            item = _relative_row(record, rule_set)
+            image = clip_results[i]
+            item["score_ref_image"] = image["score_ref_image"]
+            item["note"] = f"text: {item['note']}; image: {image['note']}"
+            out.append(item)
         else:
-            out.append({"rule_set": rule_set, "correct": None, "extracted": None, "unjudged": True, "score": None,
-                        "score_ref_image": None, "judge_reply": None,
-                        "note": f"not scored: no scorer for task {task!r} (LLaVA-Med judge protocol not implemented)"})
+            out.append(_item(rule_set, unjudged=True, score=None, note=f"not scored: no scorer for task {task!r}"))
     return out
 
 
@@ -214,62 +268,137 @@ def score_rows(rows: list[dict[str, Any]], rule_set: str, *, source: str = "pred
 # ----------------------------------------------------------------------------------------------
 
 
-def _metric_name(rule_set: str, task: str, qtype: str, notes: Iterable[str]) -> str:
+def _metric_name(rule_set: str, task: str, qtype: str) -> str:
     if task in (CAPTIONING, IMAGE_GENERATION):
         return "clip_cosine"
     if qtype == OPEN:
-        if rule_set == "llava_med" or any("token recall stands in" in n for n in notes):
-            return "token_recall"
-        if rule_set == "medmax":
-            return "judge_accuracy"
+        return "judge_accuracy" if rule_set in JUDGED_RULE_SETS else "llava_recall" if rule_set == "llava_med" else "accuracy"
     return "accuracy"
 
 
+def _stats(model: str, task: str, qtype: str, rule_set: str, metric: str, values: Sequence[float], *, n: int,
+           n_judged: int, unjudged: int, accuracy_judged: float, n_bootstrap: int, seed: int, stand_in: bool = False,
+           note: str = "", means: tuple[float, float] = (math.nan, math.nan)) -> dict[str, Any]:
+    mean, se = mean_and_stderr(values)
+    lo, hi = bootstrap_ci(values, n_bootstrap, group_seed(seed, model, task, qtype, rule_set))
+    return {"model": model, "task_name": task, "question_type": qtype, "rule_set": rule_set,
+            "metric": metric + ("_stand_in" if stand_in else ""), "n": n, "n_judged": n_judged, "unjudged": unjudged,
+            "accuracy": mean, "accuracy_judged": accuracy_judged, "stderr": se, "ci_low": lo, "ci_high": hi,
+            "n_bootstrap": n_bootstrap, "seed": seed, "n_tasks": 1, "mean_reference_score": means[0],
+            "mean_model_score": means[1], "stand_in": stand_in, "note": note}
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else math.nan
+
+
+def _relative_summary(model: str, task: str, group: str, rule_set: str, rows: Sequence[Mapping[str, Any]],
+                      n_bootstrap: int, seed: int) -> dict[str, Any]:
+    """visual_chat.py's table entry: mean of s2/s1 over judged items (x100 in the paper), both mean scores."""
+    judged = [r for r in rows if not r["unjudged"]]
+    values = [r["score"] for r in judged]
+    note = f"{len(rows) - len(judged)} unjudged left out (the public code would have stopped)" if len(judged) < len(rows) else ""
+    return _stats(model, task, group, rule_set, "relative_score", values, n=len(rows), n_judged=len(judged),
+                  unjudged=len(rows) - len(judged), accuracy_judged=_mean(values), n_bootstrap=n_bootstrap, seed=seed,
+                  note=note, means=(_mean([r["reference_judge_score"] for r in judged]),
+                                    _mean([r["model_judge_score"] for r in judged])))
+
+
+def _mm_out_image_summary(model: str, rule_set: str, rows: Sequence[Mapping[str, Any]], n_bootstrap: int,
+                          seed: int) -> dict[str, Any]:
+    """mm_out.py's image_score: CLIP cosine(generated, reference) averaged over the items that produced an image."""
+    values = [r["score_ref_image"] for r in rows if r["score_ref_image"] is not None]
+    no_image = sum("image: no" in (r["note"] or "") for r in rows)
+    not_scored = len(rows) - len(values) - no_image
+    note = f"{no_image} produced no image" + (f"; {not_scored} images not scored (needs clip and ckpt)" if not_scored else "")
+    return _stats(model, MM_OUT, "image", rule_set, "clip_image_cosine", values, n=len(rows), n_judged=len(values),
+                  unjudged=len(rows) - len(values), accuracy_judged=_mean(values), n_bootstrap=n_bootstrap, seed=seed,
+                  note=note)
+
+
+def _visual_chat_group(row: Mapping[str, Any]) -> str | None:
+    answer = parse_visual_chat_answer(row["answer"] or "", "visual_chat row")
+    return visual_chat_domain(answer)
+
+
 def summarize(scores: list[dict[str, Any]], n_bootstrap: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
-    """Per (model, task, question type) statistics, plus a 12-task VQA average row per model."""
+    """Per (model, task, question type) statistics, plus a 12-task VQA average row per model.
+
+    visual_chat: per question type, per domain and overall (visual_chat.py); mm_out: the text's
+    relative score overall and the image's CLIP similarity. A number made by a stand-in for the
+    rule set's own rule has `stand_in` true and a metric name ending in `_stand_in`; an average
+    containing one says so in its metric name.
+    """
     groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+    special: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
     for row in scores:
-        groups.setdefault((row["model"], row["task_name"], row["question_type"], row["rule_set"]), []).append(row)
+        task = row["task_name"]
+        if task == VISUAL_CHAT:
+            for group in (row["question_type"], _visual_chat_group(row), "overall"):
+                if group is not None:
+                    special.setdefault((row["model"], task, group, row["rule_set"]), []).append(row)
+        elif task == MM_OUT:
+            special.setdefault((row["model"], task, "overall", row["rule_set"]), []).append(row)
+        else:
+            groups.setdefault((row["model"], task, row["question_type"], row["rule_set"]), []).append(row)
     summary = []
     per_model_tasks: dict[tuple[str, str], dict[tuple[str, str], np.ndarray]] = {}
+    stand_in_tasks: dict[tuple[str, str], list[str]] = {}
     for (model, task, qtype, rule_set), rows in sorted(groups.items()):
-        notes = [r["note"] or "" for r in rows]
-        metric = _metric_name(rule_set, task, qtype, notes)
+        stand_in = any(STAND_IN in (r["note"] or "") for r in rows)
+        metric = _metric_name(rule_set, task, qtype)
+        if metric == "judge_accuracy" and stand_in:
+            metric = "token_recall"  # no judge: the recall stands in
         unjudged = sum(bool(r["unjudged"]) for r in rows)
         judged = [r["score"] for r in rows if not r["unjudged"] and r["score"] is not None]
         if metric == "clip_cosine":
             values = judged  # an unscorable image has no similarity; it is counted in `unjudged`
+            note = f"{unjudged} rows not scored" if unjudged else ""
         else:
             values = [0.0 if (r["unjudged"] or r["score"] is None) else r["score"] for r in rows]  # never dropped
-        mean, se = mean_and_stderr(values)
-        lo, hi = bootstrap_ci(values, n_bootstrap, group_seed(seed, model, task, qtype, rule_set))
-        note = f"{unjudged} unjudged counted as wrong" if unjudged and metric != "clip_cosine" else ""
-        if unjudged and metric == "clip_cosine":
-            note = f"{unjudged} rows not scored"
-        summary.append({"model": model, "task_name": task, "question_type": qtype, "rule_set": rule_set, "metric": metric,
-                        "n": len(rows), "n_judged": len(judged), "unjudged": unjudged, "accuracy": mean,
-                        "accuracy_judged": float(np.mean(judged)) if judged else math.nan, "stderr": se,
-                        "ci_low": lo, "ci_high": hi, "n_bootstrap": n_bootstrap, "seed": seed, "n_tasks": 1, "note": note})
+            note = f"{unjudged} unjudged counted as wrong" if unjudged else ""
+        if stand_in:
+            reason = next(r["note"] for r in rows if STAND_IN in (r["note"] or ""))
+            note = "; ".join(x for x in (note, reason[reason.index(STAND_IN):].split(";")[0]) if x)
+        summary.append(_stats(model, task, qtype, rule_set, metric, values, n=len(rows), n_judged=len(judged),
+                              unjudged=unjudged, accuracy_judged=_mean(judged), n_bootstrap=n_bootstrap, seed=seed,
+                              stand_in=stand_in, note=note))
         if (task, qtype) in VQA_TASK_SET:
             per_model_tasks.setdefault((model, rule_set), {})[(task, qtype)] = np.asarray(values, dtype=np.float64)
+            if stand_in:
+                stand_in_tasks.setdefault((model, rule_set), []).append(f"{task}/{qtype}")
+    for (model, task, group, rule_set), rows in sorted(special.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][3],
+                                                                                          _group_order(kv[0][2]))):
+        summary.append(_relative_summary(model, task, group, rule_set, rows, n_bootstrap, seed))
+        if task == MM_OUT:
+            summary.append(_mm_out_image_summary(model, rule_set, rows, n_bootstrap, seed))
     for (model, rule_set), tasks in sorted(per_model_tasks.items()):
         ordered = [tasks[t] for t in VQA_TASKS if t in tasks]
         means = [float(a.mean()) for a in ordered]
         ses = [mean_and_stderr(a)[1] for a in ordered]
         lo, hi = bootstrap_average_ci(ordered, n_bootstrap, group_seed(seed, model, AVERAGE_TASK, rule_set))
         missing = [f"{t}/{q}" for t, q in VQA_TASKS if (t, q) not in tasks]
+        stand_ins = stand_in_tasks.get((model, rule_set), [])
         rows_here = [r for r in summary if r["model"] == model and r["rule_set"] == rule_set and (r["task_name"], r["question_type"]) in tasks]
+        notes = [("missing tasks: " + ", ".join(missing)) if missing else "all 12 VQA tasks"]
+        if stand_ins:
+            notes.append("stand-ins in: " + ", ".join(stand_ins))
         summary.append({
             "model": model, "task_name": AVERAGE_TASK, "question_type": "all", "rule_set": rule_set,
-            "metric": "mean_of_task_means", "n": int(sum(a.size for a in ordered)),
+            "metric": "mean_of_task_means" + ("_with_stand_ins" if stand_ins else ""), "n": int(sum(a.size for a in ordered)),
             "n_judged": int(sum(r["n_judged"] for r in rows_here)), "unjudged": int(sum(r["unjudged"] for r in rows_here)),
             "accuracy": float(np.mean(means)), "accuracy_judged": math.nan,
             # Tasks are independent samples: the variance of an average of k means is sum(se^2)/k^2.
             "stderr": float(math.sqrt(sum(s * s for s in ses)) / len(ses)) if all(not math.isnan(s) for s in ses) else math.nan,
             "ci_low": lo, "ci_high": hi, "n_bootstrap": n_bootstrap, "seed": seed, "n_tasks": len(ordered),
-            "note": ("missing tasks: " + ", ".join(missing)) if missing else "all 12 VQA tasks",
+            "mean_reference_score": math.nan, "mean_model_score": math.nan, "stand_in": bool(stand_ins),
+            "note": "; ".join(notes),
         })
     return summary
+
+
+def _group_order(group: str) -> int:
+    return VISUAL_CHAT_GROUPS.index(group) if group in VISUAL_CHAT_GROUPS else len(VISUAL_CHAT_GROUPS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,14 +483,14 @@ def score_predictions(
     for k, path in enumerate(predictions):
         table = read_predictions(path)
         rows = table.to_pylist()
-        clip_results = judge_verdicts = None
+        clip_results = judge_records = None
         if clip_pairs:
             artifact, clip_results, _ = clip_pairs[k]
             check_clip_scores(clip_results, rows, artifact, path)
         if judge_pairs:
-            artifact, judge_verdicts, _ = judge_pairs[k]
-            check_judge_replies(judge_verdicts, rows, artifact, path)
-        scored = score_rows(rows, rules, source=str(path), clip_results=clip_results, judge_verdicts=judge_verdicts,
+            artifact, judge_records, _ = judge_pairs[k]
+            check_judge_replies(judge_records, rows, artifact, path)
+        scored = score_rows(rows, rules, source=str(path), clip_results=clip_results, judge_replies=judge_records,
                             judge=judge, clip=clip, vqgan=vqgan, image_root=image_root)
         extra = {name: pa.array([s[name] for s in scored], dtype) for name, dtype in SCORE_COLUMNS.items()}
         tables.append(pa.table({**{n: table.column(n) for n in PREDICTION_COLUMNS}, **extra}))
@@ -369,8 +498,14 @@ def score_predictions(
     output_dir = Path(output_dir)
     judge_params = [p for _, _, p in judge_pairs]
     clip_used = str(clip_dir) if clip_dir else _one_value([p for _, _, p in clip_pairs], "clip", "--clip-scores")
-    judge_model = judge.config.model if judge else _one_value(judge_params, "judge_model", "--judge-replies")
-    params = {"rules": rules, "seed": seed, "n_bootstrap": n_bootstrap, "judge_model": judge_model, "clip": clip_used}
+    if judge is not None:
+        from medmax_pipeline.stages.evaluate.judge_replies import request_params
+
+        judge_request = request_params(judge.config)
+    else:
+        judge_request = {key: _one_value(judge_params, key, "--judge-replies")
+                         for key in ("judge_model", "judge_request_fields", "judge_temperature")}
+    params = {"rules": rules, "seed": seed, "n_bootstrap": n_bootstrap, **judge_request, "clip": clip_used}
     if judge is not None:
         params["judge_stats"] = judge.stats.as_dict()
     elif judge_params:

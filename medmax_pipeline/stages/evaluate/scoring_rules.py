@@ -1,19 +1,23 @@
 """Scoring rules for the 12 MedMax VQA tasks, as small pure functions.
 
-Three named rule sets, so that a number is always reported beside the rule that made it:
+Four named rule sets, so that a number is always reported beside the rule that made it:
 
 ``medmax``
     The public MedMax evaluation code (evaluation/vqa.py), flaws included, so that numbers are
     comparable with the paper. It looked at ONE generated token: closed questions are correct
     iff (answer == 'yes' and 'yes' in gen and 'no' not in gen) or the mirror for 'no', with
     plain substring tests (so 'know' and 'not' count as 'no'); multiple choice is correct iff
-    gen.upper().strip() == answer. Open questions go to an LLM judge (see judge.py); replies
-    without a verdict were silently dropped there, here they are kept and flagged unjudged.
+    gen.upper().strip() == answer. Open questions go to the LLM judge with the public request
+    (judge_protocols.py); only the verdict strings the public code reads count, any other reply
+    is unjudged (the public code dropped it: `accuracy_judged` is its number).
+``medmax_tolerant``
+    The same, but a verdict in another spelling ('**Correctness:** 1', 'correctness:0') is read.
 ``llava_med``
-    LLaVA-Med's normalisation (normalize_word); closed: the normalised reference must be a
-    substring of the normalised prediction, and the prediction must contain 'yes' or 'no'
-    (substrings again); open: recall of the reference's words. LLaVA-Med has no multiple
-    choice rule; the sentence-level letter extractor of this module stands in (noted).
+    LLaVA-Med's own scorer (llava/eval/run_eval.py + eval_metrics, v1.0.0), quirks included:
+    normalize_word (its period pattern, its count=32 slip), closed: the reply must contain 'yes'
+    or 'no' and the normalised reference (substrings); open: its recall, where repeated
+    prediction words count again. LLaVA-Med has no multiple-choice rule; the strict letter rule
+    stands in (labelled a stand-in).
 ``strict``
     Normalised exact match after extracting the answer from a full sentence, with yes/no
     synonyms (in the spirit of lmms-eval SLAKE): 'Yes, the image shows...' -> 'yes'; 'The answer
@@ -44,7 +48,11 @@ VQA_TASKS: tuple[tuple[str, str], ...] = (
 )
 VQA_TASK_SET = frozenset(VQA_TASKS)
 
-RULE_SETS = ("medmax", "llava_med", "strict")
+RULE_SETS = ("medmax", "medmax_tolerant", "llava_med", "strict")
+# Rule sets whose open questions go to the LLM judge (they differ only in how a verdict is read).
+JUDGED_RULE_SETS = ("medmax", "medmax_tolerant")
+# Marks a note whose number was made by a stand-in for the rule set's own rule (summaries label it).
+STAND_IN = "stand-in"
 
 # Synonyms accepted by the strict rule. 'right' is deliberately absent: it is a laterality answer.
 YES_WORDS = frozenset({"yes", "yeah", "yep", "true", "correct", "affirmative"})
@@ -223,7 +231,7 @@ def extract_choice(text: str, options: Mapping[str, str] | None = None) -> tuple
 def _first_token(prediction: str, first_token: str | None) -> tuple[str, str]:
     if first_token is not None:
         return first_token, "first generated token"
-    return approx_first_token(prediction), "first token approximated from text"
+    return approx_first_token(prediction), f"{STAND_IN}: first token approximated from text"
 
 
 def medmax_closed(prediction: str, answer: str, first_token: str | None = None) -> RuleResult:
@@ -253,50 +261,107 @@ def medmax_mcq(prediction: str, answer: str, first_token: str | None = None) -> 
 
 
 # ----------------------------------------------------------------------------------------------
-# Rule set `llava_med`
+# Rule set `llava_med`: LLaVA-Med's llava/eval/run_eval.py and eval_metrics (v1.0.0), quirks included
 # ----------------------------------------------------------------------------------------------
 
+# eval_metrics/glossary.py. Its contractions table also has keys with capitals ("Im", "Ive",
+# "Id've", "I'dve"); they never match because normalize_word looks words up after lower-casing.
+_LLAVA_CONTRACTIONS = {
+    'aint': "ain't", 'arent': "aren't", 'cant': "can't", 'couldve': "could've", 'couldnt': "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", 'didnt': "didn't", 'doesnt': "doesn't",
+    'dont': "don't", 'hadnt': "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", 'hasnt': "hasn't",
+    'havent': "haven't", 'hed': "he'd", "hed've": "he'd've", "he'dve": "he'd've", 'hes': "he's", 'howd': "how'd",
+    'howll': "how'll", 'hows': "how's", 'isnt': "isn't", 'itd': "it'd", "itd've": "it'd've", "it'dve": "it'd've",
+    'itll': "it'll", "let's": "let's", 'maam': "ma'am", 'mightnt': "mightn't", "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've", 'mightve': "might've", 'mustnt': "mustn't", 'mustve': "must've",
+    'neednt': "needn't", 'notve': "not've", 'oclock': "o'clock", 'oughtnt': "oughtn't", "ow's'at": "'ow's'at",
+    "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", 'shant': "shan't", "shed've": "she'd've", "she'dve": "she'd've",
+    "she's": "she's", 'shouldve': "should've", 'shouldnt': "shouldn't", "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've", "somebody'd": 'somebodyd', "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've", 'somebodyll': "somebody'll", 'somebodys': "somebody's",
+    'someoned': "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    'someonell': "someone'll", 'someones': "someone's", 'somethingd': "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've", 'somethingll': "something'll",
+    'thats': "that's", 'thered': "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    'therere': "there're", 'theres': "there's", 'theyd': "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", 'theyll': "they'll", 'theyre': "they're", 'theyve': "they've", 'twas': "'twas",
+    'wasnt': "wasn't", "wed've": "we'd've", "we'dve": "we'd've", 'weve': "we've", 'werent': "weren't",
+    'whatll': "what'll", 'whatre': "what're", 'whats': "what's", 'whatve': "what've", 'whens': "when's",
+    'whered': "where'd", 'wheres': "where's", 'whereve': "where've", 'whod': "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", 'wholl': "who'll", 'whos': "who's", 'whove': "who've", 'whyll': "why'll",
+    'whyre': "why're", 'whys': "why's", 'wont': "won't", 'wouldve': "would've", 'wouldnt': "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", 'yall': "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    'youd': "you'd", "youd've": "you'd've", "you'dve": "you'd've", 'youll': "you'll", 'youre': "you're",
+    'youve': "you've",
+}
 _LLAVA_MANUAL_MAP = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
                      "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-# LLaVA-Med maps some 150 apostrophe-less contractions back; the ones that occur in short
-# medical answers are kept here (a documented reduction).
-_LLAVA_CONTRACTIONS = {"dont": "don't", "doesnt": "doesn't", "isnt": "isn't", "arent": "aren't",
-                       "cant": "can't", "wasnt": "wasn't", "werent": "weren't", "didnt": "didn't",
-                       "hasnt": "hasn't", "havent": "haven't", "wont": "won't", "its": "it's"}
+_LLAVA_ARTICLES = ("a", "an", "the")
 _LLAVA_PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
-# The published pattern is "(?!<=\d)(\.)(?!\d)": a typo for a lookbehind, so in effect it removes
-# every period not followed by a digit. Reproduced as written.
+# The published pattern "(?!<=\d)(\.)(?!\d)" is a typo for a lookbehind: it removes every period
+# not followed by a digit. It is called as period_strip.sub("", text, re.UNICODE), so re.UNICODE
+# (32) is the `count` argument: at most the first 32 such periods go. Both kept.
 _LLAVA_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_LLAVA_PERIOD_COUNT = int(re.UNICODE)
 _LLAVA_COMMA = re.compile(r"(\d)(\,)(\d)")
 
 
 def llava_normalize(text: str) -> str:
-    """LLaVA-Med's normalize_word, applied to lower-cased text as its evaluation did."""
-    text = text.lower()
+    """LLaVA-Med's normalize_word, step by step (its caller lower-cases the text first)."""
     out = text
     for p in _LLAVA_PUNCT:
+        # Punctuation beside a space (or any digit,digit in the text) is deleted, else becomes a space.
         if (p + " " in text or " " + p in text) or _LLAVA_COMMA.search(text) is not None:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    text = _LLAVA_PERIOD.sub("", out)
-    kept = [_LLAVA_MANUAL_MAP.get(w, w) for w in text.split()]
-    kept = [_LLAVA_CONTRACTIONS.get(w, w) for w in kept if w not in ARTICLES]
+    text = _LLAVA_PERIOD.sub("", out, _LLAVA_PERIOD_COUNT)
+    kept = [_LLAVA_MANUAL_MAP.get(w, w) for w in text.lower().split()]
+    kept = [_LLAVA_CONTRACTIONS.get(w, w) for w in kept if w not in _LLAVA_ARTICLES]
     return " ".join(kept).replace(",", "")
 
 
+def _llava_word_counts(text: str) -> Counter:
+    """eval_metrics.utils.split_sentence(text, 1): lower-cased whitespace words with their counts."""
+    return Counter(text.lower().strip().split())
+
+
+def llava_recall(prediction: str, reference: str) -> float:
+    """The recall of eval_metrics.calculate_f1score, as run_eval.py called it.
+
+    run_eval.py normalises both texts, and calculate_f1score normalises them again. True positives
+    add the PREDICTION's count of each shared word, false negatives the reference's count of each
+    missing word: "left left left" against "left lung" gives 3 / (3 + 1) = 0.75. An empty
+    prediction or reference, or no shared word, gives 0.
+    """
+    pred = llava_normalize(llava_normalize(prediction.lower()))
+    ref = llava_normalize(llava_normalize(reference.lower()))
+    pred_words, ref_words = _llava_word_counts(pred), _llava_word_counts(ref)
+    if not pred_words or not ref_words:
+        return 0.0
+    tp = sum(n for w, n in pred_words.items() if w in ref_words)
+    fn = sum(n for w, n in ref_words.items() if w not in pred_words)
+    return tp / (tp + fn) if tp else 0.0
+
+
 def token_recall(prediction: str, reference: str) -> float:
-    """Share of the reference's words (with multiplicity) that the prediction contains."""
-    ref = Counter(llava_normalize(reference).split())
+    """Share of the reference's words (with multiplicity) that the prediction contains.
+
+    The stand-in for open questions when no LLM judge is configured (medmax rule sets); not
+    LLaVA-Med's recall (llava_recall).
+    """
+    ref = Counter(llava_normalize(reference.lower()).split())
     if not ref:
         raise ScoringInputError(f"reference {reference!r} has no words after normalisation")
-    pred = Counter(llava_normalize(prediction).split())
+    pred = Counter(llava_normalize(prediction.lower()).split())
     tp = sum(n for w, n in ref.items() if w in pred)
     return tp / sum(ref.values())
 
 
 def llava_closed(prediction: str, answer: str) -> RuleResult:
-    pred, gt = llava_normalize(prediction), llava_normalize(answer)
+    """run_eval.py: hit iff the prediction contains 'yes' or 'no' (substrings) and the reference."""
+    pred, gt = llava_normalize(prediction.lower()), llava_normalize(answer.lower())
     if "yes" in pred or "no" in pred:
         correct = gt in pred
         note = "substring test after normalisation"
@@ -304,22 +369,21 @@ def llava_closed(prediction: str, answer: str) -> RuleResult:
             note += "; flaw: 'no' matched inside another word"
     else:
         correct, note = False, "no answer found: neither 'yes' nor 'no' in the prediction"
-    extracted = gt if correct else None
-    if not correct:
-        has_yes, has_no = "yes" in pred, "no" in pred
-        extracted = "yes" if has_yes and not has_no else "no" if has_no and not has_yes else None
-    return RuleResult(bool(correct), extracted, note)
+    return RuleResult(bool(correct), pred or None, note)
 
 
 def llava_open(prediction: str, answer: str) -> RuleResult:
-    recall = token_recall(prediction, answer)
-    return RuleResult(recall >= 1.0, llava_normalize(prediction) or None,
-                      "token recall of the reference (score); correct = full recall", score=recall)
+    recall = llava_recall(prediction, answer)
+    note = "LLaVA-Med recall (score); correct = full recall"
+    if not llava_normalize(answer.lower()).split():
+        note += "; reference empty after normalisation: recall 0"
+    return RuleResult(recall >= 1.0, llava_normalize(prediction.lower()) or None, note, score=recall)
 
 
 def llava_mcq(prediction: str, answer: str, prompt: str = "") -> RuleResult:
     result = strict_mcq(prediction, answer, prompt)
-    return RuleResult(result.correct, result.extracted, "llava_med has no MCQ rule; strict letter extraction: " + result.note)
+    return RuleResult(result.correct, result.extracted, f"{STAND_IN}: llava_med has no MCQ rule, the strict letter rule "
+                      f"stands in: {result.note}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,8 +447,8 @@ def score_vqa_item(
 ) -> RuleResult:
     """Score one VQA item by a named rule set.
 
-    For `medmax` open questions this returns the token-recall stand-in; score.py replaces it by
-    the LLM judge's verdict when a judge is configured (the public protocol).
+    For `medmax` / `medmax_tolerant` open questions this returns the token-recall stand-in; score.py
+    replaces it by the LLM judge's verdict when a judge is configured (the public protocol).
     """
     if prediction is None:
         prediction = ""
@@ -394,13 +458,14 @@ def score_vqa_item(
         raise ScoringInputError(f"unknown rule set {rule_set!r}; expected one of {RULE_SETS}")
     if question_type not in QUESTION_TYPES:
         raise ScoringInputError(f"unknown VQA question_type {question_type!r}; expected one of {QUESTION_TYPES}")
-    if rule_set == "medmax":
+    if rule_set in JUDGED_RULE_SETS:
         if question_type == CLOSED:
             return medmax_closed(prediction, answer, first_token)
         if question_type == MCQ:
             return medmax_mcq(prediction, answer, first_token)
-        r = llava_open(prediction, answer)
-        return RuleResult(r.correct, r.extracted, "no LLM judge configured: token recall stands in", score=r.score)
+        recall = token_recall(prediction, answer)
+        return RuleResult(recall >= 1.0, None, f"{STAND_IN}: no LLM judge configured, token recall of the reference",
+                          score=recall)
     if rule_set == "llava_med":
         if question_type == CLOSED:
             return llava_closed(prediction, answer)
@@ -416,6 +481,7 @@ def score_vqa_item(
 
 RULE_FUNCTIONS: dict[tuple[str, str], Callable[..., RuleResult]] = {
     ("medmax", CLOSED): medmax_closed, ("medmax", MCQ): medmax_mcq,
+    ("medmax_tolerant", CLOSED): medmax_closed, ("medmax_tolerant", MCQ): medmax_mcq,
     ("llava_med", CLOSED): llava_closed, ("llava_med", OPEN): llava_open, ("llava_med", MCQ): llava_mcq,
     ("strict", CLOSED): strict_closed, ("strict", OPEN): strict_open, ("strict", MCQ): strict_mcq,
 }
