@@ -28,7 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("medmax_pipeline.stages.export", "trained adapter merged into the base: original-format checkpoint + HF folder"),
     "generate": ("medmax_pipeline.stages.evaluate.generate", "stage 6: generate predictions on the evaluation set"),
     "clip-scores": ("medmax_pipeline.stages.evaluate.clip_scores", "stage 6: decode generated images and compute CLIP similarities, once per model"),
-    "judge": ("medmax_pipeline.stages.evaluate.judge_replies", "stage 6: LLM judge replies for the open questions, once per model"),
+    "judge": ("medmax_pipeline.stages.evaluate.judge_replies", "stage 6: LLM judge replies (open VQA, visual chat, mm_out text), once per model"),
     "score": ("medmax_pipeline.stages.evaluate.score", "stage 6: score predictions with a named rule set"),
     "report": ("medmax_pipeline.stages.evaluate.report", "stage 6: figures and tables for the Snakemake report"),
     "inspect": ("medmax_pipeline.core.inspection", "print an artifact's metadata and walk its lineage"),
