@@ -413,7 +413,8 @@ def test_workflow_passes_every_credentialed_root_quoted(tmp_path: Path) -> None:
     with open(REPO / "config.yaml") as f:
         config = yaml.safe_load(f)
     config["results_dir"] = str(tmp_path / "results")
-    roots = [str(tmp_path / "it's a root"), str(tmp_path / "second root")]
+    # Inside the results folder: with the demo on, the demo writes them (config.py refuses others).
+    roots = [str(tmp_path / "results" / "it's a root"), str(tmp_path / "results" / "second root")]
     template = "files/p{subject_id:.2}/p{subject_id}/s{study_id}/{dicom_id}.jpg"
     config["images"]["credentialed"] = [
         {"source": "mimic_cxr", "root": roots[0], "template": "mimic_cxr_jpg"},
