@@ -40,9 +40,9 @@ rule assemble:
     conda:
         "../../envs/data.yaml"
     shell:
-        "{params.medmax} assemble --rows {input.rows} --split {wildcards.split} --image-blocks {input.blocks}"
-        " --path-problems {input.path_problems} --token-errors {input.token_errors}"
-        " --tokenizer {params.tokenizer} {params.credentialed} --max-length {params.max_length}"
+        "{params.medmax} assemble --rows {input.rows:q} --split {wildcards.split} --image-blocks {input.blocks:q}"
+        " --path-problems {input.path_problems:q} --token-errors {input.token_errors:q}"
+        " --tokenizer {params.tokenizer:q} {params.credentialed} --max-length {params.max_length}"
         " --overflow {params.overflow} --max-error-fraction {params.max_error_fraction}"
         " --max-published-mismatch-fraction {params.max_published_mismatch}"
-        " --output-dir {params.output_dir} > {log} 2>&1"
+        " --output-dir {params.output_dir:q} > {log:q} 2>&1"

@@ -24,6 +24,6 @@ rule collect:
     conda:
         "../../envs/data.yaml"
     shell:
-        "{params.medmax} collect --rows train={input.train} --rows validation={input.validation}"
-        " --public-root {input.public_root} {params.credentialed} {params.include_public}"
-        " --output-dir {params.output_dir} > {log} 2>&1"
+        "{params.medmax} collect --rows train={input.train:q} --rows validation={input.validation:q}"
+        " --public-root {input.public_root:q} {params.credentialed} {params.include_public}"
+        " --output-dir {params.output_dir:q} > {log:q} 2>&1"

@@ -26,9 +26,9 @@ except ConfigError as exc:
 # Rules run the package's command line: under --sdm conda the env's python with the package taken
 # from the workflow folder, else the interpreter that runs Snakemake (the project's virtualenv).
 if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
-    PYTHON = f"env PYTHONPATH={workflow.basedir} python"
+    PYTHON = f"env PYTHONPATH={shlex.quote(str(workflow.basedir))} python"
 else:
-    PYTHON = sys.executable
+    PYTHON = shlex.quote(sys.executable)
 MEDMAX = f"{PYTHON} -m medmax_pipeline"
 
 

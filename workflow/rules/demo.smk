@@ -23,7 +23,7 @@ if config["demo"]["enabled"]:
             vqgan_channels=config["demo"]["vqgan_channels"],
             rows_per_task=config["demo"]["rows_per_task"],
             credentialed=credentialed_args(),
-            base_model=f"--base-model {config['base_model']}" if config["base_model"] else "--no-base-model",
+            base_model=f"--base-model {shlex.quote(config['base_model'])}" if config["base_model"] else "--no-base-model",
         log:
             log_path("demo"),
         conda:
@@ -31,8 +31,8 @@ if config["demo"]["enabled"]:
         shell:
             "{params.medmax} demo --seed {params.seed} --vqgan-channels {params.vqgan_channels}"
             " --rows-per-task {params.rows_per_task}"
-            " --checkpoint {output.checkpoint} {params.base_model}"
-            " --train {output.train} --validation {output.validation}"
-            " --public-root {output.public_root} {params.credentialed}"
-            " --eval-set {output.eval_set} --eval-image-root {output.eval_images} --clip {output.clip}"
-            " > {log} 2>&1"
+            " --checkpoint {output.checkpoint:q} {params.base_model}"
+            " --train {output.train:q} --validation {output.validation:q}"
+            " --public-root {output.public_root:q} {params.credentialed}"
+            " --eval-set {output.eval_set:q} --eval-image-root {output.eval_images:q} --clip {output.clip:q}"
+            " > {log:q} 2>&1"

@@ -20,5 +20,5 @@ rule export:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "{params.medmax} export --base-model {input.base_model} --adapter {input.adapter} --checkpoint {input.checkpoint}"
-        " --output-checkpoint {output.checkpoint} --output-hf {output.merged_hf} > {log} 2>&1"
+        "{params.medmax} export --base-model {input.base_model:q} --adapter {input.adapter:q} --checkpoint {input.checkpoint:q}"
+        " --output-checkpoint {output.checkpoint:q} --output-hf {output.merged_hf:q} > {log:q} 2>&1"

@@ -37,10 +37,10 @@ rule tokenize_shard:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "{params.launcher} tokenize --input {input.csv} --output {params.output_dir} --ckpt {input.checkpoint}"
+        "{params.launcher} tokenize --input {input.csv:q} --output {params.output_dir:q} --ckpt {input.checkpoint:q}"
         " --shard {wildcards.shard} --num-shards {params.num_shards} --batch-size {params.batch_size}"
         " --workers {params.workers} --chunk-size {params.chunk_size} --device {params.device}"
-        " --precision {params.precision} {params.credentialed_roots} > {log} 2>&1"
+        " --precision {params.precision} {params.credentialed_roots} > {log:q} 2>&1"
 
 
 rule gather_tokens:
@@ -63,5 +63,5 @@ rule gather_tokens:
     conda:
         "../../envs/data.yaml"
     shell:
-        "{params.medmax} gather-tokens --shards {params.shards_dir} --num-shards {params.num_shards}"
-        " --output {output.tokens} --errors {output.errors} > {log} 2>&1"
+        "{params.medmax} gather-tokens --shards {params.shards_dir:q} --num-shards {params.num_shards}"
+        " --output {output.tokens:q} --errors {output.errors:q} > {log:q} 2>&1"

@@ -16,5 +16,5 @@ rule map_vocab:
     conda:
         "../../envs/data.yaml"
     shell:
-        "{params.medmax} map-vocab --tokens {input.tokens} --tokenizer {params.tokenizer}"
-        " --output {output.blocks} > {log} 2>&1"
+        "{params.medmax} map-vocab --tokens {input.tokens:q} --tokenizer {params.tokenizer:q}"
+        " --output {output.blocks:q} > {log:q} 2>&1"
