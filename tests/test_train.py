@@ -26,6 +26,7 @@ from medmax_pipeline.stages.train import (
     TrainConfig,
     TrainInputError,
     collate,
+    label_profile,
     length_grouped_batches,
     load_token_rows,
     resolve_deepspeed_config,
@@ -97,15 +98,26 @@ def quick(base_dir: Path, dataset: Path, output: Path, **overrides) -> TrainConf
 # ----------------------------------------------------------------------------------------------
 
 
-def test_response_labels_single_turn_trains_response_and_eos() -> None:
+@pytest.mark.parametrize("policy", ["first_separator", "alternating"])
+def test_response_labels_single_turn_trains_response_and_eos(policy: str) -> None:
     ids = [0, 10, 11, SEP, 20, 21, 2]
-    assert response_labels(ids) == [M, M, M, M, 20, 21, 2]
+    assert response_labels(ids, policy) == [M, M, M, M, 20, 21, 2]
 
 
-def test_response_labels_masks_every_user_turn_of_a_multi_turn_row() -> None:
-    # user1 SEP resp1 SEP user2 SEP resp2 eos: the public code would have trained user2 (30, 31).
+def test_first_separator_trains_everything_after_the_first_separator() -> None:
+    # user1 SEP resp1 SEP user2 SEP resp2 eos: the public rule trains user2 (30, 31) too.
     ids = [0, 10, SEP, 20, 21, SEP, 30, 31, SEP, 40, 2]
-    assert response_labels(ids) == [M, M, M, 20, 21, SEP, M, M, M, 40, 2]
+    assert response_labels(ids) == [M, M, M, 20, 21, SEP, 30, 31, SEP, 40, 2]
+    assert response_labels([0, 10, 11, 2]) == [0, 10, 11, 2]  # no separator: trained whole
+    assert response_labels([0, 10, SEP]) == [M, M, M]
+
+
+def test_alternating_masks_every_user_turn_of_a_multi_turn_row() -> None:
+    ids = [0, 10, SEP, 20, 21, SEP, 30, 31, SEP, 40, 2]
+    assert response_labels(ids, "alternating") == [M, M, M, 20, 21, SEP, M, M, M, 40, 2]
+    # An even number of separators: the row ends in a user turn and its eos is masked.
+    assert response_labels([0, 10, SEP, 20, SEP, 30, 2], "alternating") == [M, M, M, 20, SEP, M, M]
+    assert response_labels([0, 10, 11, 2], "alternating") == [M, M, M, M]
 
 
 def test_response_labels_image_blocks_follow_their_turn() -> None:
@@ -117,13 +129,32 @@ def test_response_labels_image_blocks_follow_their_turn() -> None:
     assert labels[-len(answer_image) - 1 :] == [*answer_image, 2]
 
 
-def test_response_labels_without_separator_trains_nothing() -> None:
-    assert response_labels([0, 10, 11, 2]) == [M, M, M, M]
-    assert response_labels([0, 10, SEP]) == [M, M, M]
+HAND_MADE_ROWS = [
+    [0, 10, SEP, 20, 2],  # single turn
+    [0, 10, SEP, 20, SEP, 30, SEP, 40, 2],  # multi-turn, odd separators
+    [0, 10, SEP, 20, SEP, 30, 2],  # even separators
+    [0, 10, 11, 2],  # no separator
+    [0, 10, SEP],  # nothing after the separator
+    [SEP, SEP, 5, 2],  # leading and doubled separators
+    [0],  # one token
+]
+
+
+@pytest.mark.parametrize("policy", ["first_separator", "alternating"])
+def test_label_profile_counts_what_response_labels_trains(policy: str) -> None:
+    rng = random.Random(3)
+    rows = HAND_MADE_ROWS + [[rng.choice([0, 2, 7, SEP, SEP]) for _ in range(rng.randrange(1, 12))] for _ in range(300)]
+    values = np.array([t for r in rows for t in r], dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+    labels, eos_masked = label_profile(values, offsets, policy)
+    for i, row in enumerate(rows):
+        expected = response_labels(row, policy)
+        assert labels[i] == sum(label != M for label in expected[1:]), (policy, row)
+        assert eos_masked[i] == (row[-1] == C.EOS_ID and expected[-1] == M), (policy, row)
 
 
 def test_collate_pads_ids_with_1_and_labels_with_ignore() -> None:
-    batch = collate([[0, 10, SEP, 20, 2], [0, 11, SEP, 21, 22, 23, 2]])
+    batch = collate([[0, 10, SEP, 20, 2], [0, 11, SEP, 21, 22, 23, 2]], "alternating")
     assert batch["input_ids"].tolist() == [[0, 10, SEP, 20, 2, 1, 1], [0, 11, SEP, 21, 22, 23, 2]]
     assert batch["labels"].tolist() == [[M, M, M, 20, 2, M, M], [M, M, M, 21, 22, 23, 2]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0, 0], [1] * 7]
@@ -200,14 +231,18 @@ def test_deepspeed_config_contradictions_are_refused(config: dict, message: str)
 # ----------------------------------------------------------------------------------------------
 
 
-def test_load_token_rows_truncates_and_drops_rows_without_response(tmp_path: Path) -> None:
+def test_load_token_rows_truncates_and_drops_rows_with_nothing_to_train(tmp_path: Path) -> None:
     rows = [[0, 10, SEP, 20, 21, 22, 2], [0, 10, 11, 12, 2], [0, 10, 11, 12, 13, SEP, 20, 2]]
     path = write_dataset(tmp_path / "d.parquet", [[t + 8790 if t >= 10 and t < 30 else t for t in r] for r in rows])
+    # first_separator: row 2 (no separator) is trained whole; row 3, cut to 6 ids, ends on its separator.
     loaded = load_token_rows(path, "train", max_length=6, vocab_size=8864)
-    # Row 2 keeps a response; row 3, cut to 6 ids, ends on its separator and is dropped with row 2.
-    assert loaded.row_ids == ["train-0"]
+    assert loaded.row_ids == ["train-0", "train-1"]
     assert loaded.sequence(0) == [0, 8800, SEP, 8810, 8811, 8812]
-    assert (loaded.truncated, loaded.dropped_no_response) == (2, 2)
+    assert (loaded.rows_read, loaded.truncated, loaded.dropped_no_labels) == (3, 2, 1)
+    # alternating: row 2 has no response either.
+    loaded = load_token_rows(path, "train", max_length=6, vocab_size=8864, loss_mask="alternating")
+    assert loaded.row_ids == ["train-0"] and loaded.dropped_no_labels == 2
+    assert loaded.eos_masked_by_task == {"VQA": (3, 1)}  # row 2's eos (row 1 lost its eos to the cut)
 
 
 @pytest.mark.parametrize(
@@ -216,7 +251,7 @@ def test_load_token_rows_truncates_and_drops_rows_without_response(tmp_path: Pat
         ([[0, 8800, SEP, 9000, 2]], "token id\\(s\\) outside the model's vocabulary \\[0, 8864\\), first 9000 in row 'train-0'"),
         ([[0, C.IMAGE_PLACEHOLDER_ID, SEP, 8800, 2]], "still holds the <image> placeholder 8711"),
         ([[0, 8800, SEP, 8801, 2], []], "1 train row\\(s\\) have no tokens, first 'train-1'"),
-        ([[0, 8800, 8801, 2]], "none of the 1 train row\\(s\\) has a response"),
+        ([[0, 8800, SEP]], "none of the 1 train row\\(s\\) has a token to train on"),
     ],
 )
 def test_bad_rows_are_refused_with_one_message(tmp_path: Path, rows: list, message: str) -> None:
