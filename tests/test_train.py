@@ -540,6 +540,21 @@ def test_two_deepspeed_ranks_equal_the_plain_loop_and_resume_after_a_kill(base_d
     assert max(float(a[k].abs().max()) for k in a if "lora_B" in k) > 1e-2  # training moved the adapter
     run_config = json.loads((out / "adapter" / "medmax_provenance.json").read_text())["run_config"]
     assert (run_config["engine"], run_config["world_size"]) == ("deepspeed", 2)
+    assert run_config["loss_normalization"] == "row_mean"
+
+    # token_mean across ranks: two steps against the same one-process reference.
+    plain_tokens = train(quick(base_dir, dataset, tmp_path / "plain_tokens", grad_accum=2, max_steps=2, loss_normalization="token_mean", **recipe))
+    ranks_tokens = torchrun_train(base_dir, dataset, tmp_path / "ranks_tokens", *flags[2:], "--max-steps", "2", "--loss-normalization", "token_mean")
+    assert ranks_tokens.returncode == 0, ranks_tokens.stderr[-3000:]
+    expected = read_artifact(tmp_path / "plain_tokens" / "train_metrics.parquet", columns=["loss", "grad_norm"]).to_pydict()
+    got = read_artifact(tmp_path / "ranks_tokens" / "train_metrics.parquet", columns=["loss", "grad_norm"]).to_pydict()
+    np.testing.assert_allclose(got["loss"], expected["loss"], rtol=1e-6)
+    np.testing.assert_allclose(got["grad_norm"], expected["grad_norm"], rtol=1e-5)
+    assert got["loss"][0] != pytest.approx(metrics_row_mean_first_loss(tmp_path / "plain"), rel=1e-3)  # the two normalisations differ here
+
+
+def metrics_row_mean_first_loss(output: Path) -> float:
+    return read_artifact(output / "train_metrics.parquet", columns=["loss"]).column("loss")[0].as_py()
 
 
 def test_deepspeed_bf16_engine_resumes_bitwise_and_saves_fp32_masters(base_dir: Path, tmp_path: Path, world_of_one: None) -> None:
