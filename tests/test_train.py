@@ -23,9 +23,11 @@ from medmax_pipeline.models import chameleon as H
 from medmax_pipeline.core.artifacts import read_artifact, write_artifact
 from medmax_pipeline.core.text_tokenizer import layout_tokens
 from medmax_pipeline.stages.train import (
+    DEFAULT_TARGET_MODULES,
     TrainConfig,
     TrainInputError,
     collate,
+    label_profile,
     length_grouped_batches,
     load_token_rows,
     resolve_deepspeed_config,
@@ -97,15 +99,26 @@ def quick(base_dir: Path, dataset: Path, output: Path, **overrides) -> TrainConf
 # ----------------------------------------------------------------------------------------------
 
 
-def test_response_labels_single_turn_trains_response_and_eos() -> None:
+@pytest.mark.parametrize("policy", ["first_separator", "alternating"])
+def test_response_labels_single_turn_trains_response_and_eos(policy: str) -> None:
     ids = [0, 10, 11, SEP, 20, 21, 2]
-    assert response_labels(ids) == [M, M, M, M, 20, 21, 2]
+    assert response_labels(ids, policy) == [M, M, M, M, 20, 21, 2]
 
 
-def test_response_labels_masks_every_user_turn_of_a_multi_turn_row() -> None:
-    # user1 SEP resp1 SEP user2 SEP resp2 eos: the public code would have trained user2 (30, 31).
+def test_first_separator_trains_everything_after_the_first_separator() -> None:
+    # user1 SEP resp1 SEP user2 SEP resp2 eos: the public rule trains user2 (30, 31) too.
     ids = [0, 10, SEP, 20, 21, SEP, 30, 31, SEP, 40, 2]
-    assert response_labels(ids) == [M, M, M, 20, 21, SEP, M, M, M, 40, 2]
+    assert response_labels(ids) == [M, M, M, 20, 21, SEP, 30, 31, SEP, 40, 2]
+    assert response_labels([0, 10, 11, 2]) == [0, 10, 11, 2]  # no separator: trained whole
+    assert response_labels([0, 10, SEP]) == [M, M, M]
+
+
+def test_alternating_masks_every_user_turn_of_a_multi_turn_row() -> None:
+    ids = [0, 10, SEP, 20, 21, SEP, 30, 31, SEP, 40, 2]
+    assert response_labels(ids, "alternating") == [M, M, M, 20, 21, SEP, M, M, M, 40, 2]
+    # An even number of separators: the row ends in a user turn and its eos is masked.
+    assert response_labels([0, 10, SEP, 20, SEP, 30, 2], "alternating") == [M, M, M, 20, SEP, M, M]
+    assert response_labels([0, 10, 11, 2], "alternating") == [M, M, M, M]
 
 
 def test_response_labels_image_blocks_follow_their_turn() -> None:
@@ -117,13 +130,32 @@ def test_response_labels_image_blocks_follow_their_turn() -> None:
     assert labels[-len(answer_image) - 1 :] == [*answer_image, 2]
 
 
-def test_response_labels_without_separator_trains_nothing() -> None:
-    assert response_labels([0, 10, 11, 2]) == [M, M, M, M]
-    assert response_labels([0, 10, SEP]) == [M, M, M]
+HAND_MADE_ROWS = [
+    [0, 10, SEP, 20, 2],  # single turn
+    [0, 10, SEP, 20, SEP, 30, SEP, 40, 2],  # multi-turn, odd separators
+    [0, 10, SEP, 20, SEP, 30, 2],  # even separators
+    [0, 10, 11, 2],  # no separator
+    [0, 10, SEP],  # nothing after the separator
+    [SEP, SEP, 5, 2],  # leading and doubled separators
+    [0],  # one token
+]
+
+
+@pytest.mark.parametrize("policy", ["first_separator", "alternating"])
+def test_label_profile_counts_what_response_labels_trains(policy: str) -> None:
+    rng = random.Random(3)
+    rows = HAND_MADE_ROWS + [[rng.choice([0, 2, 7, SEP, SEP]) for _ in range(rng.randrange(1, 12))] for _ in range(300)]
+    values = np.array([t for r in rows for t in r], dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+    labels, eos_masked = label_profile(values, offsets, policy)
+    for i, row in enumerate(rows):
+        expected = response_labels(row, policy)
+        assert labels[i] == sum(label != M for label in expected[1:]), (policy, row)
+        assert eos_masked[i] == (row[-1] == C.EOS_ID and expected[-1] == M), (policy, row)
 
 
 def test_collate_pads_ids_with_1_and_labels_with_ignore() -> None:
-    batch = collate([[0, 10, SEP, 20, 2], [0, 11, SEP, 21, 22, 23, 2]])
+    batch = collate([[0, 10, SEP, 20, 2], [0, 11, SEP, 21, 22, 23, 2]], "alternating")
     assert batch["input_ids"].tolist() == [[0, 10, SEP, 20, 2, 1, 1], [0, 11, SEP, 21, 22, 23, 2]]
     assert batch["labels"].tolist() == [[M, M, M, 20, 2, M, M], [M, M, M, 21, 22, 23, 2]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0, 0], [1] * 7]
@@ -200,14 +232,18 @@ def test_deepspeed_config_contradictions_are_refused(config: dict, message: str)
 # ----------------------------------------------------------------------------------------------
 
 
-def test_load_token_rows_truncates_and_drops_rows_without_response(tmp_path: Path) -> None:
+def test_load_token_rows_truncates_and_drops_rows_with_nothing_to_train(tmp_path: Path) -> None:
     rows = [[0, 10, SEP, 20, 21, 22, 2], [0, 10, 11, 12, 2], [0, 10, 11, 12, 13, SEP, 20, 2]]
     path = write_dataset(tmp_path / "d.parquet", [[t + 8790 if t >= 10 and t < 30 else t for t in r] for r in rows])
+    # first_separator: row 2 (no separator) is trained whole; row 3, cut to 6 ids, ends on its separator.
     loaded = load_token_rows(path, "train", max_length=6, vocab_size=8864)
-    # Row 2 keeps a response; row 3, cut to 6 ids, ends on its separator and is dropped with row 2.
-    assert loaded.row_ids == ["train-0"]
+    assert loaded.row_ids == ["train-0", "train-1"]
     assert loaded.sequence(0) == [0, 8800, SEP, 8810, 8811, 8812]
-    assert (loaded.truncated, loaded.dropped_no_response) == (2, 2)
+    assert (loaded.rows_read, loaded.truncated, loaded.dropped_no_labels) == (3, 2, 1)
+    # alternating: row 2 has no response either.
+    loaded = load_token_rows(path, "train", max_length=6, vocab_size=8864, loss_mask="alternating")
+    assert loaded.row_ids == ["train-0"] and loaded.dropped_no_labels == 2
+    assert loaded.eos_masked_by_task == {"VQA": (3, 1)}  # row 2's eos (row 1 lost its eos to the cut)
 
 
 @pytest.mark.parametrize(
@@ -216,7 +252,7 @@ def test_load_token_rows_truncates_and_drops_rows_without_response(tmp_path: Pat
         ([[0, 8800, SEP, 9000, 2]], "token id\\(s\\) outside the model's vocabulary \\[0, 8864\\), first 9000 in row 'train-0'"),
         ([[0, C.IMAGE_PLACEHOLDER_ID, SEP, 8800, 2]], "still holds the <image> placeholder 8711"),
         ([[0, 8800, SEP, 8801, 2], []], "1 train row\\(s\\) have no tokens, first 'train-1'"),
-        ([[0, 8800, 8801, 2]], "none of the 1 train row\\(s\\) has a response"),
+        ([[0, 8800, SEP]], "none of the 1 train row\\(s\\) has a token to train on"),
     ],
 )
 def test_bad_rows_are_refused_with_one_message(tmp_path: Path, rows: list, message: str) -> None:
@@ -268,19 +304,31 @@ def world_of_one(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
 
 
-def test_tiny_model_overfits_and_writes_outputs(base_dir: Path, tmp_path: Path, world_of_one: None) -> None:
+def test_tiny_model_overfits_and_writes_outputs(base_dir: Path, tmp_path: Path, world_of_one: None, capsys: pytest.CaptureFixture) -> None:
     """Through the command line and a DeepSpeed ZeRO-2 engine, as the demo's rule runs it."""
     from medmax_pipeline.cli import main
 
-    dataset = write_dataset(tmp_path / "d.parquet", text_rows(4), text_rows(1, seed=1))
+    # A fifth row with nothing after its separator: dropped, and counted in the lineage.
+    dataset = write_dataset(tmp_path / "d.parquet", [*text_rows(4), [C.BOS_ID, TEXT[0], SEP]], text_rows(1, seed=1))
     out = tmp_path / "out"
-    code = main([
+    args = [
         "train", "--dataset", str(dataset), "--eval-dataset", str(dataset), "--base-model", str(base_dir), "--output", str(out),
         "--lr", "1e-2", "--warmup-ratio", "0.1", "--epochs", "10", "--batch-size", "2", "--lora-dropout", "0",
-        "--save-every", "0", "--no-progress", "--device", "cpu",
+        "--save-every", "0", "--no-progress", "--device", "cpu", "--log-interval", "0",
         "--deepspeed", str(REPO / "workflow" / "deepspeed" / "zero2.json"),  # gloo on CPU
-    ])
+    ]
+    assert main(args) == 2  # 1 of 5 rows dropped > the default --max-dropped-fraction 1%
+    assert "1 of 5 train rows would not be trained" in capsys.readouterr().err
+    code = main([*args, "--max-dropped-fraction", "0.25"])
     assert code == 0
+    # No terminal: one progress line per step (--log-interval 0) with step, loss, tokens/s and ETA.
+    lines = [line for line in capsys.readouterr().err.splitlines() if " ETA " in line]
+    assert len(lines) == 20
+    assert re.fullmatch(r"medmax train: step 1/20 \(5\.0%\) loss \d+\.\d{4} lr \S+ tokens/s \d+ ETA \S+", lines[0]), lines[0]
+    assert lines[-1].startswith("medmax train: step 20/20 (100.0%)") and lines[-1].endswith("ETA 0s")
+    rows = artifacts.read_meta(out / "train_metrics.parquet").lineage["params"]["rows"]
+    assert (rows["train_rows_read"], rows["train_rows_trained"], rows["train_rows_dropped_no_labels"]) == (5, 4, 1)
+    assert rows["final_eos_masked_by_task"] == {"VQA": {"rows": 5, "masked": 0}}
     metrics = read_artifact(out / "train_metrics.parquet", artifact="train_metrics").to_pylist()
     assert len(metrics) == 20  # 2 batches per epoch x 10 epochs
     assert [m["step"] for m in metrics] == list(range(1, 21))
@@ -296,8 +344,10 @@ def test_tiny_model_overfits_and_writes_outputs(base_dir: Path, tmp_path: Path, 
     provenance = json.loads((out / "adapter" / "medmax_provenance.json").read_text())
     assert provenance["credential"] == "public"
     assert provenance["run_config"]["engine"] == "deepspeed"
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-20"]
-    assert (out / "checkpoints" / "step-20" / "engine").is_dir()  # DeepSpeed's own checkpoint
+    (run_folder,) = (out / "checkpoints").iterdir()
+    assert run_folder.name == provenance["run_id"]
+    assert sorted(p.name for p in run_folder.iterdir()) == ["medmax_provenance.json", "step-20"]
+    assert (run_folder / "step-20" / "engine").is_dir()  # DeepSpeed's own checkpoint
 
 
 def test_image_token_labels_train_and_the_model_emits_them(base_dir: Path, tmp_path: Path) -> None:
@@ -326,11 +376,13 @@ def test_resume_after_kill_ends_where_an_uninterrupted_run_ends(base_dir: Path, 
     killed = train(quick(base_dir, dataset, tmp_path / "killed", stop_after_step=3, **common))
     assert not killed.completed and killed.adapter_dir is None
     ckpts = tmp_path / "killed" / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step-2"]  # step 3 was lost with the "kill"
-    (ckpts / ".tmp-step-4").mkdir()  # as if killed while writing a checkpoint
+    (run_folder,) = ckpts.iterdir()  # OUTPUT/checkpoints/<run id>
+    assert sorted(p.name for p in run_folder.glob("step-*")) == ["step-2"]  # step 3 was lost with the "kill"
+    (run_folder / ".tmp-step-4").mkdir()  # as if killed while writing a checkpoint
     resumed = train(quick(base_dir, dataset, tmp_path / "killed", **common))
     assert resumed.resumed_from_step == 2 and resumed.completed
-    assert not (ckpts / ".tmp-step-4").exists()
+    (resumed_run,) = [p.name for p in ckpts.iterdir()]
+    assert not (ckpts / resumed_run / ".tmp-step-4").exists()
 
     a = load_file(str(whole.adapter_dir / "adapter_model.safetensors"))
     b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
@@ -341,8 +393,68 @@ def test_resume_after_kill_ends_where_an_uninterrupted_run_ends(base_dir: Path, 
     mb = read_artifact(tmp_path / "killed" / "train_metrics.parquet", columns=columns)
     assert ma.equals(mb)
 
-    with pytest.raises(TrainInputError, match="other settings \\(lr\\)"):
-        train(quick(base_dir, dataset, tmp_path / "killed", **{**common, "lr": 2e-2}))
+    # Other settings in the same folder (what Snakemake reruns after a config change): a run of
+    # its own from step 0; when it completes, the other run's checkpoints go, foreign folders stay.
+    foreign = [ckpts / "my-notes", ckpts / "0123456789abcdef"]  # the second looks like a run id but has no record
+    for folder in foreign:
+        folder.mkdir()
+        (folder / "keep.txt").write_text("mine")
+    (old_run,) = [p for p in ckpts.iterdir() if p.name == resumed_run]
+    changed = train(quick(base_dir, dataset, tmp_path / "killed", **{**common, "lr": 2e-2}))
+    assert changed.resumed_from_step is None and changed.completed and changed.steps == 6
+    assert not old_run.exists()
+    assert all((folder / "keep.txt").read_text() == "mine" for folder in foreign)
+
+
+def test_resume_refuses_checkpoints_it_did_not_write_and_never_unpickles_code(base_dir: Path, tmp_path: Path) -> None:
+    """A checkpoint folder without this pipeline's record, with a changed file, or with a pickle
+    that would run code (even with the record forged to match) is refused, and nothing runs."""
+    import shutil
+
+    from medmax_pipeline.stages.train.checkpoints import file_manifest
+
+    dataset = write_dataset(tmp_path / "d.parquet", text_rows(8))
+    common = dict(epochs=1, save_every=1, keep_checkpoints=0, stop_after_step=1)
+    train(quick(base_dir, dataset, tmp_path / "good", **common))
+    (run_folder,) = (tmp_path / "good" / "checkpoints").iterdir()
+    assert {"rng-rank0.safetensors", "optimizer.pt", "medmax_provenance.json"} <= {p.name for p in (run_folder / "step-1").iterdir()}
+    marker = tmp_path / "pwned"
+
+    def tampered(name: str, change) -> Path:
+        out = tmp_path / name
+        shutil.copytree(tmp_path / "good", out)
+        step = out / "checkpoints" / run_folder.name / "step-1"
+        change(step)
+        return out
+
+    def evil_pickle(step: Path, forge_record: bool) -> None:
+        torch.save({"state": EvilPickle(str(marker))}, step / "optimizer.pt")
+        if forge_record:
+            record = json.loads((step / "medmax_provenance.json").read_text())
+            record["files"] = file_manifest(step)
+            (step / "medmax_provenance.json").write_text(json.dumps(record))
+
+    cases = {
+        "no_record": (lambda step: (step / "medmax_provenance.json").unlink(), "was not written by this pipeline"),
+        "changed": (lambda step: evil_pickle(step, forge_record=False), "optimizer.pt changed since the checkpoint was written"),
+        "forged": (lambda step: evil_pickle(step, forge_record=True), "refusing to unpickle it"),
+        "extra_file": (lambda step: (step / "latest").write_text("x"), "latest is not in the checkpoint's record"),
+    }
+    for name, (change, message) in cases.items():
+        out = tampered(name, change)
+        with pytest.raises(TrainInputError, match=message):
+            train(quick(base_dir, dataset, out, **{**common, "stop_after_step": None}))
+        assert not marker.exists(), name
+
+
+class EvilPickle:
+    """Unpickling it creates a file: what a tampered checkpoint would do with a shell command."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
 
 
 def test_adapter_and_merged_model_reproduce_the_trained_logits(base_dir: Path, tmp_path: Path) -> None:
@@ -400,9 +512,10 @@ def test_two_deepspeed_ranks_equal_the_plain_loop_and_resume_after_a_kill(base_d
     out = tmp_path / "ranks"
     killed = torchrun_train(base_dir, dataset, out, *flags, "--stop-after-step", "3")
     assert killed.returncode == 0, killed.stderr[-3000:]
-    step2 = out / "checkpoints" / "step-2"
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
-    assert {"engine", "adapter", "rng-rank0.pt", "rng-rank1.pt", "trainer_state.json"} <= {p.name for p in step2.iterdir()}
+    (run_folder,) = (out / "checkpoints").iterdir()
+    step2 = run_folder / "step-2"
+    assert sorted(p.name for p in run_folder.glob("step-*")) == ["step-2"]
+    assert {"engine", "adapter", "rng-rank0.safetensors", "rng-rank1.safetensors", "trainer_state.json"} <= {p.name for p in step2.iterdir()}
     assert not (out / "adapter").exists()
 
     resumed = torchrun_train(base_dir, dataset, out, *flags)
@@ -422,11 +535,31 @@ def test_two_deepspeed_ranks_equal_the_plain_loop_and_resume_after_a_kill(base_d
     a = load_file(str(plain.adapter_dir / "adapter_model.safetensors"))
     b = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+    # Loss and grad norm match per step (above). Float summation order differs between ranks and
+    # accumulation, and Adam's sign-like update lifts a rounding-level gradient difference of a
+    # near-zero entry well above it, so the adapters are compared as a whole.
+    flat_a = torch.cat([a[k].flatten() for k in sorted(a)])
+    flat_b = torch.cat([b[k].flatten() for k in sorted(a)])
+    assert float((flat_a - flat_b).norm() / flat_a.norm()) < 1e-4
+    assert float((flat_a - flat_b).abs().max()) < 1e-4
     assert max(float(a[k].abs().max()) for k in a if "lora_B" in k) > 1e-2  # training moved the adapter
     run_config = json.loads((out / "adapter" / "medmax_provenance.json").read_text())["run_config"]
     assert (run_config["engine"], run_config["world_size"]) == ("deepspeed", 2)
+    assert run_config["loss_normalization"] == "row_mean"
+
+    # token_mean across ranks: two steps against the same one-process reference.
+    plain_tokens = train(quick(base_dir, dataset, tmp_path / "plain_tokens", grad_accum=2, max_steps=2, loss_normalization="token_mean", **recipe))
+    ranks_tokens = torchrun_train(base_dir, dataset, tmp_path / "ranks_tokens", *flags[2:], "--max-steps", "2", "--loss-normalization", "token_mean")
+    assert ranks_tokens.returncode == 0, ranks_tokens.stderr[-3000:]
+    expected = read_artifact(tmp_path / "plain_tokens" / "train_metrics.parquet", columns=["loss", "grad_norm"]).to_pydict()
+    got = read_artifact(tmp_path / "ranks_tokens" / "train_metrics.parquet", columns=["loss", "grad_norm"]).to_pydict()
+    np.testing.assert_allclose(got["loss"], expected["loss"], rtol=1e-6)
+    np.testing.assert_allclose(got["grad_norm"], expected["grad_norm"], rtol=1e-5)
+    assert got["loss"][0] != pytest.approx(metrics_row_mean_first_loss(tmp_path / "plain"), rel=1e-3)  # the two normalisations differ here
+
+
+def metrics_row_mean_first_loss(output: Path) -> float:
+    return read_artifact(output / "train_metrics.parquet", columns=["loss"]).column("loss")[0].as_py()
 
 
 def test_deepspeed_bf16_engine_resumes_bitwise_and_saves_fp32_masters(base_dir: Path, tmp_path: Path, world_of_one: None) -> None:
@@ -440,6 +573,24 @@ def test_deepspeed_bf16_engine_resumes_bitwise_and_saves_fp32_masters(base_dir: 
     whole = train(quick(base_dir, dataset, tmp_path / "whole", **common))
     killed = train(quick(base_dir, dataset, tmp_path / "killed", stop_after_step=3, **common))
     assert not killed.completed
+
+    # DeepSpeed's own pickles are loaded weights-only: a tampered one (record forged to match) is refused, not run.
+    import shutil
+
+    from medmax_pipeline.stages.train.checkpoints import file_manifest
+
+    shutil.copytree(tmp_path / "killed", tmp_path / "tampered")
+    (step3,) = (tmp_path / "tampered" / "checkpoints").glob("*/step-3")
+    (optim,) = (step3 / "engine").glob("*optim_states.pt")
+    state = torch.load(optim, weights_only=False)  # our own file, to keep everything else DeepSpeed expects
+    state["optimizer_state_dict"]["evil"] = EvilPickle(str(tmp_path / "pwned"))
+    torch.save(state, optim)
+    record = json.loads((step3 / "medmax_provenance.json").read_text())
+    (step3 / "medmax_provenance.json").write_text(json.dumps({**record, "files": file_manifest(step3)}))
+    with pytest.raises(TrainInputError, match="refusing to unpickle it"):
+        train(quick(base_dir, dataset, tmp_path / "tampered", **common))
+    assert not (tmp_path / "pwned").exists()
+
     resumed = train(quick(base_dir, dataset, tmp_path / "killed", **common))
     assert resumed.resumed_from_step == 3 and resumed.completed and resumed.steps == whole.steps == 4
 
@@ -481,7 +632,7 @@ def test_sigkill_mid_run_then_rerun_ends_where_an_uninterrupted_run_ends(base_di
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen([*command, "--output", str(killed_out)], env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
-    while not any(p.name.startswith("step-") for p in (killed_out / "checkpoints").glob("step-*")):
+    while not any((killed_out / "checkpoints").glob("*/step-*")):
         assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.02)
@@ -493,7 +644,7 @@ def test_sigkill_mid_run_then_rerun_ends_where_an_uninterrupted_run_ends(base_di
     resumed = run_to_end(killed_out)
     match = re.search(r"resumed from \S+step-(\d+) \(step \d+ of 48\)", resumed.stderr)
     assert match and int(match.group(1)) >= 2, resumed.stderr[-3000:]
-    assert not list((killed_out / "checkpoints").glob(".tmp-*"))
+    assert not list((killed_out / "checkpoints").rglob(".tmp-*"))
 
     a = load_file(str(tmp_path / "whole" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(killed_out / "adapter" / "adapter_model.safetensors"))
@@ -513,3 +664,117 @@ def test_gradient_checkpointing_trains_the_same_adapter(base_dir: Path, tmp_path
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
     assert max(float(a[k].abs().max()) for k in a if "lora_B" in k) > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss normalisation, final-eos and dropped-row guards, progress lines, adapter bytes
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("normalization", ["row_mean", "token_mean"])
+def test_loss_normalization_is_exact_under_accumulation_and_ranks(normalization: str) -> None:
+    """Micro-batches of unequal width spread over 2 simulated ranks, each rank's gradient averaged
+    as DDP / ZeRO do, equal one process holding every row: the mean over rows of HF's mean CE per
+    row (row_mean) or the mean over every label token (token_mean)."""
+    from medmax_pipeline.stages.train import loss_denominator, loss_numerator
+
+    rows = [[0, 10, SEP, 20, 21, 22, 23, 2], [0, 11, 12, SEP, 24, 2], [0, 13, SEP, 25, 26, 2], [0, 14, 15, 16, SEP, 27, 28, 29, 30, 31, 2]]
+    torch.manual_seed(0)
+    table = torch.randn(40, 40, requires_grad=True)  # a bigram "model": logits = the table's row of each input id
+
+    def small(batch: dict) -> dict:  # ids folded into the table's 40 classes, masked labels kept
+        labels = batch["labels"]
+        return {**batch, "input_ids": batch["input_ids"] % 40, "labels": torch.where(labels == M, labels, labels % 40)}
+
+    def collate_small(batch_rows: list) -> dict:
+        return small(collate(batch_rows))
+
+    def logits(batch: dict) -> torch.Tensor:
+        return table[batch["input_ids"]]
+
+    full = collate_small(rows)
+    per_row = [
+        torch.nn.functional.cross_entropy(logits(b)[0, :-1], b["labels"][0, 1:], ignore_index=M) for b in (collate_small([r]) for r in rows)
+    ]
+    if normalization == "row_mean":
+        reference = torch.stack(per_row).mean()
+    else:
+        reference = torch.nn.functional.cross_entropy(logits(full)[:, :-1].reshape(-1, 40), full["labels"][:, 1:].reshape(-1), ignore_index=M)
+    (expected_grad,) = torch.autograd.grad(reference, table)
+
+    ranks = [[[rows[0]], [rows[1], rows[2]]], [[rows[3]]]]  # rank 0: 2 micro-batches; rank 1: 1
+    world = len(ranks)
+    batches = [[collate_small(mb) for mb in rank] for rank in ranks]
+    denominator = sum(loss_denominator(b, normalization) for rank in batches for b in rank)
+    grads, total = [], 0.0
+    for rank in batches:
+        rank_grad = torch.zeros_like(table)
+        for b in rank:
+            numerator = loss_numerator(logits(b), b["labels"], normalization)
+            rank_grad += torch.autograd.grad(numerator * (world / denominator), table)[0]
+            total += float(numerator)
+        grads.append(rank_grad)
+    torch.testing.assert_close(sum(grads) / world, expected_grad, rtol=1e-5, atol=1e-7)  # DDP's average over ranks
+    assert total / denominator == pytest.approx(float(reference), rel=1e-6)
+
+
+def write_separator_stats(path: Path, dataset: Path) -> Path:
+    from medmax_pipeline.stages.assemble.separator_stats import SeparatorStats
+
+    stats = SeparatorStats("train")
+    table = read_artifact(dataset, artifact="dataset")
+    stats.add(table.filter(pa.compute.equal(table.column("split"), "train")).combine_chunks().to_batches()[0])
+    write_artifact(stats.table(), path, artifact="separator_stats")
+    return path
+
+
+def test_a_loss_mask_that_masks_final_eos_is_refused_naming_the_tasks(base_dir: Path, tmp_path: Path) -> None:
+    """Rows without a separator: `alternating` would mask their eos (the model never learns to
+    stop); measured by assembly's separator_stats, refused before any model is built."""
+    rows = [*text_rows(6), [C.BOS_ID, TEXT[0], TEXT[1], C.EOS_ID], [C.BOS_ID, TEXT[2], SEP, TEXT[3], SEP, TEXT[4], C.EOS_ID]]
+    dataset = write_dataset(tmp_path / "d.parquet", rows)
+    stats = write_separator_stats(tmp_path / "separator_stats.parquet", dataset)
+    with pytest.raises(TrainInputError, match=r"'alternating' would mask the final eos .* of 1 task\(s\) \(measured by assembly .*\): VQA: 2 of 8 \(25\.0%\)"):
+        train(quick(base_dir, dataset, tmp_path / "out", loss_mask="alternating", separator_stats=stats, max_dropped_fraction=1.0))
+    with pytest.raises(TrainInputError, match="VQA: 2 of 8"):  # without the artifact, measured on the rows read
+        train(quick(base_dir, dataset, tmp_path / "out", loss_mask="alternating", max_dropped_fraction=1.0))
+    other = write_separator_stats(tmp_path / "other.parquet", write_dataset(tmp_path / "d2.parquet", rows[:3]))
+    with pytest.raises(TrainInputError, match="count 3 rows but the dataset's training split has 8"):
+        train(quick(base_dir, dataset, tmp_path / "out", separator_stats=other))
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_progress_lines_come_at_the_interval_and_at_the_last_step(capsys: pytest.CaptureFixture) -> None:
+    from medmax_pipeline.stages.train.distributed import Dist
+    from medmax_pipeline.stages.train.recipe import ProgressReporter, StepStats, format_duration
+
+    now = [0.0]
+    reporter = ProgressReporter(10, 0, quick(Path(), Path(), Path(), log_interval=30.0), Dist(), clock=lambda: now[0])
+    for step in range(1, 11):
+        now[0] += 10.0  # 10 s and 100 tokens a step
+        reporter.step(step, 1.5, StepStats(1.5, 1e-4, 1.0, 50, 100, 10.0))
+    lines = capsys.readouterr().err.splitlines()
+    assert [int(re.search(r"step (\d+)/10", line).group(1)) for line in lines] == [1, 4, 7, 10]
+    assert lines[1] == "medmax train: step 4/10 (40.0%) loss 1.5000 lr 1.00e-04 tokens/s 10 ETA 1m00s"
+    assert format_duration(3725) == "1h02m05s"
+
+
+def test_adapter_config_bytes_do_not_depend_on_the_hash_seed(base_dir: Path, tmp_path: Path) -> None:
+    """peft keeps target_modules as a set; the adapter is written with them sorted."""
+    script = (
+        "import sys; from peft import LoraConfig, get_peft_model; from pathlib import Path\n"
+        "from medmax_pipeline.models import chameleon as H\n"
+        "from medmax_pipeline.stages.train.config import DEFAULT_TARGET_MODULES\n"
+        "from medmax_pipeline.stages.train.outputs import save_adapter_weights\n"
+        "model = get_peft_model(H.load_base_model(sys.argv[1]), LoraConfig(r=4, target_modules=list(DEFAULT_TARGET_MODULES)))\n"
+        "save_adapter_weights(model, Path(sys.argv[2]))\n"
+    )
+    written = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"seed{seed}"
+        done = subprocess.run([sys.executable, "-c", script, str(base_dir), str(out)], env={**child_env(), "PYTHONHASHSEED": seed},
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        written.append((out / "adapter_config.json").read_bytes())
+    assert written[0] == written[1]
+    assert json.loads(written[0])["target_modules"] == sorted(DEFAULT_TARGET_MODULES)

@@ -5,12 +5,21 @@ q/k/v/o/gate/up/down projections, AdamW lr 1e-4, cosine schedule with 10 % warmu
 batch 1 per device, max length 2048, bf16 on GPU with DeepSpeed ZeRO-2 across GPUs, pad id 1.
 Where the public code was wrong we do what it meant, and say so:
 
-* Loss mask (`response_labels`): the public code masked only up to the FIRST separator 8710, so
-  later user turns of a multi-turn row were trained as if the model had to write them. Here 8710
-  ends every turn and turns alternate user, assistant, user, ...: every user turn (from the
-  start, or from just after the 8710 that closed the previous response, up to and including its
-  own 8710) is masked; every response, with the 8710 that closes it and the final eos, is
-  trained. On single-turn rows this equals the public rule.
+* Loss mask (`--loss-mask`, data.response_labels): `first_separator` (default, MedMax's public
+  rule: everything up to and including the first separator 8710 is masked, everything after it
+  trained; a row without 8710 is trained whole) or `alternating` (8710 ends every turn and turns
+  alternate user, assistant, ...: every user turn is masked, every response with the 8710 that
+  closes it and the final eos trained; the public rule trains later user turns of multi-turn
+  rows). The row conventions are inferred, so training measures them instead of trusting them:
+  it reads assembly's separator_stats artifact (`--separator-stats`; without it the same counts
+  are taken on the rows read) and refuses a mask that would mask the final eos of more than
+  `--max-masked-fraction` of some task's rows, naming the tasks. Rows left with nothing to train
+  on, and rows an epoch leaves out so that ranks take equal steps, are refused past
+  `--max-dropped-fraction` and counted in train_metrics' lineage (params.rows).
+* Loss normalisation (`--loss-normalization`, loss.py): `row_mean` (default: each row's mean token
+  loss averaged over the rows of the optimizer step; at batch 1 HF's mean cross entropy per
+  micro-batch, as MedMax trained) or `token_mean` (every label token of the step weighs the
+  same). Both are exact under gradient accumulation and across ranks.
 * Image outputs: HF's Chameleon head masks image-token logits in every forward pass, so image
   labels would give an infinite loss; chameleon.allow_image_logits lifts that, and
   check_image_logits verifies it before any step.
@@ -18,8 +27,9 @@ Where the public code was wrong we do what it meant, and say so:
 
 The training loop is written out (no HF Trainer) as a recipe in the style of torchtune
 (recipe.py): setup -> loop -> evaluate -> checkpoint -> save, each step collate -> forward ->
-token-summed cross entropy / label tokens of the whole optimizer step -> backward -> clip ->
-AdamW step -> scheduler step, checkpoints at step boundaries.
+loss numerator / the step's denominator on all ranks -> backward -> clip -> AdamW step ->
+scheduler step, checkpoints at step boundaries. Progress: tqdm on a terminal; with no terminal or
+`--no-progress` (Snakemake) a line (step, loss, lr, tokens/s, ETA) every `--log-interval` seconds.
 
 Launch: `medmax train ...` runs one process (CPU, or one GPU) with plain torch. With
 `--deepspeed workflow/deepspeed/zero2.json` the same loop runs on a DeepSpeed ZeRO-2 engine ("auto"
@@ -28,11 +38,17 @@ values in the JSON are filled from the command line), in one process or under
 The CPU path is what the demo and the tests take, so the engine, its checkpoints and resumption
 run everywhere; on CPU it gives the same numbers as the plain loop (tested to ~1e-8).
 
-Resumption: checkpoints are written to OUTPUT/checkpoints/step-K atomically (temporary folder,
-then rename) with the adapter, optimizer, scheduler, data position, metrics so far and RNG
-states. A restarted run with the same settings resumes from the newest complete checkpoint and
-ends exactly where an uninterrupted run ends (bitwise on CPU; GPU kernels are not bitwise
-deterministic). A restart with different settings is refused.
+Resumption (checkpoints.py): checkpoints go to OUTPUT/checkpoints/<run id>/step-K, the run id
+being a hash of every setting that decides what the run computes (inputs' identities and the
+training code's hash included). A run with changed settings starts its own checkpoints; a
+restarted run with the same settings resumes from its newest complete checkpoint and ends exactly
+where an uninterrupted run ends (bitwise on CPU; GPU kernels are not bitwise deterministic). A
+completed run removes the run folders of other settings this pipeline wrote (nothing else).
+Resuming unpickles no code: RNG states are safetensors + JSON, the adapter safetensors, the plain
+engine's optimizer/scheduler are loaded with weights_only=True, and DeepSpeed's own pickles
+(engine/*_model_states.pt, engine/*_optim_states.pt) are loaded by DeepSpeed under a forced
+weights_only=True with only its plain data classes allowed. A checkpoint whose record file
+(medmax_provenance.json: run id, size and hash of every file) does not match is refused.
 
 Modules: config (TrainConfig, TrainInputError), data (rows, loss mask, collation, batching),
 loss, distributed (ranks, DeepSpeed's process group), engines (plain torch and DeepSpeed
@@ -49,17 +65,18 @@ from pathlib import Path
 
 from medmax_pipeline.core.artifacts import ArtifactError
 
-from .config import DEFAULT_TARGET_MODULES, SCHEDULERS, TrainConfig, TrainInputError
-from .data import TokenRows, collate, length_grouped_batches, load_token_rows, response_labels, shard_batches, steps_per_epoch
+from .config import DEFAULT_TARGET_MODULES, LOSS_MASKS, LOSS_NORMALIZATIONS, SCHEDULERS, TrainConfig, TrainInputError
+from .data import TokenRows, collate, label_profile, length_grouped_batches, load_token_rows, response_labels, shard_batches, steps_per_epoch
 from .distributed import free_port, init_deepspeed
 from .deepspeed_config import resolve_deepspeed_config
-from .loss import label_token_count, token_loss_sum
+from .loss import label_token_count, loss_denominator, loss_numerator, token_loss_sum
 from .outputs import merge_adapter
 from .recipe import TrainResult, train
 
 __all__ = [
     "DEFAULT_TARGET_MODULES", "TokenRows", "TrainConfig", "TrainInputError", "TrainResult", "add_arguments", "collate",
-    "config_from_args", "free_port", "init_deepspeed", "label_token_count", "length_grouped_batches", "load_token_rows",
+    "config_from_args", "free_port", "init_deepspeed", "label_profile", "label_token_count", "length_grouped_batches", "load_token_rows",
+    "loss_denominator", "loss_numerator",
     "merge_adapter", "resolve_deepspeed_config", "response_labels", "run", "shard_batches", "steps_per_epoch",
     "token_loss_sum", "train",
 ]
@@ -96,7 +113,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--group-size", type=int, default=d.group_size, help=argparse.SUPPRESS)
     parser.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    parser.add_argument("--separator-stats", type=Path, help="assembly's separator_stats artifact of the training split (the final-eos check reads it)")
+    parser.add_argument("--loss-mask", choices=LOSS_MASKS, default=d.loss_mask, help="first_separator: train after the first 8710 (a row without one whole); alternating: mask every user turn")
+    parser.add_argument("--loss-normalization", choices=LOSS_NORMALIZATIONS, default=d.loss_normalization, help="row_mean: rows weigh the same; token_mean: label tokens weigh the same")
+    parser.add_argument("--max-masked-fraction", type=float, default=d.max_masked_fraction, help="refuse a loss mask that masks the final eos of more of some task's rows")
+    parser.add_argument("--max-dropped-fraction", type=float, default=d.max_dropped_fraction, help="refuse when more of the rows read would not be trained")
+    parser.add_argument("--log-interval", type=float, default=d.log_interval, help="seconds between progress lines in the log when there is no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar: progress lines instead")
     parser.add_argument("--stop-after-step", type=int, help=argparse.SUPPRESS)  # simulates preemption in tests
 
 
@@ -111,6 +134,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         keep_checkpoints=args.keep_checkpoints, eval_every=args.eval_every, seed=args.seed, deepspeed=args.deepspeed,
         merge=args.merge, max_steps=args.max_steps, gradient_checkpointing=args.gradient_checkpointing,
         group_size=args.group_size, device=args.device, progress=not args.no_progress, stop_after_step=args.stop_after_step,
+        loss_mask=args.loss_mask, loss_normalization=args.loss_normalization, separator_stats=args.separator_stats,
+        max_masked_fraction=args.max_masked_fraction, max_dropped_fraction=args.max_dropped_fraction, log_interval=args.log_interval,
     )
 
 

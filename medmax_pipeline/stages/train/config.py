@@ -9,6 +9,8 @@ from medmax_pipeline.core import constants as C
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+LOSS_MASKS = ("first_separator", "alternating")  # see data.response_labels
+LOSS_NORMALIZATIONS = ("row_mean", "token_mean")  # see loss.py
 
 
 class TrainInputError(ValueError):
@@ -49,6 +51,12 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     stop_after_step: int | None = None  # test hook: stop (as if killed) right after this step
+    loss_mask: str = "first_separator"  # MedMax's public rule; "alternating" masks every user turn
+    loss_normalization: str = "row_mean"  # each row's mean token loss averaged over rows (HF's mean CE at batch 1)
+    separator_stats: Path | None = None  # assembly's separator_stats artifact of the training split
+    max_masked_fraction: float = 0.01  # most rows of a task whose final eos the loss mask may mask
+    max_dropped_fraction: float = 0.01  # most rows read that may go untrained (nothing to train on, rank balance)
+    log_interval: float = 30.0  # seconds between progress lines when there is no progress bar
 
     def validate(self) -> None:
         checks = [
@@ -69,6 +77,12 @@ class TrainConfig:
             (self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}"),
             (self.max_steps is None or self.max_steps > 0, f"--max-steps must be positive, got {self.max_steps}"),
             (self.group_size > 0, f"--group-size must be positive, got {self.group_size}"),
+            (self.loss_mask in LOSS_MASKS, f"--loss-mask must be one of {', '.join(LOSS_MASKS)}, got {self.loss_mask!r}"),
+            (self.loss_normalization in LOSS_NORMALIZATIONS,
+             f"--loss-normalization must be one of {', '.join(LOSS_NORMALIZATIONS)}, got {self.loss_normalization!r}"),
+            (0 <= self.max_masked_fraction <= 1, f"--max-masked-fraction must be in [0, 1], got {self.max_masked_fraction}"),
+            (0 <= self.max_dropped_fraction <= 1, f"--max-dropped-fraction must be in [0, 1], got {self.max_dropped_fraction}"),
+            (self.log_interval >= 0, f"--log-interval must be >= 0, got {self.log_interval}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -14,9 +14,11 @@ calls the `Engine` methods, so its loop has no engine branches.
 from __future__ import annotations
 
 import math
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Iterator, Mapping, Protocol
 
 import torch
 
@@ -149,7 +151,8 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(str(folder), tag="engine", exclude_frozen_parameters=True)
 
     def load_checkpoint(self, folder: Path) -> None:
-        self.engine.load_checkpoint(str(folder), tag="engine", load_module_strict=False)
+        with deepspeed_loads_weights_only():
+            self.engine.load_checkpoint(str(folder), tag="engine", load_module_strict=False)
 
     def copy_master_weights_to_model(self) -> None:
         from deepspeed.utils import safe_get_full_fp32_param
@@ -157,6 +160,28 @@ class DeepSpeedEngine:
         # Save the fp32 master weights, not the bf16 copies the engine computes with.
         for p in self.trainable:
             p.data = safe_get_full_fp32_param(p).to(p.device)
+
+
+@contextmanager
+def deepspeed_loads_weights_only() -> Iterator[None]:
+    """DeepSpeed loads its checkpoint pickles with torch.load(weights_only=False); inside this
+    block torch turns every load into weights_only=True (TORCH_FORCE_WEIGHTS_ONLY_LOAD), with only
+    the plain data classes DeepSpeed's ZeRO files hold allowed, so a tampered file is refused
+    (pickle.UnpicklingError) instead of run."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
 @dataclass(frozen=True)

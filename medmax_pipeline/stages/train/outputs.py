@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import pyarrow as pa
 import torch
 
-from medmax_pipeline.core.artifacts import read_meta, write_artifact
+from medmax_pipeline.core.artifacts import PROVENANCE_FILE, read_meta, write_artifact
 from medmax_pipeline.models import chameleon
 
 from .config import TrainConfig
@@ -36,33 +36,50 @@ METRICS_SCHEMA = pa.schema(
 )
 
 
-def save_adapter(model: torch.nn.Module, output: Path, cfg: TrainConfig, run_config: Mapping[str, Any]) -> Path:
-    """OUTPUT/adapter: the PEFT adapter and medmax_provenance.json, replaced atomically."""
+def save_adapter_weights(model: torch.nn.Module, folder: Path) -> None:
+    """The PEFT adapter (adapter_model.safetensors, adapter_config.json) with target_modules
+    sorted: peft keeps them as a set, whose order follows PYTHONHASHSEED, so identical runs would
+    write different bytes."""
+    model.save_pretrained(str(folder))
+    config_path = Path(folder) / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))  # peft's own format
+
+
+def save_adapter(model: torch.nn.Module, output: Path, cfg: TrainConfig, run_config: Mapping[str, Any], run_id: str) -> Path:
+    """OUTPUT/adapter: the PEFT adapter and its provenance record, replaced atomically."""
     final = output / "adapter"
     tmp = output / ".tmp-adapter"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
+    save_adapter_weights(model, tmp)
     dataset_meta = read_meta(cfg.dataset)
     # The adapter was fitted to the dataset's rows: it carries the dataset's credential status.
     provenance = {
         "dataset": str(cfg.dataset), "dataset_fingerprint": dataset_meta.fingerprint,
-        "credential": dataset_meta.credential, "base_model": str(cfg.base_model), "run_config": run_config,
+        "credential": dataset_meta.credential, "base_model": str(cfg.base_model), "run_id": run_id, "run_config": run_config,
     }
-    (tmp / "medmax_provenance.json").write_text(json.dumps(provenance, indent=1, default=str))
+    (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1, default=str))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
 
 
-def write_metrics(metrics: list[dict[str, Any]], path: Path, cfg: TrainConfig, run_config: Mapping[str, Any]) -> Path:
-    """The `train_metrics` artifact: one row per optimizer step, the run config as its params."""
+def write_metrics(
+    metrics: list[dict[str, Any]], path: Path, cfg: TrainConfig, run_config: Mapping[str, Any], rows: Mapping[str, Any]
+) -> Path:
+    """The `train_metrics` artifact: one row per optimizer step; its params are the run config and
+    `rows`, what happened to the rows read (trained, cut, dropped and why), so no dropped row is
+    only in a log."""
     table = pa.Table.from_pylist(metrics, schema=METRICS_SCHEMA)
     inputs: list[Any] = [cfg.dataset] + ([cfg.eval_dataset] if cfg.eval_dataset else [])
+    inputs += [cfg.separator_stats] if cfg.separator_stats else []
     # The base model enters the lineage by config.json hash and weight sizes: hashing 14 GB of
     # safetensors for a lineage line is not worth it.
     identity = hashlib.blake2b(json.dumps(run_config["base_model"], sort_keys=True).encode(), digest_size=32).hexdigest()
     inputs.append({"path": str(cfg.base_model), "artifact": None, "fingerprint": f"config+sizes:{identity}", "credential": "public"})
-    write_artifact(table, path, artifact="train_metrics", inputs=inputs, params=dict(run_config))
+    write_artifact(table, path, artifact="train_metrics", inputs=inputs, params={**run_config, "rows": dict(rows)})
     return path
 
 

@@ -1,12 +1,15 @@
 """The LoRA finetuning recipe, top to bottom: setup -> loop (steps, evaluation, checkpoints) -> save.
 
-Each step: collate -> forward -> token-summed cross entropy / label tokens of the whole optimizer
-step on all ranks -> backward -> engine step (clip, AdamW, schedule). The engine (plain torch or
-DeepSpeed ZeRO-2, see engines.py) is chosen once in `setup`; nothing below it asks which one runs.
+Each step: collate (loss mask) -> forward -> loss numerator / the denominator of the whole
+optimizer step on all ranks (loss.py: row_mean or token_mean) -> backward -> engine step (clip,
+AdamW, schedule). The engine (plain torch or DeepSpeed ZeRO-2, see engines.py) is chosen once in
+`setup`; nothing below it asks which one runs. Progress: a tqdm bar on a terminal, else (and
+with --no-progress, as under Snakemake) one line every --log-interval seconds in the log.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medmax_pipeline.core.artifacts import read_meta
 from medmax_pipeline.core.plots import plot_loss
 from medmax_pipeline.models import chameleon
 
@@ -24,16 +28,28 @@ from .checkpoints import (
     checkpoint_to_resume,
     complete_checkpoints,
     load_checkpoint,
-    remove_unfinished_checkpoints,
+    prepare_run_folder,
+    remove_other_runs,
+    run_id,
     save_checkpoint,
     seed_everything,
 )
 from .config import TrainConfig, TrainInputError
-from .data import TokenRows, collate, count_total_steps, epoch_batches, load_token_rows
+from .data import (
+    TokenRows,
+    check_dropped,
+    check_eos_masked,
+    collate,
+    count_total_steps,
+    eos_masked_from_separator_stats,
+    epoch_batches,
+    load_token_rows,
+    rows_left_over_by_ranks,
+)
 from .distributed import Dist, training_device
 from .engines import Engine, plan_engine
-from .loss import label_token_count, token_loss_sum
-from .outputs import merge_adapter, save_adapter, write_metrics
+from .loss import loss_denominator, loss_numerator
+from .outputs import merge_adapter, save_adapter, save_adapter_weights, write_metrics
 
 
 @dataclass
@@ -62,7 +78,10 @@ class Run:
     eval_rows: TokenRows | None
     total_steps: int
     run_config: dict[str, Any]
-    checkpoint_root: Path
+    run_id: str
+    credential: str  # the dataset's: what the adapter and checkpoints were fitted to
+    rows_summary: dict[str, Any]  # what happened to the rows read, for train_metrics' lineage
+    checkpoint_root: Path  # OUTPUT/checkpoints/<run id>
     engine: Engine
     progress: Progress
     resumed_from_step: int | None
@@ -70,7 +89,7 @@ class Run:
 
 @dataclass(frozen=True)
 class StepStats:
-    loss: float  # mean next-token loss over the step's label tokens on all ranks
+    loss: float  # the step's loss on all ranks (row_mean or token_mean)
     lr: float  # the rate this step used
     grad_norm: float
     label_tokens: int
@@ -116,9 +135,12 @@ def setup(cfg: TrainConfig) -> Run:
     plan = plan_engine(cfg, dist, device, precision)  # DeepSpeed's process group starts here
     rows, eval_rows = read_rows(cfg, dist)
     total_steps = count_total_steps(rows.lengths, cfg, dist.world_size)
+    rows_summary = check_rows(cfg, rows, eval_rows, dist)
     run_config = build_run_config(cfg, engine=plan.name, precision=precision, world_size=dist.world_size, total_steps=total_steps)
-    checkpoint_root = Path(cfg.output) / "checkpoints"
+    # Checkpoints are keyed by the run config: other settings never meet this run's checkpoints.
+    checkpoint_root = Path(cfg.output) / "checkpoints" / run_id(run_config)
     resume_from = checkpoint_to_resume(checkpoint_root, run_config)
+    credential = read_meta(cfg.dataset).credential
 
     seed_everything(cfg.seed)
     engine = plan.build(build_lora_model(cfg, dtype, device), cfg, total_steps, device)
@@ -128,8 +150,11 @@ def setup(cfg: TrainConfig) -> Run:
         resumed_from_step = progress.global_step
         dist.log(f"resumed from {resume_from} (step {progress.global_step} of {total_steps})")
     if dist.is_main:
-        remove_unfinished_checkpoints(checkpoint_root)
-    return Run(cfg, dist, device, dtype, rows, eval_rows, total_steps, run_config, checkpoint_root, engine, progress, resumed_from_step)
+        prepare_run_folder(checkpoint_root, run_config, credential)
+    return Run(
+        cfg, dist, device, dtype, rows, eval_rows, total_steps, run_config, checkpoint_root.name, credential, rows_summary,
+        checkpoint_root, engine, progress, resumed_from_step,
+    )
 
 
 def read_rows(cfg: TrainConfig, dist: Dist) -> tuple[TokenRows, TokenRows | None]:
@@ -139,10 +164,37 @@ def read_rows(cfg: TrainConfig, dist: Dist) -> tuple[TokenRows, TokenRows | None
     except chameleon.ModelLayoutError as exc:
         raise TrainInputError(f"base model: {exc}") from exc
     vocab_size = int(model_config["vocab_size"])
-    rows = load_token_rows(cfg.dataset, "train", cfg.max_length, vocab_size)
-    eval_rows = load_token_rows(cfg.eval_dataset, "validation", cfg.max_length, vocab_size) if cfg.eval_dataset else None
-    dist.log(f"{len(rows)} training rows ({rows.truncated} cut to {cfg.max_length}, {rows.dropped_no_response} without a response dropped)")
+    rows = load_token_rows(cfg.dataset, "train", cfg.max_length, vocab_size, cfg.loss_mask)
+    eval_rows = load_token_rows(cfg.eval_dataset, "validation", cfg.max_length, vocab_size, cfg.loss_mask) if cfg.eval_dataset else None
+    dist.log(
+        f"{len(rows)} of {rows.rows_read} training rows ({rows.truncated} cut to {cfg.max_length}, "
+        f"{rows.dropped_no_labels} with nothing to train on under the {cfg.loss_mask!r} loss mask dropped)"
+    )
     return rows, eval_rows
+
+
+def check_rows(cfg: TrainConfig, rows: TokenRows, eval_rows: TokenRows | None, dist: Dist) -> dict[str, Any]:
+    """Refuse a loss mask that masks too many final eos, or too many untrained rows; return the
+    row counts train_metrics records."""
+    if cfg.separator_stats is not None:
+        eos_by_task = eos_masked_from_separator_stats(cfg.separator_stats, cfg.loss_mask, rows.rows_read)
+        source = f"measured by assembly in {cfg.separator_stats}"
+    else:
+        eos_by_task, source = rows.eos_masked_by_task, f"measured on the rows of {cfg.dataset}"
+    check_eos_masked(eos_by_task, cfg.loss_mask, cfg.max_masked_fraction, source)
+    left_over = rows_left_over_by_ranks(rows.lengths, cfg, dist.world_size)
+    check_dropped(rows, left_over, cfg.max_dropped_fraction, cfg.dataset, "train")
+    summary: dict[str, Any] = {
+        "loss_mask": cfg.loss_mask, "train_rows_read": rows.rows_read, "train_rows_trained": len(rows),
+        "train_rows_truncated": rows.truncated, "train_rows_dropped_no_labels": rows.dropped_no_labels,
+        "train_rows_left_over_by_ranks_per_epoch": left_over,
+        "final_eos_masked_by_task": {task: {"rows": n, "masked": m} for task, (n, m) in eos_by_task.items()},
+    }
+    if eval_rows is not None:
+        check_dropped(eval_rows, 0, cfg.max_dropped_fraction, cfg.eval_dataset, "validation")
+        summary.update({"eval_rows_read": eval_rows.rows_read, "eval_rows_used": len(eval_rows),
+                        "eval_rows_dropped_no_labels": eval_rows.dropped_no_labels})
+    return summary
 
 
 def build_lora_model(cfg: TrainConfig, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
@@ -173,22 +225,18 @@ def build_lora_model(cfg: TrainConfig, dtype: torch.dtype, device: torch.device)
 
 def train_epochs(run: Run) -> bool:
     """Train from run.progress to the last step; True when stopped early (stop_after_step)."""
-    from tqdm.auto import tqdm
-
     cfg, progress = run.cfg, run.progress
     run.engine.model.train()
-    bar = tqdm(
-        total=run.total_steps, initial=progress.global_step, disable=not (cfg.progress and run.dist.is_main), desc="train", unit="step"
-    )
+    reporter = ProgressReporter(run.total_steps, progress.global_step, cfg, run.dist)
     stopped = False
     while not stopped and progress.global_step < run.total_steps and progress.epoch < cfg.epochs:
         batches = epoch_batches(run.rows.lengths, cfg, progress.epoch, run.dist.rank, run.dist.world_size)
-        stopped = train_epoch(run, batches, bar)
-    bar.close()
+        stopped = train_epoch(run, batches, reporter)
+    reporter.close()
     return stopped
 
 
-def train_epoch(run: Run, batches: list[list[int]], bar: Any) -> bool:
+def train_epoch(run: Run, batches: list[list[int]], reporter: "ProgressReporter") -> bool:
     """Train the rest of one epoch (from progress.position); True when stopped early."""
     cfg, progress = run.cfg, run.progress
     while progress.position < len(batches) and progress.global_step < run.total_steps:
@@ -199,12 +247,11 @@ def train_epoch(run: Run, batches: list[list[int]], bar: Any) -> bool:
         end_of_epoch = progress.position >= len(batches)
         row = metrics_row(stats, progress.global_step, progress.epoch + progress.position / len(batches))
         if run.eval_rows is not None and evaluation_due(progress.global_step, end_of_epoch, run.total_steps, cfg.eval_every):
-            row["eval_loss"] = evaluate(run.engine, run.eval_rows, cfg.batch_size, run.dist, run.device)
+            row["eval_loss"] = evaluate(run.engine, run.eval_rows, cfg, run.dist, run.device)
         progress.metrics.append(row)
         if end_of_epoch:
             progress.epoch, progress.position = progress.epoch + 1, 0
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{stats.lr:.2e}")
+        reporter.step(progress.global_step, row["loss"], stats)
         if cfg.save_every and progress.global_step % cfg.save_every == 0 and progress.global_step < run.total_steps:
             checkpoint(run)
         if cfg.stop_after_step is not None and progress.global_step >= cfg.stop_after_step:
@@ -214,27 +261,83 @@ def train_epoch(run: Run, batches: list[list[int]], bar: Any) -> bool:
     return False
 
 
+def format_duration(seconds: float) -> str:
+    """3725 -> '1h02m05s', 65 -> '1m05s', 4.2 -> '4s'."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def progress_line(step: int, total: int, loss: float, lr: float, tokens_per_s: float, eta_seconds: float) -> str:
+    """One log line for a step when there is no progress bar."""
+    return (
+        f"step {step}/{total} ({100 * step / total:.1f}%) loss {loss:.4f} lr {lr:.2e} "
+        f"tokens/s {tokens_per_s:.0f} ETA {format_duration(eta_seconds)}"
+    )
+
+
+class ProgressReporter:
+    """tqdm on a terminal; otherwise (no tty, or --no-progress as under Snakemake) a progress_line
+    on stderr for the first step, then at most every cfg.log_interval seconds, and for the last."""
+
+    def __init__(self, total: int, done: int, cfg: TrainConfig, dist: Dist, clock: Any = time.monotonic) -> None:
+        from tqdm.auto import tqdm
+
+        self.total, self.start_step, self.dist, self.clock = total, done, dist, clock
+        self.interval = cfg.log_interval
+        self.use_bar = cfg.progress and dist.is_main and sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=done, desc="train", unit="step") if self.use_bar else None
+        self.started = clock()
+        self.last_line: float | None = None
+        self.tokens = 0
+
+    def step(self, step: int, loss: float, stats: StepStats) -> None:
+        self.tokens += stats.tokens
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{stats.lr:.2e}")
+            return
+        now = self.clock()
+        if self.last_line is not None and now - self.last_line < self.interval and step < self.total:
+            return
+        elapsed = max(now - self.started, 1e-9)
+        done_here = step - self.start_step  # steps of this process (a resumed run's speed is its own)
+        eta = elapsed / done_here * (self.total - step) if done_here else 0.0
+        self.dist.log(progress_line(step, self.total, loss, stats.lr, self.tokens / elapsed, eta))
+        self.last_line = now
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def optimizer_step(run: Run, index_batches: list[list[int]]) -> StepStats:
     """One optimizer step over up to grad_accum micro-batches of row indices."""
     started = time.perf_counter()
-    engine, dist, device = run.engine, run.dist, run.device
-    micro_batches = [collate([run.rows.sequence(i) for i in rows]) for rows in index_batches]
-    # Normalise by the label tokens of the whole optimizer step on all ranks, so every
-    # response token weighs the same whatever batch it landed in.
-    local_labels = sum(label_token_count(b) for b in micro_batches)
+    engine, dist, device, cfg = run.engine, run.dist, run.device, run.cfg
+    micro_batches = [collate([run.rows.sequence(i) for i in rows], cfg.loss_mask) for rows in index_batches]
+    # The denominator is the whole optimizer step's on all ranks (label tokens, or rows), so the
+    # gradient is the one of one process holding every row of the step (loss.py).
+    local_denominator = sum(loss_denominator(b, cfg.loss_normalization) for b in micro_batches)
+    local_labels = sum(loss_denominator(b, "token_mean") for b in micro_batches)
     local_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
-    global_labels, global_tokens = dist.all_reduce_sum([float(local_labels), float(local_tokens)], device)
+    global_denominator, global_labels, global_tokens = dist.all_reduce_sum(
+        [float(local_denominator), float(local_labels), float(local_tokens)], device
+    )
     lr = engine.lr()
     loss_sum = 0.0
     for k, batch in enumerate(micro_batches):
-        summed = token_loss_sum(engine.forward(batch), batch["labels"])
+        numerator = loss_numerator(engine.forward(batch), batch["labels"], cfg.loss_normalization)
         # DDP / ZeRO average gradients over ranks; * world_size undoes that average.
-        engine.backward(summed * (dist.world_size / global_labels), last_micro_batch=k == len(micro_batches) - 1)
-        loss_sum += float(summed.detach())
+        engine.backward(numerator * (dist.world_size / global_denominator), last_micro_batch=k == len(micro_batches) - 1)
+        loss_sum += float(numerator.detach())
     grad_norm = engine.step()
     (loss_total,) = dist.all_reduce_sum([loss_sum], device)
     seconds = time.perf_counter() - started
-    return StepStats(loss_total / global_labels, lr, grad_norm, int(global_labels), int(global_tokens), seconds)
+    return StepStats(loss_total / global_denominator, lr, grad_norm, int(global_labels), int(global_tokens), seconds)
 
 
 def metrics_row(stats: StepStats, step: int, epoch: float) -> dict[str, Any]:
@@ -252,24 +355,27 @@ def evaluation_due(step: int, end_of_epoch: bool, total_steps: int, eval_every: 
 
 
 @torch.no_grad()
-def evaluate(engine: Engine, rows: TokenRows, batch_size: int, dist: Dist, device: torch.device) -> float:
-    """Mean next-token loss over the response tokens of `rows` (all ranks together)."""
+def evaluate(engine: Engine, rows: TokenRows, cfg: TrainConfig, dist: Dist, device: torch.device) -> float:
+    """The loss over `rows` (all ranks together), normalised as in training."""
     was_training = engine.model.training
     engine.model.eval()
     order = np.argsort(-rows.lengths, kind="stable")
-    batches = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + cfg.batch_size].tolist() for i in range(0, len(order), cfg.batch_size)]
     loss_sum, count = 0.0, 0
     for batch_rows in batches[dist.rank :: dist.world_size]:
-        batch = collate([rows.sequence(i) for i in batch_rows])
-        loss_sum += float(token_loss_sum(engine.forward(batch), batch["labels"]))
-        count += label_token_count(batch)
+        batch = collate([rows.sequence(i) for i in batch_rows], cfg.loss_mask)
+        loss_sum += float(loss_numerator(engine.forward(batch), batch["labels"], cfg.loss_normalization))
+        count += loss_denominator(batch, cfg.loss_normalization)
     engine.model.train(was_training)
     loss_sum, count = dist.all_reduce_sum([loss_sum, float(count)], device)
     return loss_sum / max(count, 1.0)
 
 
 def checkpoint(run: Run) -> Path:
-    return save_checkpoint(run.checkpoint_root, run.progress, run.run_config, run.engine, run.dist, run.cfg.keep_checkpoints)
+    return save_checkpoint(
+        run.checkpoint_root, run.progress, run.run_config, run.engine, run.dist, run.cfg.keep_checkpoints,
+        save_adapter_weights, run.credential,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,10 +391,12 @@ def save_outputs(run: Run, result: TrainResult) -> None:
         checkpoint(run)
     run.engine.copy_master_weights_to_model()
     if run.dist.is_main:
-        result.adapter_dir = save_adapter(run.engine.model, output, cfg, run.run_config)
-        result.metrics_path = write_metrics(progress.metrics, output / "train_metrics.parquet", cfg, run.run_config)
+        result.adapter_dir = save_adapter(run.engine.model, output, cfg, run.run_config, run.run_id)
+        result.metrics_path = write_metrics(progress.metrics, output / "train_metrics.parquet", cfg, run.run_config, run.rows_summary)
         result.loss_curve_path = plot_loss(progress.metrics, output / "loss_curve.png")
         if cfg.merge:
             result.merged_dir = merge_adapter(cfg.base_model, result.adapter_dir, output / "merged", dtype=run.dtype, tokenizer=cfg.tokenizer)
+        for removed in remove_other_runs(run.checkpoint_root.parent, run.run_id):
+            run.dist.log(f"removed {removed}: checkpoints of a run with other settings")
         run.dist.log(f"done: {progress.global_step} steps, final loss {progress.metrics[-1]['loss']:.4f}; adapter in {result.adapter_dir}")
     run.dist.barrier()
