@@ -12,6 +12,7 @@ rule train:
         eval_dataset=results("assemble", "validation", "dataset.parquet"),
         separator_stats=results("assemble", "train", "separator_stats.parquet"),
         base_model=base_model_path(),
+        manifests=folder_manifest("base_model", config["base_model"]),
         deepspeed=workflow.source_path("../deepspeed/zero2.json") if TRAIN["deepspeed"] == "workflow/deepspeed/zero2.json" else TRAIN["deepspeed"],
     output:
         adapter=directory(results("train", "adapter")),
@@ -20,6 +21,7 @@ rule train:
             results("train", "loss_curve.png"), category="Training", labels={"figure": "loss curve"}
         ),
     params:
+        code=code_version("stages/train"),
         output_dir=lambda wildcards, output: Path(output.metrics).parent,
         launcher=train_launcher(),
         target_modules=",".join(TRAIN["target_modules"]),
