@@ -400,6 +400,46 @@ VQA_TASKS = [
 ]
 
 
+# visual_chat rows: (question_type, prompt ends with <image>, flagged domain or None). Both public
+# prompt layouts (image after the question when the prompt ends with <image>, else before it)
+# and a row with no domain flag.
+VISUAL_CHAT_ROWS = [
+    ("conversation", True, "chest_xray"),
+    ("conversation", False, None),
+    ("detailed_description", True, "histology"),
+    ("detailed_description", False, "ct_scan"),
+]
+VISUAL_CHAT_DOMAINS = ("chest_xray", "mri", "histology", "gross", "ct_scan")  # LLaVA-Med qa50 flags
+MM_OUT_ROWS = 3
+
+
+def _visual_chat_row(rng: random.Random, question_type: str, trailing_image: bool, domain: str | None, image_path: str) -> dict[str, Any]:
+    """A LLaVA-Med qa50 row: `answer` is a Python-literal dict string (repr), as in medmax_eval_data."""
+    organ, finding = rng.choice(ORGANS), rng.choice(FINDINGS)
+    if question_type == "conversation":
+        question = f"What does the image show in the {organ}?"
+    else:
+        question = "Describe the image in detail."
+    prompt = f"{question}\n{IMG}" if trailing_image else f"{IMG}\n{question}" if question_type == "conversation" else question
+    answer = {
+        "gpt4_answer": f"The image shows the {organ} with {finding}.",
+        "fig_label": f"Figure {rng.randrange(1, 9)}",
+        "fig_caption": f"{rng.choice(MODALITIES)} of the {organ} showing {finding}.",
+        # qa50 holds a list of sentences here; the judge prompt formats it with str(), so one row keeps a list.
+        "in_text_mention": [f"The {organ} shows {finding}."] if question_type == "detailed_description" else f"The {organ} shows {finding}.",
+        "domain": {flag: flag == domain for flag in VISUAL_CHAT_DOMAINS},
+    }
+    return {"task_name": "visual_chat", "question_type": question_type, "prompt": prompt, "answer": repr(answer), "image_path": image_path}
+
+
+def _mm_out_row(rng: random.Random, image_path: str) -> dict[str, Any]:
+    """An interleaved-output row: the question, the reference text, the reference image."""
+    organ, modality = rng.choice(ORGANS), rng.choice(MODALITIES)
+    article = "an" if modality[0] in "AEIOUaeiou" else "a"
+    return {"task_name": "mm_out", "question_type": "mm_out", "prompt": f"What does a normal {organ} look like on {article} {modality}?",
+            "answer": f"On {article} {modality} a normal {organ} has smooth borders and even texture, as in this image.", "image_path": image_path}
+
+
 def _write_eval_set(paths: DemoPaths, rng: random.Random, seed: int) -> dict[str, int]:
     rows: list[dict[str, Any]] = []
     index = 0
@@ -430,6 +470,11 @@ def _write_eval_set(paths: DemoPaths, rng: random.Random, seed: int) -> dict[str
         rows.append({"task_name": "image_captioning", "question_type": question_type, "prompt": "Describe the image briefly.", "answer": f"A {rng.choice(MODALITIES)} showing {rng.choice(FINDINGS)}.", "image_path": eval_image("radiograph")})
     for question_type in ("pmc_oa", "quilt"):
         rows.append({"task_name": "image_generation", "question_type": question_type, "prompt": f"Generate a {rng.choice(MODALITIES)} of {rng.choice(TISSUES)}.", "answer": "", "image_path": eval_image("histology")})
+    # Appended after the older families so their rows, images and rng draws stay as they were.
+    for question_type, trailing_image, domain in VISUAL_CHAT_ROWS:
+        rows.append(_visual_chat_row(rng, question_type, trailing_image, domain, eval_image("histology" if domain == "histology" else "radiograph")))
+    for _ in range(MM_OUT_ROWS):
+        rows.append(_mm_out_row(rng, eval_image("radiograph")))
     _mark(paths.eval_set)
     paths.eval_set.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return {"eval_rows": len(rows)}

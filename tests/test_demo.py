@@ -161,3 +161,23 @@ def test_the_demo_never_replaces_what_it_did_not_create(tmp_path: Path) -> None:
     assert demo_marker(fresh.checkpoint).is_file() and demo_marker(fresh.train).is_file()
     assert not any(p.name.endswith('.medmax-demo') for p in fresh.public_root.rglob('*'))  # image roots hold only images
     generate_demo(fresh, seed=0, vqgan_channels=32, rows_per_task=1)  # its own output: replaced
+
+
+def test_eval_set_has_visual_chat_rows_in_the_qa50_schema_and_mm_out_rows(demo) -> None:
+    import ast
+
+    _, paths, _ = demo
+    rows = [json.loads(line) for line in paths.eval_set.read_text().splitlines()]
+    chat = [r for r in rows if r["task_name"] == "visual_chat"]
+    assert {r["question_type"] for r in chat} == {"conversation", "detailed_description"}
+    # Both public prompt layouts: ending with <image>, and not.
+    assert any(r["prompt"].endswith("<image>") for r in chat) and any(not r["prompt"].endswith("<image>") for r in chat)
+    for r in chat:
+        answer = ast.literal_eval(r["answer"])  # a Python-literal dict string, as the public code reads it
+        assert {"gpt4_answer", "fig_label", "fig_caption", "in_text_mention", "domain"} <= answer.keys()
+        assert set(answer["domain"]) == {"chest_xray", "mri", "histology", "gross", "ct_scan"}
+        assert all(isinstance(flag, bool) for flag in answer["domain"].values())
+        assert (paths.eval_image_root / r["image_path"]).is_file()
+    mm_out = [r for r in rows if r["task_name"] == "mm_out"]
+    assert len(mm_out) >= 2
+    assert all(r["prompt"] and r["answer"] and (paths.eval_image_root / r["image_path"]).is_file() for r in mm_out)

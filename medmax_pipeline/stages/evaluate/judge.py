@@ -187,7 +187,9 @@ def check_endpoint(config: JudgeConfig, timeout_s: float = 10.0) -> None:
         raise JudgeError(f"the judge endpoint {config.base_url} rejected the key in {config.api_key_env} "
                          f"(HTTP {exc.status_code})") from None
     except openai.APIConnectionError as exc:  # includes timeouts
-        raise JudgeError(f"the judge endpoint {config.base_url} is unreachable: {exc}") from None
+        # The client's message is only "Connection error."; the cause says refused / unknown host / timeout.
+        cause = f" ({exc.__cause__})" if exc.__cause__ is not None and str(exc.__cause__) else ""
+        raise JudgeError(f"the judge endpoint {config.base_url} is unreachable: {exc}{cause}") from None
     except openai.APIStatusError:
         pass
 

@@ -4,11 +4,24 @@
         [--clip-scores clip_base.parquet clip_trained.parquet] [--judge-replies judge_base.parquet ...] \
         [--judge-config judge.json] [--clip CLIP_DIR] [--ckpt CKPT_DIR] [--image-root DIR] [--seed 0]
 
+Rule sets (--rules; scoring_rules.py has the details), each a separate output folder so a number
+is always reported beside the rule that made it:
+    medmax           the public MedMax code: one generated token for closed / mcq; open questions
+                     judged with the public request, only the public verdict strings read
+    medmax_tolerant  medmax, but verdicts in other spellings ('**Correctness:** 1') are read too
+    llava_med        LLaVA-Med's own scorer, quirks included (open: its recall); its mcq rule is
+                     the strict letter rule, labelled a stand-in
+    strict           normalised exact match of the answer extracted from a sentence, with yes/no
+                     synonyms (in the spirit of lmms-eval SLAKE)
+Without judge replies, open questions under medmax / medmax_tolerant fall back to token recall
+(labelled a stand-in). Captioning and image generation (CLIP cosine) and visual_chat / mm_out
+(the judge's relative score; mm_out images by CLIP) are scored the same under every rule set.
+
 Works on predictions from any model (columns: predictions.py). The expensive parts are per-model
 jobs whose artifacts this command reads: `medmax clip-scores` (decoded images, CLIP similarities
-for captioning and image generation) and `medmax judge` (LLM judge replies for open questions,
-used by the medmax rule set). The workflow runs them once per model and passes --clip-scores /
---judge-replies, so scoring with each rule set is cheap. Each artifact is paired with the
+for captioning, image generation and mm_out images) and `medmax judge` (LLM judge replies for
+open questions, visual_chat and mm_out text). The workflow runs them once per model and passes
+--clip-scores / --judge-replies, so scoring with each rule set is cheap. Each artifact is paired with the
 predictions file it was made from by the predictions' fingerprint, whatever the order.
 Standalone, `medmax score` can instead compute them itself (--clip/--ckpt/--image-root,
 --judge-config; the same functions, the same numbers); without either, captioning and image
