@@ -59,12 +59,14 @@ rule clip_scores:
         checkpoint=config["checkpoint"],
         image_root=EVAL["image_root"],
         clip=EVAL["clip"] or [],
+        manifests=[*folder_manifest("checkpoint", config["checkpoint"]), *folder_manifest("eval_images", EVAL["image_root"]), *folder_manifest("clip", EVAL["clip"])],
     output:
         clip_scores=results("evaluate", "clip_{model}.parquet"),
         images=directory(results("evaluate", "images_{model}")),
     params:
         medmax=MEDMAX,
-        clip=f"--clip {EVAL['clip']}" if EVAL["clip"] else "",
+        code=code_version("stages/evaluate"),
+        clip=f"--clip {shlex.quote(EVAL['clip'])}" if EVAL["clip"] else "",
     wildcard_constraints:
         model="base|trained",
     log:
@@ -72,9 +74,9 @@ rule clip_scores:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "{params.medmax} clip-scores --predictions {input.predictions} --output {output.clip_scores}"
-        " --image-dir {output.images} --ckpt {input.checkpoint} --image-root {input.image_root} {params.clip}"
-        " > {log} 2>&1"
+        "{params.medmax} clip-scores --predictions {input.predictions:q} --output {output.clip_scores:q}"
+        " --image-dir {output.images:q} --ckpt {input.checkpoint:q} --image-root {input.image_root:q} {params.clip}"
+        " > {log:q} 2>&1"
 
 
 # Only planned when evaluate.judge is set: open VQA, visual_chat and mm_out text. The reply cache lives beside the artifact, one per model
@@ -86,6 +88,7 @@ rule judge:
         replies=results("evaluate", "judge_{model}.parquet"),
     params:
         medmax=MEDMAX,
+        code=code_version("stages/evaluate"),
         # The judge config is built from config values here, not read from a file.
         options=lambda wildcards: judge_command_options(
             EVAL["judge"], results("evaluate", f"judge_cache_{wildcards.model}.jsonl")
@@ -99,7 +102,7 @@ rule judge:
     conda:
         "../../envs/data.yaml"
     shell:
-        "{params.medmax} judge --predictions '{input.predictions}' --output '{output.replies}' {params.options} > '{log}' 2>&1"
+        "{params.medmax} judge --predictions {input.predictions:q} --output {output.replies:q} {params.options} > {log:q} 2>&1"
 
 
 rule score:
@@ -114,8 +117,9 @@ rule score:
         summary=results("evaluate", "{rules}", "score_summary.parquet"),
     params:
         medmax=MEDMAX,
+        code=code_version("stages/evaluate"),
         output_dir=lambda wildcards, output: Path(output.scores).parent,
-        judge_replies=lambda wildcards, input: f"--judge-replies {' '.join(input.judge_replies)}" if input.judge_replies else "",
+        judge_replies=lambda wildcards, input: f"--judge-replies {shlex.join(input.judge_replies)}" if input.judge_replies else "",
         bootstrap=EVAL["bootstrap_samples"],
     wildcard_constraints:
         rules="medmax|medmax_tolerant|llava_med|strict",
@@ -124,8 +128,8 @@ rule score:
     conda:
         "../../envs/data.yaml"
     shell:
-        "{params.medmax} score --predictions {input.predictions} --clip-scores {input.clip_scores} {params.judge_replies}"
-        " --output {params.output_dir} --rules {wildcards.rules} --n-bootstrap {params.bootstrap} --seed 0 > {log} 2>&1"
+        "{params.medmax} score --predictions {input.predictions:q} --clip-scores {input.clip_scores:q} {params.judge_replies}"
+        " --output {params.output_dir:q} --rules {wildcards.rules} --n-bootstrap {params.bootstrap} --seed 0 > {log:q} 2>&1"
 
 
 rule report_figures:
@@ -151,12 +155,13 @@ rule report_figures:
         loss_curve=results("report", "loss_curve.png"),
     params:
         medmax=MEDMAX,
+        code=code_version("stages/evaluate"),
         output_dir=lambda wildcards, output: Path(output.table).parent,
-        images=lambda wildcards, input: " ".join(f"'{m}={d}'" for m, d in zip(MODELS, input.images)),
+        images=lambda wildcards, input: shlex.join(f"{m}={d}" for m, d in zip(MODELS, input.images)),
     log:
         log_path("report_figures"),
     conda:
         "../../envs/data.yaml"
     shell:
-        "{params.medmax} report --summary {input.summaries:q} --train-metrics '{input.metrics}'"
-        " --coverage {input.coverage:q} --images {params.images} --output-dir '{params.output_dir}' > '{log}' 2>&1"
+        "{params.medmax} report --summary {input.summaries:q} --train-metrics {input.metrics:q}"
+        " --coverage {input.coverage:q} --images {params.images} --output-dir {params.output_dir:q} > {log:q} 2>&1"
