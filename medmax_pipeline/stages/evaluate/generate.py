@@ -632,17 +632,18 @@ def run_generation(
         for batch_no, batch in enumerate(plan_batches(rows, settings.batch_size, budgets, settings.decoding)):
             if all(i in done for i in batch):
                 continue
+            generated = _generate_rows(model, rows, batch, prompt_ids, settings, budgets)
             items = [_result_item(i, rows[i], gen, text_ids, image_ids, tokenizer, special, settings.decoding)
-                     for i, (gen, text_ids, image_ids) in zip(batch, _generate_rows(model, rows, batch, prompt_ids, settings, budgets))]
+                     for i, (gen, text_ids, image_ids) in zip(batch, generated)]
             if partial is not None:
                 _append_partial(partial, fingerprint, items)
             done.update({item["index"]: item for item in items})
-            progress.update(len(batch), sum(item.pop("_generated") for item in items))
+            progress.update(len(batch), sum(len(gen) for gen, _, _ in generated))
             if on_batch is not None:
                 on_batch(batch_no)
     finally:
         progress.close()
-    return [{k: v for k, v in done[i].items() if k != "_generated"} for i in range(len(rows))]
+    return [done[i] for i in range(len(rows))]
 
 
 def _generate_rows(model: Any, rows: Sequence[Mapping[str, Any]], batch: Sequence[int], prompt_ids: Sequence[Sequence[int]],
@@ -668,8 +669,7 @@ def _result_item(index: int, row: Mapping[str, Any], generated: Sequence[int], t
         prediction = decode_text(tokenizer, text_ids, special)
         if decoding == "medmax" and row["task_name"] == VISUAL_CHAT:
             prediction = prediction.strip()  # the public visual_chat.py strips the answer
-    return {"index": index, "prediction": prediction, "first_token": first, "image_tokens": [int(t) for t in image_ids],
-            "_generated": len(generated)}
+    return {"index": index, "prediction": prediction, "first_token": first, "image_tokens": [int(t) for t in image_ids]}
 
 
 def _fingerprint(parts: Mapping[str, Any]) -> str:
