@@ -17,11 +17,21 @@ rule generate:
     output:
         predictions=results("evaluate", "predictions_{model}.parquet"),
     params:
+        code=code_version("stages/evaluate/generate.py"),
         medmax=MEDMAX,
         adapter=lambda wildcards, input: f"--adapter {input.adapter}" if wildcards.model == "trained" else "",
         max_items=f"--max-items {EVAL['max_items']}" if EVAL["max_items"] else "",
         batch_size=EVAL["batch_size"],
         device=EVAL["device"],
+        decoding=EVAL["decoding"],
+        budgets=(
+            "--max-new-tokens " + " ".join(f"{k}={v}" for k, v in sorted(EVAL["max_new_tokens"].items()))
+            if EVAL["max_new_tokens"] else ""
+        ),
+        image_generation_rows=(
+            f"--image-generation-rows {EVAL['image_generation_rows']}" if EVAL["image_generation_rows"] else
+            "--image-generation-rows 0"
+        ),
     wildcard_constraints:
         model="base|trained",
     threads: 2
@@ -35,7 +45,8 @@ rule generate:
         "{params.medmax} generate --eval-set {input.eval_set} --image-root {input.image_root}"
         " --ckpt {input.checkpoint} --base-model {input.base_model} {params.adapter}"
         " --model-name {wildcards.model} --output {output.predictions} --batch-size {params.batch_size}"
-        " --device {params.device} {params.max_items} > {log} 2>&1"
+        " --device {params.device} --decoding {params.decoding} {params.budgets}"
+        " {params.image_generation_rows} {params.max_items} > {log} 2>&1"
 
 
 rule clip_scores:

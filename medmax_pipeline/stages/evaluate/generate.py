@@ -810,7 +810,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-items", type=int, help="only the first N rows (smoke runs)")
     parser.add_argument("--image-generation-rows", type=int, default=IMAGE_GENERATION_ROWS_PER_SUBSET,
-                        help="medmax: image generation rows kept per subset (the public code scored the first 100)")
+                        help="medmax: image generation rows kept per subset (the public code scored the first 100); 0 keeps all")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
     parser.add_argument("--prompt-style", choices=("auto", "finetuned", "baseline"), default="auto")
     parser.add_argument("--max-new-tokens", nargs="*", metavar="KEY=N",
@@ -823,7 +823,7 @@ def run(args: argparse.Namespace) -> int:
             args.eval_set, args.image_root, args.ckpt, args.base_model, args.model_name, args.output,
             adapter=args.adapter, batch_size=args.batch_size, max_items=args.max_items, device=args.device,
             prompt_style=args.prompt_style, budgets=_parse_budgets(args.max_new_tokens), decoding=args.decoding,
-            image_generation_rows=args.image_generation_rows,
+            image_generation_rows=args.image_generation_rows or None,
         )
     except GenerateError as exc:
         print(f"error: {exc}")
