@@ -4,6 +4,7 @@ import importlib.util
 import json
 import random
 
+import pyarrow as pa
 import pytest
 
 from medmax_pipeline.core import constants as C
@@ -180,3 +181,195 @@ def test_generate_predictions_end_to_end(tmp_path):
     out.unlink()
     assert main(args) == 0
     assert read_artifact(out, artifact="predictions").to_pylist() == first  # deterministic
+
+
+# ----------------------------------------------------------------------------------------------
+# medmax preset
+# ----------------------------------------------------------------------------------------------
+
+from medmax_pipeline.stages.evaluate import generate as G  # noqa: E402
+
+
+def _row(task, qtype, prompt="Q?", image="a.png"):
+    return {"task_name": task, "question_type": qtype, "prompt": prompt, "answer": "x", "image_path": image}
+
+
+def test_medmax_prompt_parts_are_the_public_sft_prompts():
+    ft = "finetuned"
+    assert G.medmax_prompt_parts(_row("slake", "closed", "Is it normal?"), ft) == [("image", "a.png"), ("text", "Is it normal?")]
+    # Captioning asks the fixed question, whatever the row's prompt.
+    assert G.medmax_prompt_parts(_row("image_captioning", "pmc_oa", "Caption this"), ft) == [("image", "a.png"), ("text", "Please describe this picture.")]
+    assert G.medmax_prompt_parts(_row("image_generation", "quilt", "A slide.", None), ft) == [("text", "A slide.")]
+    # mm_out: the image_path is the reference answer, not an input.
+    assert G.medmax_prompt_parts(_row("mm_out", "mm_out", "Show it.", "ref.png"), ft) == [("text", "Show it.")]
+    vc = G.medmax_prompt_parts(_row("visual_chat", "detailed_description", "<image>\nDescribe"), ft)
+    assert vc == [("image", "a.png"), ("text", "Analyze the image in a comprehensive and detailed manner.")]
+    assert G.medmax_prompt_parts(_row("visual_chat", "conversation", "What is shown? <image>"), ft) == [("text", "What is shown?"), ("image", "a.png")]
+    assert G.medmax_prompt_parts(_row("visual_chat", "conversation", "<image>\nWhat is shown?"), ft) == [("image", "a.png"), ("text", "What is shown?")]
+
+
+def test_medmax_prompt_parts_baseline_are_the_public_chameleon_prompts():
+    base = "baseline"
+    assert G.medmax_prompt_parts(_row("slake", "closed", "Is it normal?"), base)[1] == (
+        "text", "Answer the question based on this image and respond 'yes' or 'no'.\nQuestion: Is it normal?\nAnswer:")
+    assert G.medmax_prompt_parts(_row("mm_out", "mm_out", "Show it."), base) == [("text", "Show it. Answer the question with one picture.")]
+    assert G.medmax_prompt_parts(_row("image_captioning", "quilt"), base) == [("image", "a.png"), ("text", "Please describe this picture.")]
+
+
+def test_build_medmax_prompt_layout():
+    codes = list(range(1024))
+    ids = G.build_medmax_prompt([("image", codes), ("text", [9000, 9001])], "finetuned", image_generation=False)
+    assert ids[0] == C.BOS_ID and ids[1:1027] == image_block(codes) and ids[1027:] == [9000, 9001, C.SEPARATOR_ID]
+    assert G.build_medmax_prompt([("text", [9000])], "finetuned", image_generation=True) == [C.BOS_ID, 9000, C.SEPARATOR_ID, C.BEGIN_IMAGE_ID]
+    assert G.build_medmax_prompt([("text", [9000])], "baseline", image_generation=True) == [C.BOS_ID, 9000, C.BEGIN_IMAGE_ID]
+    text_first = G.build_medmax_prompt([("text", [9000]), ("image", codes)], "finetuned", image_generation=False)
+    assert text_first[:3] == [C.BOS_ID, 9000, C.BEGIN_IMAGE_ID] and text_first[-2:] == [C.END_IMAGE_ID, C.SEPARATOR_ID]
+
+
+def test_image_generation_keeps_the_first_rows_of_each_subset():
+    rows = [_row("image_generation", q, str(i), None) for i, q in enumerate(["a", "b", "a", "a", "b"])] + [_row("slake", "open")]
+    assert G.select_image_generation_rows(rows, 2) == [0, 1, 2, 4, 5]
+    assert G.select_image_generation_rows(rows, None) == list(range(6))
+
+
+def test_medmax_batches_put_each_mm_out_row_alone():
+    rows = [_row("mm_out", "mm_out"), _row("mm_out", "mm_out"), _row("slake", "closed"), _row("pmc_vqa", "mcq"), _row("slake", "open")]
+    batches = G.plan_batches(rows, 4, G.MEDMAX_MAX_NEW_TOKENS, "medmax")
+    assert [0] in batches and [1] in batches and [2, 3] in batches and [4] in batches  # closed and mcq: 1 token
+    assert G.MEDMAX_MAX_NEW_TOKENS["closed"] == G.MEDMAX_MAX_NEW_TOKENS["mcq"] == 1 and G.MEDMAX_MAX_NEW_TOKENS["open"] == 60
+
+
+def test_split_interleaved_like_the_public_split_token_sequence():
+    image = [4, 5, 6]
+    texts, images = G.split_interleaved([9000, 9001, C.BEGIN_IMAGE_ID, *image, C.END_IMAGE_ID, 9002, C.EOS_ID])
+    assert texts == [[9000, 9001], [9002]] and images == [image]
+    assert G.split_interleaved([C.BEGIN_IMAGE_ID, 4, 5]) == ([], [[4, 5]])  # cut off inside an image
+
+
+def test_interleaved_switches_to_image_mode_and_back(monkeypatch):
+    calls = []
+    texts = iter([[9000, C.BEGIN_IMAGE_ID], [9001, C.EOS_ID]])
+
+    def fake_text(model, prompts, budget, settings, allow_images=False):
+        calls.append(("text", list(prompts[0]), budget, allow_images))
+        return [next(texts)]
+
+    def fake_images(model, prompts, num_codes, seeds, settings):
+        calls.append(("image", list(prompts[0]), num_codes, seeds))
+        return [[4] * num_codes]
+
+    monkeypatch.setattr(G, "medmax_text", fake_text)
+    monkeypatch.setattr(G, "medmax_images", fake_images)
+    from medmax_pipeline.models.chameleon_decoding import PublicOptions
+
+    settings = G.GenerationSettings(decoding="medmax", options=PublicOptions(), vocab={})
+    out = G.medmax_interleaved(None, [0, 9999, C.SEPARATOR_ID], 16, 3, {"prompt": "p"}, settings)
+    assert out == [9000, C.BEGIN_IMAGE_ID, 4, 4, 4, C.END_IMAGE_ID, 9001, C.EOS_ID]
+    assert [c[0] for c in calls] == ["text", "image", "text"]
+    assert calls[1][1] == [0, 9999, C.SEPARATOR_ID, 9000, C.BEGIN_IMAGE_ID] and calls[0][3] is True
+    assert calls[2][1] == [0, 9999, C.SEPARATOR_ID, 9000, C.BEGIN_IMAGE_ID, 4, 4, 4, C.END_IMAGE_ID] and calls[2][2] == 16
+
+
+def test_progress_lines_without_a_terminal():
+    import io
+
+    assert G.format_progress(50, 200, 1000, 10.0) == "generate: rows 50/200 (25.0%), 100.0 tokens/s, ETA 0h00m30s"
+    assert G.format_progress(150, 200, 1000, 10.0, rows_this_run=50).endswith("ETA 0h00m10s")  # 100 resumed rows cost nothing
+    assert G.format_progress(0, 10, 0, 0.0).endswith("ETA unknown")
+    now = [0.0]
+    out = io.StringIO()
+    p = G.Progress(4, interval_s=60, stream=out, clock=lambda: now[0])
+    for t in (10.0, 70.0, 80.0, 90.0):
+        now[0] = t
+        p.update(1, 5)
+    lines = out.getvalue().splitlines()
+    # One line after a minute, one at the end; none in between.
+    assert lines == ["generate: rows 2/4 (50.0%), 0.1 tokens/s, ETA 0h01m10s", "generate: rows 4/4 (100.0%), 0.2 tokens/s, ETA 0h00m00s"]
+
+
+def test_eval_image_paths_are_confined_to_the_image_root(tmp_path):
+    from medmax_pipeline.core.paths import PathEscapeError, confined_path
+
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "ok.png").write_bytes(b"x")
+    (tmp_path / "secret.png").write_bytes(b"x")
+    (root / "link.png").symlink_to(tmp_path / "secret.png")
+    assert confined_path(root, "sub/ok.png") == (root / "sub" / "ok.png").resolve()
+    for bad, reason in [("/etc/passwd", "absolute"), ("sub/../../secret.png", r"'\.\.'"), ("link.png", "outside"), ("", "names no file")]:
+        with pytest.raises(PathEscapeError, match=reason):
+            confined_path(root, bad)
+    with pytest.raises(GenerateError, match=r"eval.jsonl row 1: image_path .*outside"):
+        G.check_image_paths([_row("slake", "closed", image="sub/ok.png"), _row("slake", "closed", image="link.png")], root, "eval.jsonl")
+    # mm_out reference images are checked too, though they are not encoded.
+    with pytest.raises(GenerateError, match="row 0: image_path '../secret.png' has a '..'"):
+        G.check_image_paths([_row("mm_out", "mm_out", image="../secret.png")], root, "eval.jsonl")
+    assert G.input_image_paths([_row("mm_out", "mm_out", image="r.png"), _row("slake", "open")], "medmax") == {"a.png": 1}
+
+
+def test_predictions_of_a_credentialed_adapter_are_credentialed(tmp_path):
+    from medmax_pipeline.core.artifacts import read_meta, write_artifact, write_provenance
+
+    eval_set = tmp_path / "eval.jsonl"
+    eval_set.write_text(json.dumps(_row("slake", "closed")) + "\n")
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "base").mkdir()
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    secret = tmp_path / "rows.jsonl"
+    secret.write_text("{}\n")
+    write_provenance(adapter, "adapter", credentialed_inputs=[secret])
+    inputs = G.lineage_inputs(eval_set, tmp_path / "tok", tmp_path / "base", adapter)
+    assert [e["credential"] for e in inputs] == ["public", "public", "public", "credentialed"]
+    table = pa.table({c: pa.array([None], pa.string()) for c in G.PREDICTIONS_SCHEMA.names[:-1]}
+                     | {"generated_image_tokens": pa.array([[]], pa.list_(pa.int32()))}, schema=G.PREDICTIONS_SCHEMA)
+    write_artifact(table, tmp_path / "pred.parquet", artifact="predictions", inputs=inputs)
+    assert read_meta(tmp_path / "pred.parquet").credential == "credentialed"
+    public = G.lineage_inputs(eval_set, tmp_path / "tok", tmp_path / "base", None)
+    assert all(e["credential"] == "public" for e in public)
+
+
+def _medmax_settings(tokenizer, **kw):
+    from medmax_pipeline.models.chameleon_decoding import PublicOptions
+
+    return GenerationSettings(decoding="medmax", options=PublicOptions(), vocab=tokenizer.get_vocab(with_added_tokens=True), **kw)
+
+
+def test_medmax_text_is_text_only_and_within_budget(tiny):
+    from medmax_pipeline.core.text_tokenizer import special_token_ids
+
+    model, tokenizer = tiny
+    rows, prompts = _rows_and_prompts(tokenizer)
+    out = run_generation(rows, prompts, model, tokenizer, _medmax_settings(tokenizer, batch_size=2, budgets={"open": 5}))
+    special = special_token_ids(tokenizer)
+    for row, prompt, item in zip(rows, prompts, out):
+        ids = tokenizer.encode(item["prediction"], add_special_tokens=False).ids
+        assert not set(ids) & special and item["image_tokens"] == []
+    # closed and mcq: one token, as the public code.
+    one = G.medmax_text(model, [prompts[0]], 1, _medmax_settings(tokenizer))
+    assert len(one[0]) == 1 and one[0][0] not in special - {C.EOS_ID}
+
+
+def test_medmax_image_generation_is_seeded_per_row_and_resumable(tiny, tmp_path):
+    from medmax_pipeline.core.text_tokenizer import encode_text
+
+    model, tokenizer = tiny
+    rows = [_row("image_generation", "pmc_oa", p, None) for p in ("a lung", "a liver", "a heart")]
+    prompts = [G.build_medmax_prompt([("text", encode_text(tokenizer, r["prompt"]))], "finetuned", True) for r in rows]
+    budgets = {"image_generation": 12}  # the mechanism is the same for 1024
+    one = run_generation(rows, prompts, model, tokenizer, _medmax_settings(tokenizer, batch_size=1, budgets=budgets))
+    two = run_generation(rows, prompts, model, tokenizer, _medmax_settings(tokenizer, batch_size=2, budgets=budgets))
+    assert [r["image_tokens"] for r in one] == [r["image_tokens"] for r in two]  # batch-independent draws
+    for r in one:
+        assert len(r["image_tokens"]) == 12 and all(C.FIRST_IMAGE_TOKEN_ID <= t <= C.LAST_IMAGE_TOKEN_ID for t in r["image_tokens"])
+    assert len({tuple(r["image_tokens"]) for r in one}) == 3
+    partial = tmp_path / "p.partial.jsonl"
+
+    def kill(batch_no):
+        raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_generation(rows, prompts, model, tokenizer, _medmax_settings(tokenizer, batch_size=2, budgets=budgets), partial, "fp", on_batch=kill)
+    resumed = run_generation(rows, prompts, model, tokenizer, _medmax_settings(tokenizer, batch_size=2, budgets=budgets), partial, "fp")
+    assert resumed == two

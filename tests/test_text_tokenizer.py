@@ -18,17 +18,20 @@ from medmax_pipeline.core.image_keys import (
     template_fields,
 )
 from medmax_pipeline.core.rows import ROW_SCHEMA, iter_raw_rows, problems_table, read_row_batches, row_extra, validate_row
-from medmax_pipeline.core.constants import LAST_RESERVED_ID
 from medmax_pipeline.core.text_tokenizer import (
+    LAYOUT_LAST_ID,
     TokenizerLayoutError,
     build_chameleon_tokenizer,
     check_tokenizer_layout,
     check_vocabulary_map,
     code_from_image_token_name,
+    decode_text,
     encode_text,
     image_token_name,
     layout_tokens,
     load_tokenizer,
+    reserved_token_name,
+    special_token_ids,
     vocabulary_map,
 )
 
@@ -64,7 +67,7 @@ def test_non_image_names_decode_to_none(name: str) -> None:
 
 def test_layout_tokens_put_every_special_at_its_id() -> None:
     plain, modified = layout_tokens(modified=False), layout_tokens(modified=True)
-    assert len(plain) == len(modified) == LAST_RESERVED_ID + 1
+    assert len(plain) == len(modified) == LAYOUT_LAST_ID + 1
     expected = {C.BOS_ID: "<s>", C.PAD_ID: "<pad>", C.EOS_ID: "</s>", C.END_IMAGE_ID: "<eoss>", C.BEGIN_IMAGE_ID: "<racm3:break>", C.SEPARATOR_ID: "<reserved08706>"}
     for token_id, name in expected.items():
         assert plain[token_id] == modified[token_id] == name
@@ -104,6 +107,27 @@ def test_check_vocabulary_map_names_the_first_mismatching_id(tokenizers: tuple[P
     stray["IMGIMGAAZ"] = text_id
     with pytest.raises(TokenizerLayoutError, match=f"id {text_id}: image token name 'IMGIMGAAZ' outside"):
         check_vocabulary_map(stray)
+
+
+def test_demo_tokenizer_has_reserved_tokens_past_8800_like_chameleon(tokenizers: tuple[Path, Path]) -> None:
+    vocab = vocabulary_map(tokenizers[1])
+    # Chameleon's real vocabulary: <reserved08799> is id 8803 (name number = id - 4).
+    assert vocab["<reserved08799>"] == 8803 and reserved_token_name(8803) == "<reserved08799>"
+    past = [i for name, i in vocab.items() if name.startswith("<reserved") and i > 8799]
+    assert len(past) >= 8 and min(past) == 8800
+    assert min(i for name, i in vocab.items() if not name.startswith(("<", "IMGIMG"))) > max(past)  # text after them
+
+
+def test_special_token_ids_come_from_the_tokenizer_not_an_id_bound(tokenizers: tuple[Path, Path]) -> None:
+    tok = load_tokenizer(tokenizers[1])
+    special = special_token_ids(tok)
+    vocab = vocabulary_map(tok)
+    assert {C.BOS_ID, C.PAD_ID, C.EOS_ID, C.SEPARATOR_ID, C.IMAGE_PLACEHOLDER_ID, 8803, C.FIRST_IMAGE_TOKEN_ID} <= special
+    assert all(i not in special for name, i in vocab.items() if not name.startswith(("<", "IMGIMG")))
+    text = encode_text(tok, "the chest radiograph")
+    # A reserved id past 8800 (which an `id <= 8799` test took for text), eos and an image code are dropped.
+    assert decode_text(tok, [8803, *text[:2], C.EOS_ID, 57, *text[2:], 8800]) == "the chest radiograph"
+    assert decode_text(tok, [8803], special) == ""
 
 
 def test_load_tokenizer_errors(tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ END_IMAGE_ID = 8196  # <eoss>
 BEGIN_IMAGE_ID = 8197  # <racm3:break>
 SEPARATOR_ID = 8710  # <reserved08706>: end of turn / prompt-response separator
 IMAGE_PLACEHOLDER_ID = 8711  # <image> in text_tokenizer_modified.json
-LAST_RESERVED_ID = 8799  # ids 0..8799 are the Chameleon special/image/reserved block; text follows
 
 BOS_TOKEN = "<s>"
 PAD_TOKEN = "<pad>"

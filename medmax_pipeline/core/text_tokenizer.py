@@ -2,9 +2,12 @@
 
 The checkpoint folder holds two HF `tokenizers` BPE files: tokenizer/text_tokenizer.json and
 tokenizer/text_tokenizer_modified.json (the same, with <reserved08707> renamed to <image>).
-Ids 0..8711 follow the Chameleon layout (MEDMAX-FACTS.md); text BPE tokens come after the
-reserved block. Image-code tokens are named IMGIMG + one letter per decimal digit of the code
-(A=0 ... J=9) + a final letter, so code 53 is IMGIMGFDZ at id 57.
+Ids 0..8711 follow the Chameleon layout (MEDMAX-FACTS.md). Image-code tokens are named IMGIMG +
+one letter per decimal digit of the code (A=0 ... J=9) + a final letter, so code 53 is IMGIMGFDZ
+at id 57. Reserved tokens are named <reservedNNNNN> with NNNNN = id - 4; in Chameleon's real
+vocabulary they go on well past id 8800 (<reserved08799> is id 8803, <reserved09000> id 9004), so
+"is this text?" is answered from the tokenizer's own names and added tokens (special_token_ids),
+never from an id bound.
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ from medmax_pipeline.core import constants as C
 IMAGE_NAME_PREFIX = "IMGIMG"
 TOKENIZER_FILE = "text_tokenizer.json"
 MODIFIED_TOKENIZER_FILE = "text_tokenizer_modified.json"
-# Reserved tokens fill the ids after <racm3:break> up to C.LAST_RESERVED_ID; their number is the
-# id minus the image offset.
+# layout_tokens covers ids 0..LAYOUT_LAST_ID; the demo tokenizer adds DEMO_RESERVED_PAST_LAYOUT more
+# reserved tokens right after them (ids 8800..), as the real vocabulary has, so that code which
+# assumed "text starts at 8800" fails the tests.
+LAYOUT_LAST_ID = 8799
+DEMO_RESERVED_PAST_LAYOUT = 32
 
 
 class TokenizerLayoutError(ValueError):
@@ -47,11 +53,11 @@ def reserved_token_name(token_id: int) -> str:
 
 
 def layout_tokens(modified: bool) -> list[str]:
-    """Token strings for ids 0..LAST_RESERVED_ID, in id order."""
+    """Token strings for ids 0..LAYOUT_LAST_ID, in id order."""
     tokens = [C.BOS_TOKEN, C.PAD_TOKEN, C.EOS_TOKEN, "<unk>"]
     tokens += [image_token_name(code) for code in range(C.NUM_IMAGE_CODES)]
     tokens += [C.END_IMAGE_TOKEN, C.BEGIN_IMAGE_TOKEN]
-    for token_id in range(C.BEGIN_IMAGE_ID + 1, C.LAST_RESERVED_ID + 1):
+    for token_id in range(C.BEGIN_IMAGE_ID + 1, LAYOUT_LAST_ID + 1):
         name = reserved_token_name(token_id)
         if modified and token_id == C.IMAGE_PLACEHOLDER_ID:
             name = C.IMAGE_PLACEHOLDER_TOKEN
@@ -61,15 +67,18 @@ def layout_tokens(modified: bool) -> list[str]:
 
 
 def build_chameleon_tokenizer(
-    out_dir: str | Path, corpus: Iterable[str], text_vocab_size: int = 2000
+    out_dir: str | Path, corpus: Iterable[str], text_vocab_size: int = 2000,
+    reserved_past_layout: int = DEMO_RESERVED_PAST_LAYOUT,
 ) -> tuple[Path, Path]:
     """Train a small byte-level BPE on `corpus` and save both tokenizer files with the Chameleon layout.
 
+    `reserved_past_layout` more <reserved…> tokens follow id LAYOUT_LAST_ID before the text tokens.
     Returns the paths of text_tokenizer.json and text_tokenizer_modified.json.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     specials = layout_tokens(modified=False)
+    specials += [reserved_token_name(i) for i in range(LAYOUT_LAST_ID + 1, LAYOUT_LAST_ID + 1 + reserved_past_layout)]
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -164,3 +173,25 @@ def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
 def encode_texts(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
     """Batch form of encode_text; the Rust tokenizer uses every core."""
     return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+def is_special_token_name(name: str) -> bool:
+    """A name of the special/reserved kind: `<…>` (<s>, </s>, <pad>, <reservedNNNNN>, <image>, …)."""
+    return len(name) > 2 and name.startswith("<") and name.endswith(">")
+
+
+def special_token_ids(tokenizer: Tokenizer) -> frozenset[int]:
+    """Ids that are not text: image-code tokens, `<…>`-named tokens and added special tokens."""
+    ids = {i for i, added in tokenizer.get_added_tokens_decoder().items() if added.special}
+    for name, token_id in tokenizer.get_vocab(with_added_tokens=True).items():
+        if is_special_token_name(name) or code_from_image_token_name(name) is not None:
+            ids.add(token_id)
+    return frozenset(ids)
+
+
+def decode_text(tokenizer: Tokenizer, ids: Iterable[int], special_ids: frozenset[int] | None = None) -> str:
+    """The text of `ids`, leaving out every non-text id (special_token_ids; pass it in when decoding
+    many sequences with one tokenizer, it walks the whole vocabulary)."""
+    if special_ids is None:
+        special_ids = special_token_ids(tokenizer)
+    return tokenizer.decode([int(i) for i in ids if int(i) not in special_ids], skip_special_tokens=False)

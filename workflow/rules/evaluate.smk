@@ -29,14 +29,26 @@ rule generate:
         checkpoint=config["checkpoint"],
         base_model=base_model_path(),
         adapter=lambda wildcards: results("train", "adapter") if wildcards.model == "trained" else [],
+        manifests=[*folder_manifest("checkpoint", config["checkpoint"]), *folder_manifest("base_model", config["base_model"]),
+                   *folder_manifest("eval_images", EVAL["image_root"])],
     output:
         predictions=results("evaluate", "predictions_{model}.parquet"),
     params:
+        code=code_version("stages/evaluate"),
         medmax=MEDMAX,
-        adapter=lambda wildcards, input: f"--adapter {input.adapter}" if wildcards.model == "trained" else "",
+        adapter=lambda wildcards, input: f"--adapter {shlex.quote(input.adapter)}" if wildcards.model == "trained" else "",
         max_items=f"--max-items {EVAL['max_items']}" if EVAL["max_items"] else "",
         batch_size=EVAL["batch_size"],
         device=EVAL["device"],
+        decoding=EVAL["decoding"],
+        budgets=(
+            "--max-new-tokens " + " ".join(f"{k}={v}" for k, v in sorted(EVAL["max_new_tokens"].items()))
+            if EVAL["max_new_tokens"] else ""
+        ),
+        image_generation_rows=(
+            f"--image-generation-rows {EVAL['image_generation_rows']}" if EVAL["image_generation_rows"] else
+            "--image-generation-rows 0"
+        ),
     wildcard_constraints:
         model="base|trained",
     threads: 2
@@ -47,10 +59,11 @@ rule generate:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "{params.medmax} generate --eval-set {input.eval_set} --image-root {input.image_root}"
-        " --ckpt {input.checkpoint} --base-model {input.base_model} {params.adapter}"
-        " --model-name {wildcards.model} --output {output.predictions} --batch-size {params.batch_size}"
-        " --device {params.device} {params.max_items} > {log} 2>&1"
+        "{params.medmax} generate --eval-set {input.eval_set:q} --image-root {input.image_root:q}"
+        " --ckpt {input.checkpoint:q} --base-model {input.base_model:q} {params.adapter}"
+        " --model-name {wildcards.model} --output {output.predictions:q} --batch-size {params.batch_size}"
+        " --device {params.device} --decoding {params.decoding} {params.budgets}"
+        " {params.image_generation_rows} {params.max_items} > {log:q} 2>&1"
 
 
 rule clip_scores:

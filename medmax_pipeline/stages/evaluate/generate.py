@@ -2,31 +2,52 @@
 
     medmax generate --eval-set eval.jsonl --image-root eval/images --ckpt CKPT_DIR \
         --base-model HF_DIR [--adapter ADAPTER_DIR] --model-name trained --output predictions.parquet \
-        [--batch-size 8] [--max-items N] [--device cpu] [--prompt-style auto|finetuned|baseline]
+        [--decoding medmax|greedy] [--batch-size 8] [--max-items N] [--device cpu]
+        [--prompt-style auto|finetuned|baseline] [--max-new-tokens KEY=N ...]
 
-Prompts (MEDMAX-FACTS.md, and the public evaluation code):
-* finetuned: bos, the image block (8197, codes+4 x1024, 8196), the question, 8710.
-* baseline (the base model): bos, the image block, then "Answer the question based on this image
-  and respond 'yes' or 'no'.\\nQuestion: {q}\\nAnswer:" (open: "...based on this image.\\n";
-  mcq: "...respond 'A', 'B', 'C', or 'D'.\\n"); other tasks: the prompt as it is.
-* image generation: the text prompt (then 8710 for finetuned), then 8197; exactly 1024 image
-  tokens are generated with every non-image logit masked, as the public code did (txt = False).
---prompt-style auto picks finetuned when --adapter is given and baseline otherwise.
+--prompt-style auto picks finetuned (the public "sft" prompt processor) when --adapter is given and
+baseline (the public "chameleon" processor) otherwise.
+
+Decoding presets (recorded in the artifact's lineage params, key "decoding"):
+* medmax (default): the public MedMax evaluation (evaluation/*.py, inference/inference_utils.py,
+  chameleon/inference/chameleon.py `Options`; MEDMAX-FACTS.md "Evaluation"). Prompts are encoded
+  with <ckpt>/tokenizer/text_tokenizer.json, as the public load_chameleon did, each starting with
+  bos. finetuned: VQA image block, question, 8710; captioning image block, "Please describe this
+  picture.", 8710 (the row's prompt is not used); image generation prompt, 8710, 8197; mm_out
+  prompt, 8710; visual chat: `<image>` removed from the prompt, detailed_description asks "Analyze
+  the image in a comprehensive and detailed manner." after the image block, conversation puts
+  the image block after the question when the prompt ended with `<image>`, else before; then 8710.
+  baseline: the same without 8710, VQA in the "Question: ...\nAnswer:" templates, mm_out with
+  " Answer the question with one picture." appended. Text: greedy, repetition penalty 1.2, only
+  eos and text tokens allowed (mm_out also begin-of-image), stop at eos, sequence at most 4096
+  ids. Images: 1024 image tokens after 8197 with two-scale classifier-free guidance (text 3.0,
+  image 1.2), temperature 0.7, top-p 0.9, sampled with a seed derived from 42 and the row's
+  content (models/chameleon_decoding.py), so reruns, resumed runs and other batchings give the
+  same tokens. mm_out switches to image mode at an 8197 and back to text after the 1024 codes and
+  8196, one row at a time. Image generation keeps the first 100 rows of each subset
+  (question_type), in eval order. Budgets: closed and mcq 1, open 60, captioning and visual
+  chat 4096, mm_out 1024 per text segment.
+* greedy: the behaviour before the presets: the modified tokenizer, the prompt as it is (bos,
+  image block, text, 8710 for finetuned, 8197 for image generation), plain greedy, stop at eos or
+  8710, image generation restricted to image tokens; budgets DEFAULT_MAX_NEW_TOKENS.
 
 Images are tokenized with the checkpoint's own VQGAN (<ckpt>/tokenizer/vqgan.yaml + .ckpt) and the
-exact Chameleon preprocessing, in fp32; the text tokenizer is <ckpt>/tokenizer/
-text_tokenizer_modified.json. A missing or unreadable image is an error naming the row (the
-public code silently used a black image).
+exact Chameleon preprocessing, in fp32. Image paths must stay inside --image-root (no absolute
+path, no '..', no symlink out); a missing, escaping or unreadable image is an error naming the
+row (the public code silently used a black image).
 
-Greedy decoding, batched with left padding (pad id 1). Resumable: every finished batch is
-appended to OUTPUT.partial.jsonl; a restarted run skips the batches found there. Batches are
-formed the same way on every run (eval order within each generation kind), so the final artifact
-is identical to an uninterrupted run. The partial file is removed once the artifact is written.
+Batched with left padding (pad id 1). Resumable: every finished batch is appended to
+OUTPUT.partial.jsonl; a restarted run skips the batches found there. Batches are formed the same
+way on every run (eval order within each generation kind), so the final artifact is identical to
+an uninterrupted run. The partial file is removed once the artifact is written. Progress: a tqdm
+bar on a terminal, else a line (rows, tokens/s, ETA) every PROGRESS_INTERVAL_S seconds.
 
 Artifact `predictions`: task_name, question_type, prompt, answer, image_path, model, prediction
-(decoded text), prediction_first_token (decoded first generated token; the medmax rule reads
-it), generated_image_tokens (list<int32>: the 1024 generated image tokens as vocabulary ids,
-code + 4, without the 8197/8196 markers; empty when none).
+(decoded text; mm_out: its text segments joined by a space, as the public code joined them),
+prediction_first_token (decoded first generated token; the medmax rule reads it),
+generated_image_tokens (list<int32>: the 1024 generated image tokens as vocabulary ids, code + 4,
+without the 8197/8196 markers; mm_out: its first image; empty when none). Its credential follows
+the inputs: an adapter folder whose provenance record is credentialed makes it credentialed.
 """
 
 from __future__ import annotations
@@ -35,7 +56,9 @@ import argparse
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -43,7 +66,9 @@ import pyarrow as pa
 
 from medmax_pipeline.core import constants as C
 from medmax_pipeline.core.artifacts import write_artifact
+from medmax_pipeline.core.paths import PathEscapeError, confined_path
 from medmax_pipeline.core.sequences import image_block
+from medmax_pipeline.core.text_tokenizer import decode_text, special_token_ids
 
 EVAL_COLUMNS = ("task_name", "question_type", "prompt", "answer", "image_path")
 PREDICTIONS_SCHEMA = pa.schema([
@@ -51,8 +76,10 @@ PREDICTIONS_SCHEMA = pa.schema([
     ("image_path", pa.string()), ("model", pa.string()), ("prediction", pa.string()),
     ("prediction_first_token", pa.string()), ("generated_image_tokens", pa.list_(pa.int32())),
 ])
-# Default new-token budgets by question type / task. closed and mcq: the public code read one
-# token; a few more let the sentence-level rules (strict, llava_med) see a short answer.
+DECODINGS = ("medmax", "greedy")
+# Default new-token budgets of the greedy preset by question type / task. closed and mcq: the
+# public code read one token; a few more let the sentence-level rules (strict, llava_med) see a
+# short answer.
 DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {
     "closed": 8, "mcq": 8, "open": 60, "image_captioning": 256, "visual_chat": 256, "mm_out": 256,
     "other": 256,
@@ -60,7 +87,25 @@ DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {
     # refuses the image, it needs 1024 codes).
     "image_generation": C.CODES_PER_IMAGE,
 }
+# The public budgets (max_gen_len of each evaluation script). mm_out: per text segment.
+# image_generation: codes per generated image (also in mm_out); lower only for smoke tests.
+MEDMAX_MAX_NEW_TOKENS: dict[str, int] = {
+    "closed": 1, "mcq": 1, "open": 60, "image_captioning": 4096, "visual_chat": 4096, "mm_out": 1024,
+    "other": 60, "image_generation": C.CODES_PER_IMAGE,
+}
+BUDGETS_BY_DECODING = {"medmax": MEDMAX_MAX_NEW_TOKENS, "greedy": DEFAULT_MAX_NEW_TOKENS}
 IMAGE_GENERATION = "image_generation"
+CAPTIONING = "image_captioning"
+VISUAL_CHAT = "visual_chat"
+MM_OUT = "mm_out"
+VQA_TYPES = ("closed", "open", "mcq")
+# The public prompts (evaluation/eval_utils.py, evaluation/visual_chat.py): protocol data, exact.
+CAPTION_PROMPT = "Please describe this picture."
+DETAILED_DESCRIPTION_PROMPT = "Analyze the image in a comprehensive and detailed manner."
+MM_OUT_BASELINE_SUFFIX = " Answer the question with one picture."
+IMAGE_PLACEHOLDER = "<image>"
+IMAGE_GENERATION_ROWS_PER_SUBSET = 100
+PROGRESS_INTERVAL_S = 60.0
 
 BASELINE_TEMPLATES = {
     "closed": "Answer the question based on this image and respond 'yes' or 'no'.\n",
@@ -147,21 +192,166 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = C.PAD_ID) -> tupl
     return ids, mask
 
 
-def plan_batches(rows: Sequence[Mapping[str, Any]], batch_size: int, budgets: Mapping[str, int]) -> list[list[int]]:
+def task_family(row: Mapping[str, Any]) -> str:
+    """image_generation, image_captioning, visual_chat, mm_out, vqa (closed/open/mcq) or other."""
+    if row["task_name"] in (IMAGE_GENERATION, CAPTIONING, VISUAL_CHAT, MM_OUT):
+        return row["task_name"]
+    return "vqa" if row["question_type"] in VQA_TYPES else "other"
+
+
+def medmax_prompt_parts(row: Mapping[str, Any], style: str) -> list[tuple[str, str]]:
+    """The public prompt of a row as ("image", image_path) / ("text", text) parts, in order."""
+    if style not in ("finetuned", "baseline"):
+        raise GenerateError(f"unknown prompt style {style!r}")
+    family, prompt, image = task_family(row), row["prompt"], row["image_path"]
+    image_part = [("image", image)] if image else []
+    if family == IMAGE_GENERATION:
+        return [("text", prompt)]
+    if family == MM_OUT:
+        return [("text", prompt if style == "finetuned" else prompt + MM_OUT_BASELINE_SUFFIX)]
+    if family == CAPTIONING:
+        return [*image_part, ("text", CAPTION_PROMPT)]
+    if family == VISUAL_CHAT:
+        question = prompt.replace(IMAGE_PLACEHOLDER, "").strip()
+        if row["question_type"] == "detailed_description":
+            return [*image_part, ("text", DETAILED_DESCRIPTION_PROMPT)]
+        if prompt.endswith(IMAGE_PLACEHOLDER):
+            return [("text", question), *image_part]
+        return [*image_part, ("text", question)]
+    if family == "vqa" and style == "baseline":
+        return [*image_part, ("text", baseline_prompt_text(prompt, row["question_type"]))]
+    return [*image_part, ("text", prompt)]
+
+
+def build_medmax_prompt(parts: Sequence[tuple[str, Any]], style: str, image_generation: bool) -> list[int]:
+    """bos, the parts (("image", codes) as an image block, ("text", ids) as they are), 8710 for
+    finetuned, 8197 for image generation."""
+    ids = [C.BOS_ID]
+    for kind, value in parts:
+        ids += image_block(value) if kind == "image" else list(value)
+    if style == "finetuned":
+        ids.append(C.SEPARATOR_ID)
+    if image_generation:
+        ids.append(C.BEGIN_IMAGE_ID)
+    return ids
+
+
+def select_image_generation_rows(rows: Sequence[Mapping[str, Any]], per_subset: int | None) -> list[int]:
+    """Indices of the rows to generate: every row, except that image generation keeps only its first
+    `per_subset` rows of each subset (question_type) in eval order (None keeps all)."""
+    seen: dict[str, int] = {}
+    keep = []
+    for i, row in enumerate(rows):
+        if row["task_name"] == IMAGE_GENERATION and per_subset is not None:
+            seen[row["question_type"]] = seen.get(row["question_type"], 0) + 1
+            if seen[row["question_type"]] > per_subset:
+                continue
+        keep.append(i)
+    return keep
+
+
+def generation_kind(row: Mapping[str, Any], decoding: str) -> str:
+    """text, image (image generation) or interleaved (mm_out under the medmax preset: one row a batch)."""
+    if row["task_name"] == IMAGE_GENERATION:
+        return "image"
+    if decoding == "medmax" and row["task_name"] == MM_OUT:
+        return "interleaved"
+    return "text"
+
+
+def plan_batches(rows: Sequence[Mapping[str, Any]], batch_size: int, budgets: Mapping[str, int],
+                 decoding: str = "greedy") -> list[list[int]]:
     """Row indices per batch: grouped by generation kind and budget, eval order inside a group.
 
     Depends only on the rows and these arguments, so a resumed run forms the same batches.
     """
     if batch_size < 1:
         raise GenerateError("batch size must be at least 1")
-    groups: dict[tuple[bool, int], list[int]] = {}
+    groups: dict[tuple[Any, int], list[int]] = {}
     for i, row in enumerate(rows):
-        groups.setdefault((row["task_name"] == IMAGE_GENERATION, max_new_tokens_for(row, budgets)), []).append(i)
+        kind = generation_kind(row, decoding)
+        # The greedy preset keeps its original keys (and so its batches): (is image generation, budget).
+        key = (kind == "image", max_new_tokens_for(row, budgets)) if decoding == "greedy" else (kind, max_new_tokens_for(row, budgets))
+        groups.setdefault(key, []).append(i)
     batches = []
     for key in sorted(groups):
         idx = groups[key]
-        batches += [idx[j : j + batch_size] for j in range(0, len(idx), batch_size)]
+        size = 1 if key[0] == "interleaved" else batch_size
+        batches += [idx[j : j + size] for j in range(0, len(idx), size)]
     return batches
+
+
+def split_interleaved(ids: Sequence[int]) -> tuple[list[list[int]], list[list[int]]]:
+    """(text segments, image segments) of an interleaved output, as the public split_token_sequence
+    cuts it: an image runs from 8197 to 8196; text segments are the non-empty runs around images,
+    each cut at its first eos."""
+    texts: list[list[int]] = []
+    images: list[list[int]] = []
+    current: list[int] = []
+    in_image = False
+    for t in ids:
+        t = int(t)
+        if t == C.BEGIN_IMAGE_ID:
+            if current:
+                texts.append(current)
+            current, in_image = [], True
+        elif t == C.END_IMAGE_ID and in_image:
+            images.append(current)
+            current, in_image = [], False
+        else:
+            current.append(t)
+    if current:
+        (images if in_image else texts).append(current)
+    return [t[: t.index(C.EOS_ID)] if C.EOS_ID in t else t for t in texts], images
+
+
+def format_progress(rows_done: int, rows_total: int, tokens: int, elapsed_s: float, rows_this_run: int | None = None) -> str:
+    """One progress line: rows done/total, generated tokens per second, ETA. Rate and ETA come from
+    the `rows_this_run` rows generated since this run started (default: all; resumed rows cost nothing)."""
+    rows_this_run = rows_done if rows_this_run is None else rows_this_run
+    rate = tokens / elapsed_s if elapsed_s > 0 else 0.0
+    if rows_done >= rows_total:
+        eta = "0h00m00s"
+    elif rows_this_run > 0 and elapsed_s > 0:
+        eta_s = int(elapsed_s * (rows_total - rows_done) / rows_this_run)
+        eta = f"{eta_s // 3600}h{eta_s % 3600 // 60:02d}m{eta_s % 60:02d}s"
+    else:
+        eta = "unknown"
+    pct = 100.0 * rows_done / rows_total if rows_total else 100.0
+    return f"generate: rows {rows_done}/{rows_total} ({pct:.1f}%), {rate:.1f} tokens/s, ETA {eta}"
+
+
+class Progress:
+    """tqdm on a terminal; otherwise a format_progress line at most every `interval_s` seconds (and at the end)."""
+
+    def __init__(self, total: int, done: int = 0, interval_s: float = PROGRESS_INTERVAL_S, stream: Any = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.total, self.done, self.tokens = total, done, 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.interval_s, self.clock = interval_s, clock
+        self.start = self.last = clock()
+        self.start_done = done
+        self.bar = None
+        if getattr(self.stream, "isatty", lambda: False)():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, desc="generate", unit="row", file=self.stream)
+
+    def update(self, rows: int, tokens: int) -> None:
+        self.done += rows
+        self.tokens += tokens
+        if self.bar is not None:
+            self.bar.update(rows)
+            return
+        now = self.clock()
+        if now - self.last >= self.interval_s or self.done >= self.total:
+            self.last = now
+            line = format_progress(self.done, self.total, self.tokens, now - self.start, self.done - self.start_done)
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def split_generated(ids: Sequence[int], image_generation: bool) -> tuple[list[int], list[int]]:
@@ -231,6 +421,16 @@ class GenerationSettings:
     prompt_style: str = "auto"
     device: str = "cpu"
     vqgan_batch_size: int = 4
+    decoding: str = "greedy"
+    # medmax preset: the public Options (models/chameleon_decoding.PublicOptions) and the token
+    # name -> id map of the tokenizer the prompts were encoded with (its text/image token sets).
+    options: Any = None
+    vocab: Mapping[str, int] | None = None
+    progress_interval_s: float = PROGRESS_INTERVAL_S
+    progress_stream: Any = None
+
+    def all_budgets(self) -> dict[str, int]:
+        return {**BUDGETS_BY_DECODING[self.decoding], **(self.budgets or {})}
 
 
 def _image_only_processor():
@@ -248,31 +448,55 @@ def _image_only_processor():
     return ImageTokensOnly()
 
 
+def input_image_paths(rows: Sequence[Mapping[str, Any]], decoding: str) -> dict[str, int]:
+    """image_path -> first row index, for the images that go into prompts. medmax: image generation
+    and mm_out rows have no input image (mm_out's image_path is the reference answer); greedy:
+    every row but image generation, as before the presets."""
+    wanted: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        if not row["image_path"] or row["task_name"] == IMAGE_GENERATION:
+            continue
+        if decoding == "medmax" and row["task_name"] == MM_OUT:
+            continue
+        wanted.setdefault(row["image_path"], i)
+    return wanted
+
+
+def check_image_paths(rows: Sequence[Mapping[str, Any]], image_root: Path, source: str) -> None:
+    """Every row's image_path (input or reference) stays inside image_root."""
+    for i, row in enumerate(rows):
+        if row["image_path"]:
+            try:
+                confined_path(image_root, row["image_path"])
+            except PathEscapeError as exc:
+                raise GenerateError(f"{source} row {i}: image_path {exc} (image paths must stay inside --image-root {image_root})") from exc
+
+
 def tokenize_eval_images(rows: Sequence[Mapping[str, Any]], image_root: Path, vqgan: Any, source: str,
-                         batch_size: int = 4) -> dict[str, list[int]]:
-    """VQGAN codes of every distinct input image (image generation rows have no input image)."""
+                         batch_size: int = 4, decoding: str = "greedy") -> dict[str, list[int]]:
+    """VQGAN codes of every distinct input image (input_image_paths), each confined to image_root."""
     from medmax_pipeline.models.image_preprocess import ImageDecodeError
     from medmax_pipeline.models.vqgan import encode_image_files
 
-    wanted: dict[str, int] = {}
-    for i, row in enumerate(rows):
-        if row["task_name"] != IMAGE_GENERATION and row["image_path"]:
-            wanted.setdefault(row["image_path"], i)
+    check_image_paths(rows, image_root, source)
+    wanted = input_image_paths(rows, decoding)
     names = list(wanted)
+    files = {name: confined_path(image_root, name) for name in names}
     for name in names:
-        if not (image_root / name).is_file():
+        if not files[name].is_file():
             raise GenerateError(f"{source} row {wanted[name]}: image {image_root / name} does not exist (check --image-root)")
+    by_file = {str(files[name]): name for name in names}
     try:
-        encoded = encode_image_files(vqgan, [image_root / name for name in names], batch_size)
+        encoded = encode_image_files(vqgan, [files[name] for name in names], batch_size)
     except ImageDecodeError as exc:
-        name = Path(exc.path).relative_to(image_root).as_posix()
-        raise GenerateError(f"{source} row {wanted[name]}: image {exc.path} is unreadable: {exc.reason}") from exc
+        name = by_file.get(str(exc.path), str(exc.path))
+        raise GenerateError(f"{source} row {wanted.get(name, '?')}: image {exc.path} is unreadable: {exc.reason}") from exc
     return dict(zip(names, encoded))
 
 
 def generate_batch(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, image_generation: bool,
                    device: str) -> list[list[int]]:
-    """Greedy continuation ids (new tokens only) of left-padded prompts."""
+    """greedy preset: greedy continuation ids (new tokens only) of left-padded prompts."""
     import torch
 
     from medmax_pipeline.models.chameleon import set_image_logits
@@ -291,9 +515,95 @@ def generate_batch(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens:
     return [row[input_ids.shape[1] :].tolist() for row in out]
 
 
-def decode_text(tokenizer: Any, ids: Sequence[int]) -> str:
-    """Text of generated ids; ids of the special/image/reserved block are left out."""
-    return tokenizer.decode([i for i in ids if i > C.LAST_RESERVED_ID], skip_special_tokens=False)
+def _generate_with(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, processors: list,
+                   stop_ids: Sequence[int], device: str) -> list[list[int]]:
+    """transformers' generate, greedy over `processors` (which may sample themselves), new ids only."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    ids, mask = left_pad(prompts)
+    input_ids = torch.tensor(ids, device=device)
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.tensor(mask, device=device),
+                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=C.PAD_ID,
+                             eos_token_id=list(stop_ids), logits_processor=LogitsProcessorList(processors))
+    return [row[input_ids.shape[1] :].tolist() for row in out]
+
+
+def medmax_text(model: Any, prompts: Sequence[Sequence[int]], budget: int, settings: GenerationSettings,
+                allow_images: bool = False) -> list[list[int]]:
+    """Public text decoding: greedy, repetition penalty, text tokens only (+ 8197 when allow_images,
+    which then also ends the segment), at most `budget` new ids and a sequence of max_seq_len."""
+    from medmax_pipeline.models.chameleon import set_image_logits
+    from medmax_pipeline.models.chameleon_decoding import text_processors
+
+    caps = [max(0, min(budget, settings.options.max_seq_len - len(p))) for p in prompts]
+    if max(caps) == 0:
+        return [[] for _ in prompts]
+    set_image_logits(model, False)
+    stop = [C.EOS_ID, C.BEGIN_IMAGE_ID] if allow_images else [C.EOS_ID]
+    new = _generate_with(model, prompts, max(caps), text_processors(settings.vocab, settings.options, allow_images),
+                         stop, settings.device)
+    # A row's own cap: the public code stopped each prompt at its own length limit.
+    return [ids[:cap] for ids, cap in zip(new, caps)]
+
+
+def medmax_images(model: Any, prompts: Sequence[Sequence[int]], num_codes: int, seeds: Sequence[int],
+                  settings: GenerationSettings) -> list[list[int]]:
+    """Public image decoding of prompts ending in 8197: `num_codes` image tokens, CFG, seeded sampling."""
+    from medmax_pipeline.models.chameleon import set_image_logits
+    from medmax_pipeline.models.chameleon_decoding import image_processors
+
+    set_image_logits(model, True)
+    processors = image_processors(model, prompts, settings.vocab, settings.options, seeds)
+    return _generate_with(model, prompts, num_codes, processors, [C.EOS_ID], settings.device)
+
+
+def medmax_interleaved(model: Any, prompt: Sequence[int], budget: int, num_codes: int, seed_identity: Mapping[str, Any],
+                       settings: GenerationSettings) -> list[int]:
+    """mm_out as the public Generator runs it: text (8197 allowed) until eos, the budget or an 8197;
+    after an 8197, `num_codes` image tokens and 8196, then text again with a fresh budget; the
+    whole sequence stays within max_seq_len. Returns the generated ids."""
+    from medmax_pipeline.models.chameleon_decoding import row_seed
+
+    sequence, generated, images = list(prompt), [], 0
+    while True:
+        text = medmax_text(model, [sequence], budget, settings, allow_images=True)[0]
+        sequence += text
+        generated += text
+        if not text or text[-1] != C.BEGIN_IMAGE_ID:
+            return generated
+        seed = row_seed(settings.options.seed, {**seed_identity, "image": images})
+        codes = medmax_images(model, [sequence], num_codes, [seed], settings)[0]
+        sequence += codes + [C.END_IMAGE_ID]
+        generated += codes + [C.END_IMAGE_ID]
+        images += 1
+
+
+def seed_identity(row: Mapping[str, Any]) -> dict[str, Any]:
+    """What a row's sampling seed is derived from: its content, not its position or batch."""
+    return {c: row[c] for c in ("task_name", "question_type", "prompt", "image_path")}
+
+
+def _medmax_batch(model: Any, rows: Sequence[Mapping[str, Any]], batch: Sequence[int], prompts: Sequence[Sequence[int]],
+                  settings: GenerationSettings) -> list[tuple[list[int], list[int], list[int]]]:
+    """(all generated ids, text ids, image ids) per row of a batch under the medmax preset."""
+    from medmax_pipeline.models.chameleon_decoding import row_seed
+
+    budgets = settings.all_budgets()
+    kind = generation_kind(rows[batch[0]], "medmax")
+    batch_prompts = [prompts[i] for i in batch]
+    if kind == "image":
+        seeds = [row_seed(settings.options.seed, seed_identity(rows[i])) for i in batch]
+        out = medmax_images(model, batch_prompts, budgets[IMAGE_GENERATION], seeds, settings)
+        return [(ids, [], split_generated(ids, True)[1]) for ids in out]
+    if kind == "interleaved":
+        i = batch[0]
+        ids = medmax_interleaved(model, prompts[i], max_new_tokens_for(rows[i], budgets), budgets[IMAGE_GENERATION],
+                                 seed_identity(rows[i]), settings)
+        return [(ids, [], [])]  # segments are split by the caller
+    out = medmax_text(model, batch_prompts, max_new_tokens_for(rows[batch[0]], budgets), settings)
+    return [(ids, split_generated(ids, False)[0], []) for ids in out]
 
 
 def run_generation(
@@ -307,30 +617,71 @@ def run_generation(
     on_batch: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Generate for every row (prompt_ids already built); resumes from `partial` when given."""
-    budgets = {**DEFAULT_MAX_NEW_TOKENS, **(settings.budgets or {})}
+    if settings.decoding not in DECODINGS:
+        raise GenerateError(f"unknown decoding {settings.decoding!r}; expected one of {DECODINGS}")
+    if settings.decoding == "medmax" and (settings.options is None or settings.vocab is None):
+        from medmax_pipeline.models.chameleon_decoding import PublicOptions
+
+        settings.options = settings.options or PublicOptions()
+        settings.vocab = settings.vocab or tokenizer.get_vocab(with_added_tokens=True)
+    budgets = settings.all_budgets()
+    special = special_token_ids(tokenizer)
     done = load_partial(partial, fingerprint) if partial is not None else {}
-    for batch_no, batch in enumerate(plan_batches(rows, settings.batch_size, budgets)):
-        if all(i in done for i in batch):
-            continue
-        image_generation = rows[batch[0]]["task_name"] == IMAGE_GENERATION
-        new = generate_batch(model, [prompt_ids[i] for i in batch], max_new_tokens_for(rows[batch[0]], budgets),
-                             image_generation, settings.device)
-        items = []
-        for i, gen in zip(batch, new):
-            text_ids, image_ids = split_generated(gen, image_generation)
-            first = "" if not gen or image_generation else decode_text(tokenizer, gen[:1])
-            items.append({"index": i, "prediction": decode_text(tokenizer, text_ids), "first_token": first,
-                          "image_tokens": image_ids})
-        if partial is not None:
-            _append_partial(partial, fingerprint, items)
-        done.update({item["index"]: item for item in items})
-        if on_batch is not None:
-            on_batch(batch_no)
+    progress = Progress(len(rows), done=len(done), interval_s=settings.progress_interval_s, stream=settings.progress_stream)
+    try:
+        for batch_no, batch in enumerate(plan_batches(rows, settings.batch_size, budgets, settings.decoding)):
+            if all(i in done for i in batch):
+                continue
+            generated = _generate_rows(model, rows, batch, prompt_ids, settings, budgets)
+            items = [_result_item(i, rows[i], gen, text_ids, image_ids, tokenizer, special, settings.decoding)
+                     for i, (gen, text_ids, image_ids) in zip(batch, generated)]
+            if partial is not None:
+                _append_partial(partial, fingerprint, items)
+            done.update({item["index"]: item for item in items})
+            progress.update(len(batch), sum(len(gen) for gen, _, _ in generated))
+            if on_batch is not None:
+                on_batch(batch_no)
+    finally:
+        progress.close()
     return [done[i] for i in range(len(rows))]
+
+
+def _generate_rows(model: Any, rows: Sequence[Mapping[str, Any]], batch: Sequence[int], prompt_ids: Sequence[Sequence[int]],
+                   settings: GenerationSettings, budgets: Mapping[str, int]) -> list[tuple[list[int], list[int], list[int]]]:
+    if settings.decoding == "medmax":
+        return _medmax_batch(model, rows, batch, prompt_ids, settings)
+    image_generation = rows[batch[0]]["task_name"] == IMAGE_GENERATION
+    new = generate_batch(model, [prompt_ids[i] for i in batch], max_new_tokens_for(rows[batch[0]], budgets),
+                         image_generation, settings.device)
+    return [(gen, *split_generated(gen, image_generation)) for gen in new]
+
+
+def _result_item(index: int, row: Mapping[str, Any], generated: Sequence[int], text_ids: Sequence[int],
+                 image_ids: Sequence[int], tokenizer: Any, special: frozenset[int], decoding: str) -> dict[str, Any]:
+    """The partial-file item of one row: prediction text, first token, image tokens."""
+    image_generation = row["task_name"] == IMAGE_GENERATION
+    first = "" if not generated or image_generation else decode_text(tokenizer, generated[:1], special)
+    if decoding == "medmax" and row["task_name"] == MM_OUT:
+        texts, images = split_interleaved(generated)
+        prediction = " ".join(decode_text(tokenizer, t, special) for t in texts)
+        image_ids = images[0] if images else []
+    else:
+        prediction = decode_text(tokenizer, text_ids, special)
+        if decoding == "medmax" and row["task_name"] == VISUAL_CHAT:
+            prediction = prediction.strip()  # the public visual_chat.py strips the answer
+    return {"index": index, "prediction": prediction, "first_token": first, "image_tokens": [int(t) for t in image_ids]}
 
 
 def _fingerprint(parts: Mapping[str, Any]) -> str:
     return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
+
+
+def lineage_inputs(eval_set: Path, tokenizer_dir: Path, base_model: Path, adapter: Path | None) -> list[dict[str, Any]]:
+    """Lineage entries of generate's inputs, each through describe_input: a model or adapter folder
+    whose provenance record is credentialed makes the predictions credentialed."""
+    from medmax_pipeline.core.artifacts import describe_input
+
+    return [describe_input(p) for p in [eval_set, tokenizer_dir, base_model] + ([adapter] if adapter else [])]
 
 
 def generate_predictions(
@@ -347,41 +698,57 @@ def generate_predictions(
     prompt_style: str = "auto",
     budgets: Mapping[str, int] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    decoding: str = "medmax",
+    image_generation_rows: int | None = IMAGE_GENERATION_ROWS_PER_SUBSET,
 ) -> Path:
-    """Generate predictions for an evaluation set and write the `predictions` artifact."""
+    """Generate predictions for an evaluation set and write the `predictions` artifact.
+
+    image_generation_rows: medmax keeps the first N image generation rows per subset (None: all);
+    ignored by greedy, which generates every row as before."""
     from medmax_pipeline.models.chameleon import load_model_for_generation
-    from medmax_pipeline.core.text_tokenizer import MODIFIED_TOKENIZER_FILE, check_tokenizer_layout, encode_texts, load_tokenizer
+    from medmax_pipeline.core.text_tokenizer import MODIFIED_TOKENIZER_FILE, TOKENIZER_FILE, check_tokenizer_layout, encode_texts, load_tokenizer
     from medmax_pipeline.models.vqgan import load_vqgan
 
     eval_set, image_root, ckpt, output = Path(eval_set), Path(image_root), Path(ckpt), Path(output)
+    if decoding not in DECODINGS:
+        raise GenerateError(f"unknown decoding {decoding!r}; expected one of {', '.join(DECODINGS)}")
     style = ("finetuned" if adapter else "baseline") if prompt_style == "auto" else prompt_style
     if style not in ("finetuned", "baseline"):
         raise GenerateError(f"unknown prompt style {prompt_style!r}; expected auto, finetuned or baseline")
     rows = read_eval_set(eval_set)
+    selected = len(rows)
+    if decoding == "medmax":
+        rows = [rows[i] for i in select_image_generation_rows(rows, image_generation_rows)]
+        selected = len(rows)
     if max_items is not None:
         rows = rows[:max_items]
-    tok_path = ckpt / "tokenizer" / MODIFIED_TOKENIZER_FILE
+    # The modified tokenizer checks the layout (<image> at 8711); medmax encodes prompts with the
+    # plain one, as the public load_chameleon did (a literal "<image>" there is text, not 8711).
+    modified_path = ckpt / "tokenizer" / MODIFIED_TOKENIZER_FILE
+    check_tokenizer_layout(load_tokenizer(modified_path), source=str(modified_path))
+    tok_path = ckpt / "tokenizer" / (TOKENIZER_FILE if decoding == "medmax" else MODIFIED_TOKENIZER_FILE)
     tokenizer = load_tokenizer(tok_path)
-    check_tokenizer_layout(tokenizer, source=str(tok_path))
+    check_tokenizer_layout(tokenizer, require_image_placeholder=decoding != "medmax", source=str(tok_path))
     vqgan = load_vqgan(ckpt, device=device)
-    codes = tokenize_eval_images(rows, image_root, vqgan, str(eval_set))
-    texts = [r["prompt"] if (style == "finetuned" or r["task_name"] == IMAGE_GENERATION) else baseline_prompt_text(r["prompt"], r["question_type"])
-             for r in rows]
-    text_ids = encode_texts(tokenizer, texts)
-    prompts = []
-    for r, t in zip(rows, text_ids):
-        block = image_block(codes[r["image_path"]]) if r["task_name"] != IMAGE_GENERATION and r["image_path"] else None
-        prompts.append(build_prompt_ids(t, block, style, image_generation=r["task_name"] == IMAGE_GENERATION))
+    codes = tokenize_eval_images(rows, image_root, vqgan, str(eval_set), decoding=decoding)
     del vqgan
-    model = load_model_for_generation(base_model, adapter, allow_image_output=False, device=device, dtype=None, tokenizer=tok_path)
-    settings = GenerationSettings(batch_size=batch_size, budgets=budgets, prompt_style=style, device=str(next(model.parameters()).device))
-    all_budgets = {**DEFAULT_MAX_NEW_TOKENS, **(budgets or {})}
-    params = {"model_name": model_name, "prompt_style": style, "batch_size": batch_size, "max_items": max_items,
-              "budgets": all_budgets, "decoding": "greedy", "device": device}
-    # Lineage entries are computed once: hashing a 7B model folder takes a while.
-    from medmax_pipeline.core.artifacts import describe_input
+    prompts = build_prompts(rows, codes, tokenizer, style, decoding, encode_texts)
+    model = load_model_for_generation(base_model, adapter, allow_image_output=False, device=device, dtype=None, tokenizer=modified_path)
+    settings = GenerationSettings(batch_size=batch_size, budgets=budgets, prompt_style=style,
+                                  device=str(next(model.parameters()).device), decoding=decoding)
+    params: dict[str, Any] = {"model_name": model_name, "prompt_style": style, "batch_size": batch_size, "max_items": max_items,
+                              "budgets": settings.all_budgets(), "decoding": decoding, "device": device}
+    if decoding == "medmax":
+        from dataclasses import asdict
 
-    inputs = [describe_input(p) for p in [eval_set, ckpt / "tokenizer", base_model] + ([adapter] if adapter else [])]
+        from medmax_pipeline.models.chameleon_decoding import PublicOptions
+
+        settings.options = PublicOptions()
+        settings.vocab = tokenizer.get_vocab(with_added_tokens=True)
+        params.update({"decoding_options": asdict(settings.options), "prompt_tokenizer": TOKENIZER_FILE,
+                       "image_generation_rows_per_subset": image_generation_rows, "rows_after_selection": selected})
+    # Lineage entries are computed once: hashing a 7B model folder takes a while.
+    inputs = lineage_inputs(eval_set, ckpt / "tokenizer", Path(base_model), Path(adapter) if adapter else None)
     fingerprint = _fingerprint({**params, "prompts": _fingerprint({"p": prompts}),
                                 "inputs": [entry["fingerprint"] for entry in inputs[2:]]})
     partial = _partial_path(output)
@@ -399,6 +766,27 @@ def generate_predictions(
     return output
 
 
+def build_prompts(rows: Sequence[Mapping[str, Any]], codes: Mapping[str, list[int]], tokenizer: Any, style: str,
+                  decoding: str, encode_texts: Callable[[Any, list[str]], list[list[int]]]) -> list[list[int]]:
+    """Prompt ids of every row under a decoding preset (codes: VQGAN codes by image_path)."""
+    if decoding == "greedy":
+        texts = [r["prompt"] if (style == "finetuned" or r["task_name"] == IMAGE_GENERATION) else baseline_prompt_text(r["prompt"], r["question_type"])
+                 for r in rows]
+        prompts = []
+        for r, t in zip(rows, encode_texts(tokenizer, texts)):
+            block = image_block(codes[r["image_path"]]) if r["task_name"] != IMAGE_GENERATION and r["image_path"] else None
+            prompts.append(build_prompt_ids(t, block, style, image_generation=r["task_name"] == IMAGE_GENERATION))
+        return prompts
+    parts = [medmax_prompt_parts(r, style) for r in rows]
+    texts = [value for row_parts in parts for kind, value in row_parts if kind == "text"]
+    encoded = iter(encode_texts(tokenizer, texts))
+    prompts = []
+    for r, row_parts in zip(rows, parts):
+        resolved = [("image", codes[value]) if kind == "image" else ("text", next(encoded)) for kind, value in row_parts]
+        prompts.append(build_medmax_prompt(resolved, style, image_generation=r["task_name"] == IMAGE_GENERATION))
+    return prompts
+
+
 def _parse_budgets(items: Sequence[str] | None) -> dict[str, int]:
     budgets = {}
     for item in items or []:
@@ -411,14 +799,18 @@ def _parse_budgets(items: Sequence[str] | None) -> dict[str, int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-set", required=True, help="medmax_eval_data rows (jsonl or parquet)")
-    parser.add_argument("--image-root", required=True, help="folder image_path values are relative to")
-    parser.add_argument("--ckpt", required=True, help="checkpoint folder (tokenizer/ with vqgan.yaml, vqgan.ckpt, text_tokenizer_modified.json)")
+    parser.add_argument("--image-root", required=True, help="folder image_path values are relative to (paths may not leave it)")
+    parser.add_argument("--ckpt", required=True, help="checkpoint folder (tokenizer/ with vqgan.yaml, vqgan.ckpt, text_tokenizer.json, text_tokenizer_modified.json)")
     parser.add_argument("--base-model", required=True, help="HF-format Chameleon / Anole folder")
     parser.add_argument("--adapter", help="PEFT adapter folder of the trained model (omit for the base model)")
     parser.add_argument("--model-name", required=True, help="value of the model column (e.g. base, trained)")
     parser.add_argument("--output", required=True, help="predictions.parquet to write")
+    parser.add_argument("--decoding", choices=DECODINGS, default="medmax",
+                        help="medmax: the public MedMax evaluation protocol; greedy: plain greedy everywhere")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-items", type=int, help="only the first N rows (smoke runs)")
+    parser.add_argument("--image-generation-rows", type=int, default=IMAGE_GENERATION_ROWS_PER_SUBSET,
+                        help="medmax: image generation rows kept per subset (the public code scored the first 100); 0 keeps all")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
     parser.add_argument("--prompt-style", choices=("auto", "finetuned", "baseline"), default="auto")
     parser.add_argument("--max-new-tokens", nargs="*", metavar="KEY=N",
@@ -430,7 +822,8 @@ def run(args: argparse.Namespace) -> int:
         out = generate_predictions(
             args.eval_set, args.image_root, args.ckpt, args.base_model, args.model_name, args.output,
             adapter=args.adapter, batch_size=args.batch_size, max_items=args.max_items, device=args.device,
-            prompt_style=args.prompt_style, budgets=_parse_budgets(args.max_new_tokens),
+            prompt_style=args.prompt_style, budgets=_parse_budgets(args.max_new_tokens), decoding=args.decoding,
+            image_generation_rows=args.image_generation_rows or None,
         )
     except GenerateError as exc:
         print(f"error: {exc}")
