@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
 
-from medmax_pipeline.core.artifacts import ArtifactError, read_artifact, read_meta, write_artifact
+from medmax_pipeline.core.artifacts import write_artifact
 from medmax_pipeline.stages.evaluate.predictions import (
     CAPTIONING,
     IMAGE_GENERATION,
@@ -40,6 +40,7 @@ from medmax_pipeline.stages.evaluate.predictions import (
     ScoreError,
     predictions_fingerprint,
     read_predictions,
+    read_rows_by_index,
     scorer_of,
 )
 
@@ -231,12 +232,7 @@ def write_clip_scores(predictions: str | Path, output: str | Path, clip_dir: str
 
 def read_clip_scores(path: str | Path) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:
     """The artifact's rows by predictions row index, and its lineage params."""
-    try:
-        table = read_artifact(path, artifact=ARTIFACT)
-        params = read_meta(path).lineage.get("params", {})
-    except ArtifactError as exc:
-        raise ScoreError(str(exc)) from exc
-    return {r["row"]: r for r in table.to_pylist()}, params
+    return read_rows_by_index(path, ARTIFACT)
 
 
 def check_clip_scores(results: Mapping[int, Mapping[str, Any]], rows: Sequence[Mapping[str, Any]], artifact: str | Path,

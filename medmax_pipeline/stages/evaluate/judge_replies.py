@@ -34,7 +34,7 @@ from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
 
-from medmax_pipeline.core.artifacts import ArtifactError, read_artifact, read_meta, write_artifact
+from medmax_pipeline.core.artifacts import write_artifact
 from medmax_pipeline.stages.evaluate.judge import (
     JudgeConfig,
     JudgeError,
@@ -54,7 +54,7 @@ from medmax_pipeline.stages.evaluate.judge_protocols import (
     parse_visual_chat_answer,
     visual_chat_messages,
 )
-from medmax_pipeline.stages.evaluate.predictions import ScoreError, judge_protocol_of, predictions_fingerprint, read_predictions
+from medmax_pipeline.stages.evaluate.predictions import ScoreError, judge_protocol_of, predictions_fingerprint, read_predictions, read_rows_by_index
 
 ARTIFACT = "judge_replies"
 JUDGE_REPLIES_SCHEMA = pa.schema([
@@ -126,12 +126,7 @@ def write_judge_replies(predictions: str | Path, output: str | Path, config: Jud
 
 def read_judge_replies(path: str | Path) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:
     """The artifact's rows by predictions row index, and its lineage params."""
-    try:
-        table = read_artifact(path, artifact=ARTIFACT)
-        params = read_meta(path).lineage.get("params", {})
-    except ArtifactError as exc:
-        raise ScoreError(str(exc)) from exc
-    return {r["row"]: r for r in table.to_pylist()}, params
+    return read_rows_by_index(path, ARTIFACT)
 
 
 def check_judge_replies(replies: Mapping[int, Mapping[str, Any]], rows: Sequence[Mapping[str, Any]], artifact: str | Path,

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from medmax_pipeline.core.artifacts import ArtifactError, describe_input, is_artifact, read_artifact
+from medmax_pipeline.core.artifacts import ArtifactError, describe_input, is_artifact, read_artifact, read_meta
 from medmax_pipeline.stages.evaluate.judge_protocols import MM_OUT as PROTOCOL_MM_OUT
 from medmax_pipeline.stages.evaluate.judge_protocols import OPEN_VQA
 from medmax_pipeline.stages.evaluate.judge_protocols import VISUAL_CHAT as PROTOCOL_VISUAL_CHAT
@@ -124,3 +124,14 @@ def judge_protocol_of(row: Mapping[str, Any]) -> str | None:
 def is_judged(row: Mapping[str, Any]) -> bool:
     """True for a row the LLM judge is asked about: open VQA questions, visual chat, mm_out text."""
     return judge_protocol_of(row) is not None
+
+
+def read_rows_by_index(path: str | Path, artifact: str) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:
+    """A per-model artifact (clip_scores, judge_replies) as its rows by predictions row index,
+    and its lineage params."""
+    try:
+        table = read_artifact(path, artifact=artifact)
+        params = read_meta(path).lineage.get("params", {})
+    except ArtifactError as exc:
+        raise ScoreError(str(exc)) from exc
+    return {r["row"]: r for r in table.to_pylist()}, params
