@@ -365,7 +365,8 @@ def test_alternating_policy_is_the_train_stage_rule():
     from medmax_pipeline.stages.train import response_labels
 
     for ids in random_sequences(300, 0):
-        assert masked_positions(ids, "alternating") == [label == -100 for label in response_labels(ids)]
+        assert masked_positions(ids, "alternating") == [label == -100 for label in response_labels(ids, "alternating")]
+        assert masked_positions(ids, "first_separator") == [label == -100 for label in response_labels(ids, "first_separator")]
     assert masked_positions([0, 10, 8710, 20, 2], "first_separator") == [True, True, True, False, False]
     assert masked_positions([0, 10, 2], "first_separator") == [False, False, False]
 
