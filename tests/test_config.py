@@ -61,19 +61,24 @@ def test_custom_templates_are_valid(config: dict, template: str) -> None:
     assert validate_config(config)["images"]["credentialed"][0]["template"] == template
 
 
-def test_a_mapping_file_must_exist_when_the_demo_does_not_make_inputs(config: dict, tmp_path: Path) -> None:
-    for key in ("checkpoint", "base_model"):
-        config[key] = str(tmp_path / key)
+def user_inputs(config: dict, tmp_path: Path) -> None:
+    """Point every input path at empty stand-ins under tmp_path, as a real run's own copies."""
+    config["checkpoint"] = str(tmp_path / "checkpoint")
     for rel in ("tokenizer/vqgan.yaml", "tokenizer/vqgan.ckpt", "tokenizer/text_tokenizer_modified.json"):
         (tmp_path / "checkpoint" / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "checkpoint" / rel).write_text("")
-    (tmp_path / "base_model").mkdir()
     for section, key in (("dataset", "train"), ("dataset", "validation"), ("evaluate", "eval_set")):
         config[section][key] = str(tmp_path / f"{key}.jsonl")
         (tmp_path / f"{key}.jsonl").write_text("")
     for section, key in (("images", "public_root"), ("evaluate", "image_root"), ("evaluate", "clip")):
         config[section][key] = str(tmp_path / key)
         (tmp_path / key).mkdir()
+
+
+def test_a_mapping_file_must_exist_when_the_demo_does_not_make_inputs(config: dict, tmp_path: Path) -> None:
+    user_inputs(config, tmp_path)
+    config["base_model"] = str(tmp_path / "base_model")
+    (tmp_path / "base_model").mkdir()
     config["demo"]["enabled"] = False
     config["images"]["credentialed"] = [{"source": "mimic_cxr", "root": str(tmp_path / "public_root"), "mapping": str(tmp_path / "m.csv")}]
     with pytest.raises(ConfigError, match=rf"key 'images.credentialed.0.mapping': file {re.escape(str(tmp_path / 'm.csv'))} does not exist"):
@@ -200,17 +205,8 @@ def test_load_config_names_its_file(config: dict, tmp_path: Path) -> None:
 
 def test_a_null_base_model_needs_the_original_weights_in_the_checkpoint(config: dict, tmp_path: Path) -> None:
     """base_model null: the workflow converts checkpoint/models/7b itself, so those files must exist."""
-    config["checkpoint"] = str(tmp_path / "checkpoint")
+    user_inputs(config, tmp_path)
     config["base_model"] = None
-    for rel in ("tokenizer/vqgan.yaml", "tokenizer/vqgan.ckpt", "tokenizer/text_tokenizer_modified.json"):
-        (tmp_path / "checkpoint" / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "checkpoint" / rel).write_text("")
-    for section, key in (("dataset", "train"), ("dataset", "validation"), ("evaluate", "eval_set")):
-        config[section][key] = str(tmp_path / f"{key}.jsonl")
-        (tmp_path / f"{key}.jsonl").write_text("")
-    for section, key in (("images", "public_root"), ("evaluate", "image_root"), ("evaluate", "clip")):
-        config[section][key] = str(tmp_path / key)
-        (tmp_path / key).mkdir()
     config["images"]["credentialed"] = []
     config["demo"]["enabled"] = False
     with pytest.raises(ConfigError, match=r"key 'checkpoint': .* lacks models/7b/consolidated.pth"):
