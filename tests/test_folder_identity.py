@@ -131,3 +131,18 @@ def test_a_rules_code_version_follows_its_stage_and_the_shared_code_only(tmp_pat
     assert folder_identity.package_code_fingerprint(["stages/train"]) != train
     (package / "core/artifacts.py").write_text("# changed\n")
     assert folder_identity.package_code_fingerprint(["stages/collect.py"]) != collect  # shared code
+
+
+def test_eval_and_dataset_paths_share_one_syntactic_rule(tmp_path: Path) -> None:
+    """core/paths.relative_path_problem serves collect and generation: a NUL byte is refused by
+    both (generation used to raise a bare ValueError), and so are absolute and '..' paths."""
+    import pytest
+
+    from medmax_pipeline.core.paths import PathEscapeError, confined_path
+    from medmax_pipeline.stages.collect import check_relative_path
+
+    for bad in ("a\x00b.png", "/etc/passwd", "C:\\x.png", "sub/../../x.png", "", "."):
+        with pytest.raises(PathEscapeError):
+            confined_path(tmp_path, bad)
+        assert check_relative_path(bad) is not None
+    assert confined_path(tmp_path, "c:d.jpg") == (tmp_path / "c:d.jpg").resolve() and check_relative_path("c:d.jpg") is None

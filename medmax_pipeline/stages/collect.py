@@ -40,11 +40,10 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
@@ -60,6 +59,7 @@ from medmax_pipeline.core.image_keys import (
     image_key_for_row,
     parse_credentialed_specs,
 )
+from medmax_pipeline.core.paths import relative_path_problem
 from medmax_pipeline.core.rows import read_row_batches
 
 IMAGE_PATHS_FILE = "image_paths.parquet"
@@ -91,7 +91,6 @@ PROBLEMS_SCHEMA = pa.schema(
 )
 
 CSV_COLUMNS = ("img_path", "image_key", "credential")
-_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
 
 # Reason prefixes (the full reason adds detail); tests and summaries group by these.
 REASON_MISSING = "missing file"
@@ -164,17 +163,15 @@ def row_needs_image(row: Mapping[str, Any]) -> bool:
 
 
 def check_relative_path(relative: str) -> str | None:
-    """Why a path taken from row data may not be joined to a root, or None when it may."""
-    if "\x00" in relative:
-        return f"{REASON_BAD_PATH}: {relative!r} holds a NUL byte"
-    # Both POSIX and Windows spellings of an absolute path: a leading '/', '\' or a drive letter.
-    if relative.startswith(("/", "\\")) or _WINDOWS_DRIVE.match(relative):
+    """Why a path taken from row data may not be joined to a root, or None when it may
+    (core/paths.relative_path_problem, under collect's problem categories)."""
+    problem = relative_path_problem(relative)
+    if problem is None:
+        return None
+    kind, detail = problem
+    if kind == "absolute":
         return f"{REASON_ABSOLUTE}: {relative!r}"
-    if ".." in PurePosixPath(relative.replace("\\", "/")).parts:
-        return f"{REASON_OUTSIDE}: {relative!r} has a '..' component"
-    if not relative.strip() or PurePosixPath(relative).parts in ((), (".",)):
-        return f"{REASON_BAD_PATH}: {relative!r} names no file"
-    return None
+    return f"{REASON_OUTSIDE if kind == 'parent' else REASON_BAD_PATH}: {detail}"
 
 
 def resolve_inside_root(root: Path, relative: str) -> tuple[Path | None, str | None]:
