@@ -219,6 +219,7 @@ class DemoPaths:
     eval_set: Path
     eval_image_root: Path
     clip: Path
+    clip_text_tower: Path
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
@@ -245,7 +246,8 @@ def check_demo_targets(paths: DemoPaths) -> None:
     """Refuse before writing anything when a target holds data the demo did not create: an
     unmarked non-empty folder or an unmarked existing file."""
     # The HF base model is written by convert_checkpoint, which guards its own output the same way.
-    folders = [paths.checkpoint, paths.public_root, paths.credentialed_root, paths.eval_image_root, paths.clip]
+    folders = [paths.checkpoint, paths.public_root, paths.credentialed_root, paths.eval_image_root, paths.clip,
+               paths.clip_text_tower]
     files = [paths.train, paths.validation, paths.eval_set]
     for target in folders + files:
         if not target.exists() or demo_marker(target).is_file():
@@ -276,14 +278,15 @@ def generate_demo(paths: DemoPaths, seed: int = 0, vqgan_channels: int = 32, row
     import torch
 
     from medmax_pipeline.models import chameleon_original
-    from medmax_pipeline.models.clip import make_random_clip
+    from medmax_pipeline.models.clip import make_random_biomedclip
     from medmax_pipeline.models.vqgan import encode_image_files, make_random_vqgan, save_original_checkpoint
     from medmax_pipeline.stages.convert_checkpoint import convert_checkpoint
 
     check_demo_targets(paths)
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    for folder in (paths.checkpoint, paths.public_root, paths.credentialed_root, paths.eval_image_root, paths.clip):
+    for folder in (paths.checkpoint, paths.public_root, paths.credentialed_root, paths.eval_image_root, paths.clip,
+                   paths.clip_text_tower):
         _fresh_dir(folder)
 
     # Checkpoint folder, original layout.
@@ -387,7 +390,7 @@ def generate_demo(paths: DemoPaths, seed: int = 0, vqgan_channels: int = 32, row
         counts[f"{split}_lines"] = len(lines)
 
     counts.update(_write_eval_set(paths, rng, seed))
-    make_random_clip(paths.clip, seed=seed)
+    make_random_biomedclip(paths.clip, paths.clip_text_tower, seed=seed)
     counts["public_images"] = len(public_images)
     counts["credentialed_images"] = n_credentialed
     return counts
@@ -485,7 +488,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vqgan-channels", type=int, default=32)
     parser.add_argument("--rows-per-task", type=int, default=4)
-    for name in ("checkpoint", "base-model", "train", "validation", "public-root", "eval-set", "eval-image-root", "clip"):
+    for name in ("checkpoint", "base-model", "train", "validation", "public-root", "eval-set", "eval-image-root", "clip",
+                 "clip-text-tower"):
         parser.add_argument(f"--{name}")
     parser.add_argument("--no-base-model", action="store_true", help="write no HF base model (the workflow converts the checkpoint)")
     parser.add_argument("--credentialed", action="append", default=[], help="SOURCE=ROOT=TEMPLATE; the demo fills the mimic_cxr root")
@@ -503,12 +507,14 @@ def default_paths(out_dir: str | Path) -> DemoPaths:
         eval_set=out / "eval" / "eval.jsonl",
         eval_image_root=out / "eval" / "images",
         clip=out / "biomedclip",
+        clip_text_tower=out / "biomedbert",
     )
 
 
 def run(args: argparse.Namespace) -> int:
     paths = default_paths(args.out_dir or "results/demo")
-    for field in ("checkpoint", "base_model", "train", "validation", "public_root", "eval_set", "eval_image_root", "clip"):
+    for field in ("checkpoint", "base_model", "train", "validation", "public_root", "eval_set", "eval_image_root", "clip",
+                  "clip_text_tower"):
         value = getattr(args, field)
         if value:
             setattr(paths, field, Path(value))

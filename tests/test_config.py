@@ -47,6 +47,9 @@ def test_default_config_is_valid_and_gets_defaults(config: dict) -> None:
         (lambda c: c.pop("dataset"), r"missing key 'dataset'"),
         (lambda c: c["tokenize"].update(precision="bf16"), r"key 'tokenize.precision': bf16 needs device cuda"),
         (lambda c: c["images"]["credentialed"].append(dict(c["images"]["credentialed"][0])), r"listed twice"),
+        (lambda c: c["evaluate"].update(clip=None), r"key 'evaluate.clip_text_tower': it is the text tower of evaluate.clip, which is not set"),
+        (lambda c: c["evaluate"].update(clip=None, clip_text_tower=None), r"key 'evaluate.clip': demo.enabled is true .* the demo writes a folder there"),
+        (lambda c: c["evaluate"].update(clip_text_tower=None), r"key 'evaluate.clip_text_tower': demo.enabled is true .* the demo writes a folder there"),
     ],
 )
 def test_bad_config_names_the_key(config: dict, mutate, message: str) -> None:
@@ -70,7 +73,7 @@ def user_inputs(config: dict, tmp_path: Path) -> None:
     for section, key in (("dataset", "train"), ("dataset", "validation"), ("evaluate", "eval_set")):
         config[section][key] = str(tmp_path / f"{key}.jsonl")
         (tmp_path / f"{key}.jsonl").write_text("")
-    for section, key in (("images", "public_root"), ("evaluate", "image_root"), ("evaluate", "clip")):
+    for section, key in (("images", "public_root"), ("evaluate", "image_root"), ("evaluate", "clip"), ("evaluate", "clip_text_tower")):
         config[section][key] = str(tmp_path / key)
         (tmp_path / key).mkdir()
 
@@ -239,7 +242,8 @@ def test_the_real_run_template_turns_the_demo_off_and_sets_every_key_the_demo_co
         load_config(template_path)  # the placeholders are not on this machine
 
 
-@pytest.mark.parametrize("key", ["checkpoint", "dataset.train", "images.public_root", "images.credentialed.0.root", "evaluate.clip"])
+@pytest.mark.parametrize("key", ["checkpoint", "dataset.train", "images.public_root", "images.credentialed.0.root", "evaluate.clip",
+                                 "evaluate.clip_text_tower"])
 def test_with_the_demo_on_no_input_may_lie_outside_the_results_folder(config: dict, tmp_path: Path, key: str) -> None:
     parts = [int(p) if p.isdigit() else p for p in key.split(".")]
     target = config

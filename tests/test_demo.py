@@ -181,3 +181,15 @@ def test_eval_set_has_visual_chat_rows_in_the_qa50_schema_and_mm_out_rows(demo) 
     mm_out = [r for r in rows if r["task_name"] == "mm_out"]
     assert len(mm_out) >= 2
     assert all(r["prompt"] and r["answer"] and (paths.eval_image_root / r["image_path"]).is_file() for r in mm_out)
+
+
+def test_the_demo_biomedclip_loads_through_open_clip_from_its_two_folders(demo) -> None:
+    from medmax_pipeline.models.clip import BIOMEDCLIP_TEXT_TOWER, ClipLoadError, load_clip
+
+    _, paths, _ = demo
+    assert json.loads((paths.clip / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]["hf_model_name"] == BIOMEDCLIP_TEXT_TOWER
+    scorer = load_clip(paths.clip, paths.clip_text_tower)
+    image = Image.open(sorted(paths.eval_image_root.rglob("*.png"))[0])
+    assert -1.0 <= scorer.image_text_similarity([image], ["a chest x-ray"])[0] <= 1.0
+    with pytest.raises(ClipLoadError, match="clip_text_tower"):
+        load_clip(paths.clip)  # the hub id alone is never looked up

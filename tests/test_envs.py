@@ -42,8 +42,9 @@ def test_every_env_pin_matches_the_lock() -> None:
 
 def test_lock_pins_torch_and_the_stage_dependencies() -> None:
     lock = lock_pins()
-    assert lock["torch"] == "2.13.0"
-    for name in ("snakemake", "transformers", "pyarrow", "polars", "pillow", "peft", "deepspeed", "pytest"):
+    # torchvision 0.29.1 (open_clip's timm towers) imports only beside torch 2.14.1.
+    assert (lock["torch"], lock["torchvision"]) == ("2.14.1", "0.29.1")
+    for name in ("snakemake", "transformers", "pyarrow", "polars", "pillow", "peft", "deepspeed", "pytest", "open-clip-torch", "timm"):
         assert name in lock, f"requirements.lock lacks {name}"
 
 

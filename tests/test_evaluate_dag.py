@@ -20,7 +20,7 @@ from PIL import Image
 
 from medmax_pipeline.cli import main
 from medmax_pipeline.core.artifacts import read_artifact, read_meta, write_artifact
-from medmax_pipeline.models.clip import make_random_clip
+from medmax_pipeline.models.clip import make_random_biomedclip
 from medmax_pipeline.stages.evaluate.judge import JudgeError
 from medmax_pipeline.stages.evaluate.judge_replies import (
     add_arguments as add_judge_arguments,
@@ -96,7 +96,7 @@ def case(tmp_path_factory):
     images.mkdir()
     for k in range(3):
         _image(k).save(images / f"im{k}.png")
-    clip_dir = make_random_clip(root / "clip", seed=0)
+    clip_dir = make_random_biomedclip(root / "clip", root / "biomedbert", seed=0)
     ckpt = root / "ckpt"
     write_checkpoint(ckpt, seed=0)
     paths = []
@@ -118,7 +118,8 @@ def case(tmp_path_factory):
         path = root / f"predictions_{model}.parquet"
         write_artifact(pa.Table.from_pylist(rows), path, artifact="predictions")
         paths.append(path)
-    return {"root": root, "images": images, "clip": clip_dir, "ckpt": ckpt, "predictions": paths}
+    return {"root": root, "images": images, "clip": clip_dir, "clip_text_tower": root / "biomedbert", "ckpt": ckpt,
+            "predictions": paths}
 
 
 def _judge_config(root, url, name, cache=None):
@@ -132,7 +133,8 @@ def test_clip_scores_artifact_on_a_tiny_case(case):
     out = case["root"] / "clip_trained.parquet"
     image_dir = case["root"] / "images_trained"
     assert main(["clip-scores", "--predictions", str(trained), "--output", str(out), "--image-dir", str(image_dir),
-                 "--clip", str(case["clip"]), "--ckpt", str(case["ckpt"]), "--image-root", str(case["images"])]) == 0
+                 "--clip", str(case["clip"]), "--clip-text-tower", str(case["clip_text_tower"]), "--ckpt", str(case["ckpt"]),
+                 "--image-root", str(case["images"])]) == 0
     rows = read_artifact(out, artifact="clip_scores").to_pylist()
     assert [r["row"] for r in rows] == [3, 4, 5]  # captioning and image generation only
     caption, generated, missing = rows
@@ -183,6 +185,7 @@ def test_score_with_per_model_artifacts_equals_score_computed_the_old_way(case, 
     for path, model in zip(preds, ("base", "trained")):
         clip_out, judge_out = tmp_path / f"clip_{model}.parquet", tmp_path / f"judge_{model}.parquet"
         assert main(["clip-scores", "--predictions", str(path), "--output", str(clip_out), "--clip", str(case["clip"]),
+                     "--clip-text-tower", str(case["clip_text_tower"]),
                      "--ckpt", str(case["ckpt"]), "--image-root", str(case["images"])]) == 0
         assert main(["judge", "--predictions", str(path), "--output", str(judge_out),
                      "--judge-config", str(_judge_config(tmp_path, fake_judge.url, "judge_job"))]) == 0
@@ -191,7 +194,8 @@ def test_score_with_per_model_artifacts_equals_score_computed_the_old_way(case, 
     for rules in ("medmax", "medmax_tolerant", "llava_med", "strict"):
         old_scores, old_summary = score_predictions(
             preds, tmp_path / f"old_{rules}", rules, judge_config=_judge_config(tmp_path, fake_judge.url, "judge_old"),
-            clip_dir=case["clip"], ckpt_dir=case["ckpt"], image_root=case["images"], n_bootstrap=100)
+            clip_dir=case["clip"], ckpt_dir=case["ckpt"], image_root=case["images"], n_bootstrap=100,
+            clip_text_tower=case["clip_text_tower"])
         # Artifacts in the other order: they are paired with predictions by fingerprint.
         new_scores, new_summary = score_predictions(
             preds, tmp_path / f"new_{rules}", rules, clip_scores=clip_artifacts[::-1], judge_replies=judge_artifacts[::-1],

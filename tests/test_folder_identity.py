@@ -94,7 +94,8 @@ def test_a_change_inside_a_folder_input_reruns_what_reads_it(tmp_path: Path) -> 
     config["dataset"] = {"train": str(paths.train), "validation": str(paths.validation)}
     config["images"]["public_root"] = str(paths.public_root)
     config["images"]["credentialed"][0]["root"] = str(paths.credentialed_root)
-    config["evaluate"].update(eval_set=str(paths.eval_set), image_root=str(paths.eval_image_root), clip=str(paths.clip))
+    config["evaluate"].update(eval_set=str(paths.eval_set), image_root=str(paths.eval_image_root), clip=str(paths.clip),
+                              clip_text_tower=str(paths.clip_text_tower))
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
 
     def snakemake(*args: str) -> str:

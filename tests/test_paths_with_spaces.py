@@ -31,7 +31,7 @@ def test_a_results_dir_with_a_space_is_one_word_in_every_command(tmp_path: Path)
     overlay["dataset"] = {k: v.replace("results/", "res dir/", 1) for k, v in demo["dataset"].items()}
     overlay["images"] = {**demo["images"], "public_root": demo["images"]["public_root"].replace("results/", "res dir/", 1),
                          "credentialed": [{**e, "root": e["root"].replace("results/", "res dir/", 1)} for e in demo["images"]["credentialed"]]}
-    overlay["evaluate"] = {k: demo["evaluate"][k].replace("results/", "res dir/", 1) for k in ("eval_set", "image_root", "clip")}
+    overlay["evaluate"] = {k: demo["evaluate"][k].replace("results/", "res dir/", 1) for k in ("eval_set", "image_root", "clip", "clip_text_tower")}
     config = tmp_path / "spaces.yaml"
     config.write_text(yaml.safe_dump(overlay))
 

@@ -124,6 +124,8 @@ def _input_paths(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
             paths.append((f"images.credentialed.{i}.mapping", entry["mapping"], "file"))
     if config["evaluate"].get("clip"):
         paths.append(("evaluate.clip", config["evaluate"]["clip"], "dir"))
+    if config["evaluate"].get("clip_text_tower"):
+        paths.append(("evaluate.clip_text_tower", config["evaluate"]["clip_text_tower"], "dir"))
     return paths
 
 
@@ -161,6 +163,8 @@ def _demo_written_paths(config: Mapping[str, Any]) -> list[tuple[str, str]]:
         paths.append(("base_model", config["base_model"]))
     if config["evaluate"].get("clip"):
         paths.append(("evaluate.clip", config["evaluate"]["clip"]))
+    if config["evaluate"].get("clip_text_tower"):
+        paths.append(("evaluate.clip_text_tower", config["evaluate"]["clip_text_tower"]))
     paths += [(f"images.credentialed.{i}.root", e["root"]) for i, e in enumerate(config["images"]["credentialed"])]
     return paths
 
@@ -202,6 +206,14 @@ def _check_semantics(config: Mapping[str, Any], source: SourceNamer) -> None:
     if config["tokenize"]["precision"] != "fp32" and config["tokenize"]["device"] == "cpu":
         where = source(["tokenize", "precision"])
         raise ConfigError(f"{where}: key 'tokenize.precision': {config['tokenize']['precision']} needs device cuda")
+    if config["evaluate"]["clip_text_tower"] and not config["evaluate"]["clip"]:
+        where = source(["evaluate", "clip_text_tower"])
+        raise ConfigError(f"{where}: key 'evaluate.clip_text_tower': it is the text tower of evaluate.clip, which is not set")
+    if config["demo"]["enabled"]:
+        for key in ("clip", "clip_text_tower"):  # the demo rule writes its tiny BiomedCLIP to both
+            if not config["evaluate"][key]:
+                raise ConfigError(f"{source(['evaluate', key])}: key 'evaluate.{key}': demo.enabled is true (from "
+                                  f"{source(['demo', 'enabled'])}) and the demo writes a folder there: give it a path")
 
 
 def validate_config(

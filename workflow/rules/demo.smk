@@ -16,6 +16,7 @@ if config["demo"]["enabled"]:
             eval_set=config["evaluate"]["eval_set"],
             eval_images=directory(config["evaluate"]["image_root"]),
             clip=directory(config["evaluate"]["clip"]),
+            clip_text_tower=directory(config["evaluate"]["clip_text_tower"]),
         params:
             medmax=MEDMAX,
             code=code_version("demo.py", "stages/convert_checkpoint.py"),
@@ -35,4 +36,5 @@ if config["demo"]["enabled"]:
             " --train {output.train:q} --validation {output.validation:q}"
             " --public-root {output.public_root:q} {params.credentialed}"
             " --eval-set {output.eval_set:q} --eval-image-root {output.eval_images:q} --clip {output.clip:q}"
+            " --clip-text-tower {output.clip_text_tower:q}"
             " > {log:q} 2>&1"

@@ -72,7 +72,13 @@ rule clip_scores:
         checkpoint=config["checkpoint"],
         image_root=EVAL["image_root"],
         clip=EVAL["clip"] or [],
-        manifests=[*folder_manifest("checkpoint", config["checkpoint"]), *folder_manifest("eval_images", EVAL["image_root"]), *folder_manifest("clip", EVAL["clip"])],
+        clip_text_tower=EVAL["clip_text_tower"] or [],
+        manifests=[
+            *folder_manifest("checkpoint", config["checkpoint"]),
+            *folder_manifest("eval_images", EVAL["image_root"]),
+            *folder_manifest("clip", EVAL["clip"]),
+            *folder_manifest("clip_text_tower", EVAL["clip_text_tower"]),
+        ],
     output:
         clip_scores=results("evaluate", "clip_{model}.parquet"),
         images=directory(results("evaluate", "images_{model}")),
@@ -80,6 +86,7 @@ rule clip_scores:
         medmax=MEDMAX,
         code=code_version("stages/evaluate"),
         clip=f"--clip {shlex.quote(EVAL['clip'])}" if EVAL["clip"] else "",
+        clip_text_tower=f"--clip-text-tower {shlex.quote(EVAL['clip_text_tower'])}" if EVAL["clip_text_tower"] else "",
     wildcard_constraints:
         model="base|trained",
     log:
@@ -89,7 +96,7 @@ rule clip_scores:
     shell:
         "{params.medmax} clip-scores --predictions {input.predictions:q} --output {output.clip_scores:q}"
         " --image-dir {output.images:q} --ckpt {input.checkpoint:q} --image-root {input.image_root:q} {params.clip}"
-        " > {log:q} 2>&1"
+        " {params.clip_text_tower} > {log:q} 2>&1"
 
 
 # Only planned when evaluate.judge is set: open VQA, visual_chat and mm_out text. The reply cache lives beside the artifact, one per model

@@ -2,7 +2,7 @@
 
     medmax clip-scores --predictions results/evaluate/predictions_trained.parquet \
         --output results/evaluate/clip_trained.parquet [--image-dir results/evaluate/images_trained] \
-        [--clip CLIP_DIR] [--ckpt CKPT_DIR] [--image-root DIR] [--device cpu]
+        [--clip CLIP_DIR [--clip-text-tower TOWER_DIR]] [--ckpt CKPT_DIR] [--image-root DIR] [--device cpu]
 
 Every rule set scores captioning and image generation the same way, so these similarities are
 computed once per model here (not once per rule set) and `medmax score --clip-scores` reads them.
@@ -194,13 +194,14 @@ def _mm_out_image_result(i: int, row: Mapping[str, Any], clip: Any, vqgan: Any, 
                    note="score_ref_image = CLIP cosine(generated image, reference image)")
 
 
-def load_models(clip_dir: str | Path | None, ckpt_dir: str | Path | None, device: str = "cpu") -> tuple[Any, Any]:
+def load_models(clip_dir: str | Path | None, ckpt_dir: str | Path | None, device: str = "cpu",
+                clip_text_tower: str | Path | None = None) -> tuple[Any, Any]:
     """The CLIP scorer and the VQGAN (its decoder turns image tokens into pixels); None where not given."""
     clip = vqgan = None
     if clip_dir is not None:
         from medmax_pipeline.models.clip import load_clip
 
-        clip = load_clip(clip_dir, device=device)
+        clip = load_clip(clip_dir, text_tower=clip_text_tower, device=device)
     if ckpt_dir is not None:
         from medmax_pipeline.models.vqgan import load_vqgan
 
@@ -210,17 +211,22 @@ def load_models(clip_dir: str | Path | None, ckpt_dir: str | Path | None, device
 
 def write_clip_scores(predictions: str | Path, output: str | Path, clip_dir: str | Path | None = None,
                       ckpt_dir: str | Path | None = None, image_root: str | Path | None = None,
-                      image_dir: str | Path | None = None, device: str = "cpu") -> Path:
+                      image_dir: str | Path | None = None, device: str = "cpu",
+                      clip_text_tower: str | Path | None = None) -> Path:
     """Score one predictions file's captioning / image-generation rows; write the clip_scores artifact."""
+    if clip_text_tower is not None and clip_dir is None:
+        raise ScoreError("--clip-text-tower is the text tower of --clip; give --clip too")
     rows = read_predictions(predictions).to_pylist()
-    clip, vqgan = load_models(clip_dir, ckpt_dir, device)
+    clip, vqgan = load_models(clip_dir, ckpt_dir, device, clip_text_tower)
     results = clip_score_rows(rows, clip, vqgan, image_root, str(predictions), image_dir)
     table = pa.Table.from_pylist(results, schema=CLIP_SCORES_SCHEMA)
     params = {"predictions_fingerprint": predictions_fingerprint(predictions), "predictions_rows": len(rows),
-              "clip": str(clip_dir) if clip_dir else None, "ckpt": str(ckpt_dir) if ckpt_dir else None,
+              "clip": str(clip_dir) if clip_dir else None,
+              "clip_text_tower": str(clip_text_tower) if clip_text_tower else None,
+              "ckpt": str(ckpt_dir) if ckpt_dir else None,
               "image_root": str(image_root) if image_root else None, "image_dir": str(image_dir) if image_dir else None,
               "device": device}
-    inputs = [p for p in (predictions, clip_dir, ckpt_dir) if p is not None]
+    inputs = [p for p in (predictions, clip_dir, clip_text_tower, ckpt_dir) if p is not None]
     write_artifact(table, output, artifact=ARTIFACT, inputs=inputs, params=params)
     return Path(output)
 
@@ -258,7 +264,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--predictions", required=True, help="one model's predictions file (artifact, parquet, jsonl, csv)")
     parser.add_argument("--output", required=True, help="the clip_scores artifact to write (.parquet)")
     parser.add_argument("--image-dir", help="folder for the decoded generated images (PNG, one per row)")
-    parser.add_argument("--clip", help="local open_clip-layout CLIP folder")
+    parser.add_argument("--clip", help="local BiomedCLIP folder in hub layout (open_clip_config.json, weights, tokenizer files)")
+    parser.add_argument("--clip-text-tower", help="folder with the config.json of the CLIP's HF text tower (BiomedBERT)")
     parser.add_argument("--ckpt", help="checkpoint folder whose VQGAN decodes generated image tokens")
     parser.add_argument("--image-root", help="root that image_path values are relative to")
     parser.add_argument("--device", default="cpu")
@@ -270,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         path = write_clip_scores(args.predictions, args.output, args.clip, args.ckpt, args.image_root, args.image_dir,
-                                 args.device)
+                                 args.device, args.clip_text_tower)
     except (ScoreError, ClipLoadError, VQGANLoadError) as exc:
         print(f"error: {exc}")
         return 1

@@ -470,6 +470,7 @@ def score_predictions(
     device: str = "cpu",
     clip_scores: Sequence[str | Path] = (),
     judge_replies: Sequence[str | Path] = (),
+    clip_text_tower: str | Path | None = None,
 ) -> tuple[Path, Path]:
     """Score predictions files; write DIR/scores.parquet and DIR/score_summary.parquet.
 
@@ -481,6 +482,8 @@ def score_predictions(
         raise ScoreError(f"unknown rule set {rules!r}; expected one of {RULE_SETS}")
     if clip_scores and (clip_dir is not None or ckpt_dir is not None):
         raise ScoreError("give either --clip-scores or --clip/--ckpt, not both")
+    if clip_text_tower is not None and clip_dir is None:
+        raise ScoreError("--clip-text-tower is the text tower of --clip; give --clip too")
     if judge_replies and judge_config is not None:
         raise ScoreError("give either --judge-replies or --judge-config, not both")
     judge = None
@@ -489,7 +492,7 @@ def score_predictions(
 
         judge = LLMJudge(load_judge_config(judge_config))
     # The VQGAN only serves CLIP scoring here (medmax clip-scores also decodes without CLIP).
-    clip, vqgan = load_models(clip_dir, ckpt_dir if clip_dir is not None else None, device)
+    clip, vqgan = load_models(clip_dir, ckpt_dir if clip_dir is not None else None, device, clip_text_tower)
     clip_pairs = pair_with_predictions(predictions, clip_scores, read_clip_scores, "--clip-scores") if clip_scores else []
     judge_pairs = pair_with_predictions(predictions, judge_replies, read_judge_replies, "--judge-replies") if judge_replies else []
     tables = []
@@ -524,7 +527,7 @@ def score_predictions(
     elif judge_params:
         params["judge_stats"] = {key: sum(p.get("judge_stats", {}).get(key, 0) for p in judge_params)
                                  for key in judge_params[0].get("judge_stats", {})}
-    extra_inputs = [p for p in (judge_config, clip_dir, ckpt_dir) if p is not None]
+    extra_inputs = [p for p in (judge_config, clip_dir, clip_text_tower, ckpt_dir) if p is not None]
     scores_path = output_dir / "scores.parquet"
     write_artifact(scores, scores_path, artifact="scores", inputs=[*predictions, *clip_scores, *judge_replies, *extra_inputs],
                    params=params)
@@ -544,7 +547,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--judge-replies", nargs="+", default=[],
                         help="judge_replies artifacts of `medmax judge`, one per predictions file (any order)")
     parser.add_argument("--judge-config", help="JSON/YAML config of an OpenAI-compatible judge for open questions")
-    parser.add_argument("--clip", help="local open_clip-layout CLIP folder for captioning / image generation")
+    parser.add_argument("--clip", help="local BiomedCLIP folder in hub layout (open_clip_config.json, weights, tokenizer files)")
+    parser.add_argument("--clip-text-tower", help="folder with the config.json of the CLIP's HF text tower (BiomedBERT)")
     parser.add_argument("--ckpt", help="checkpoint folder whose VQGAN decodes generated image tokens")
     parser.add_argument("--image-root", help="root that image_path values are relative to")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
@@ -553,12 +557,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    errors: tuple[type[Exception], ...] = (ScoreError,)
+    if args.clip or args.ckpt:  # the model loaders need torch, which the score rule's env lacks
+        from medmax_pipeline.models.clip import ClipLoadError
+        from medmax_pipeline.models.vqgan import VQGANLoadError
+
+        errors += (ClipLoadError, VQGANLoadError)
     try:
         scores_path, summary_path = score_predictions(
             args.predictions, args.output, args.rules, args.judge_config, args.clip, args.ckpt, args.image_root,
-            args.seed, args.n_bootstrap, args.device, args.clip_scores, args.judge_replies,
+            args.seed, args.n_bootstrap, args.device, args.clip_scores, args.judge_replies, args.clip_text_tower,
         )
-    except ScoreError as exc:
+    except errors as exc:
         print(f"error: {exc}")
         return 1
     print(f"wrote {scores_path} and {summary_path}")
