@@ -91,16 +91,23 @@ def cpu_benchmark(args: argparse.Namespace) -> None:
         print(f"  ratio ours / naive: {naive_s / ours_s:7.2f}x")
         print(f"  codes identical:    {identical} ({len(ours)} images)")
 
-        subset = torch.stack([load_image_pixels(p).pixels for p in paths[: args.bf16_images]])
-        model_bf16 = load_vqgan(root / "ckpt").to(torch.bfloat16)
-        model_bf16.quantize.float()
-        with torch.inference_mode():
-            fp32 = loaded.encode_codes(subset)
-            bf16 = model_bf16.encode_codes(subset)
-        changed = (fp32 != bf16).float().mean().item()
-        print(f"  bf16 vs fp32:       {changed * 100:.1f}% of codes differ ({subset.shape[0]} images, random weights)")
+        if args.bf16_images == 0:
+            print("  bf16 vs fp32:       skipped (--bf16-images 0)")
+        else:
+            print_bf16_code_changes(root / "ckpt", loaded, paths[: args.bf16_images])
         if not identical:
             sys.exit("codes differ between the naive loop and our tokenizer")
+
+
+def print_bf16_code_changes(ckpt: Path, fp32_model: torch.nn.Module, paths: list[Path]) -> None:
+    subset = torch.stack([load_image_pixels(p).pixels for p in paths])
+    model_bf16 = load_vqgan(ckpt).to(torch.bfloat16)
+    model_bf16.quantize.float()
+    with torch.inference_mode():
+        fp32 = fp32_model.encode_codes(subset)
+        bf16 = model_bf16.encode_codes(subset)
+    changed = (fp32 != bf16).float().mean().item()
+    print(f"  bf16 vs fp32:       {changed * 100:.1f}% of codes differ ({subset.shape[0]} images, random weights)")
 
 
 def gpu_benchmark(args: argparse.Namespace) -> None:
@@ -141,12 +148,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--chunk-size", type=int, default=64)
-    parser.add_argument("--bf16-images", type=int, default=2)
+    parser.add_argument("--bf16-images", type=int, default=2,
+                        help="images to encode in bf16 and fp32 to count changed codes; 0 skips (bf16 is slow on most CPUs)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense TFLOP/s of the GPU for the bound (H100 SXM bf16: 989)")
     parser.add_argument("--gpu-batch", type=int, default=16)
     parser.add_argument("--gpu-iters", type=int, default=5)
     parser.add_argument("--skip-cpu", action="store_true")
     args = parser.parse_args()
+    if args.bf16_images < 0:
+        parser.error(f"--bf16-images must be 0 or more, got {args.bf16_images}")
     if not args.skip_cpu:
         cpu_benchmark(args)
     if torch.cuda.is_available():

@@ -13,10 +13,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_tokenize_bench_smoke_run() -> None:
     command = [sys.executable, str(REPO / "benchmarks" / "tokenize_bench.py"), "--images", "2", "--ch", "32",
-               "--batch-size", "2", "--workers", "0", "--chunk-size", "2", "--bf16-images", "1"]
+               "--batch-size", "2", "--workers", "0", "--chunk-size", "2", "--bf16-images", "0"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "codes identical:    True (2 images)" in out
     assert re.search(r"our tokenizer:\s+\d+\.\d+ images/s", out)
-    assert re.search(r"bf16 vs fp32:\s+\d+\.\d% of codes differ \(1 images", out)
+    # bf16 convolutions take over a minute per 512 px image on this CPU; tests/test_vqgan.py covers bf16 codes
+    assert "bf16 vs fp32:       skipped (--bf16-images 0)" in out
