@@ -23,7 +23,7 @@ from PIL import Image
 
 from medmax_pipeline.core.artifacts import read_artifact
 from medmax_pipeline.models.image_preprocess import load_image_pixels
-from medmax_pipeline.stages.tokenize_images import tokenize_shard
+from medmax_pipeline.stages.tokenize_images import prepare_vqgan, tokenize_shard
 from medmax_pipeline.models.vqgan import load_vqgan, make_random_vqgan, save_original_checkpoint
 
 ENCODER_GFLOP_PER_IMAGE = 554.0  # MEDMAX-FACTS, measured with FlopCounterMode at ch 128
@@ -101,8 +101,7 @@ def cpu_benchmark(args: argparse.Namespace) -> None:
 
 def print_bf16_code_changes(ckpt: Path, fp32_model: torch.nn.Module, paths: list[Path]) -> None:
     subset = torch.stack([load_image_pixels(p).pixels for p in paths])
-    model_bf16 = load_vqgan(ckpt).to(torch.bfloat16)
-    model_bf16.quantize.float()
+    model_bf16 = prepare_vqgan(ckpt, device="cpu", precision="bf16")  # the stage's own bf16 model
     with torch.inference_mode():
         fp32 = fp32_model.encode_codes(subset)
         bf16 = model_bf16.encode_codes(subset)
@@ -122,8 +121,7 @@ def gpu_benchmark(args: argparse.Namespace) -> None:
         set_cuda_precision(precision)
         run = model
         if precision == "bf16":
-            run = make_random_vqgan(ch=128, seed=0)[0].to(torch.bfloat16).cuda().eval()
-            run.quantize.float()
+            run = make_random_vqgan(ch=128, seed=0)[0].to_bf16_encoder().cuda().eval()
         with torch.inference_mode():
             codes = run.encode_codes(pixels)  # warm-up
             torch.cuda.synchronize()

@@ -25,6 +25,7 @@ from medmax_pipeline.stages.tokenize_images import (  # noqa: E402
     TokenizeInputError,
     chunk_ranges,
     gather_tokens,
+    prepare_vqgan,
     rank_chunks,
     read_image_list,
     shard_of,
@@ -257,6 +258,15 @@ def test_tf32_on_cpu_is_refused(dataset: dict, tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="cuda"):
             tokenize_shard(dataset["csv"], tmp_path, dataset["ckpt"], device="cuda", progress=False)
+
+
+def test_bf16_precision_keeps_the_codebook_search_in_fp32(dataset: dict) -> None:
+    model = prepare_vqgan(dataset["ckpt"], device="cpu", precision="bf16")
+    assert model.encoder.conv_in.weight.dtype == torch.bfloat16
+    assert model.quant_conv.weight.dtype == torch.bfloat16
+    assert model.quantize.embedding.weight.dtype == torch.float32
+    assert not model.training
+    assert prepare_vqgan(dataset["ckpt"], device="cpu", precision="fp32").encoder.conv_in.weight.dtype == torch.float32
 
 
 def test_torchrun_ranks_split_the_shard_and_give_the_same_artifact(dataset: dict, two_shard_run: dict, tmp_path: Path) -> None:

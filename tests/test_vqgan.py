@@ -275,7 +275,7 @@ def test_bf16_changes_some_codes() -> None:
     # 256 px, not 512: bf16 convolutions are slow on CPUs without bf16 units, and a 16x16 grid suffices here
     pixels = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(12)) * 2 - 1
     first = model.encode_codes(pixels)
-    model_bf16 = random_vqgan(cheap_params(), seed=9).to(torch.bfloat16)
-    model_bf16.quantize.float()
+    model_bf16 = random_vqgan(cheap_params(), seed=9).to_bf16_encoder()
+    assert model_bf16.dtype == torch.bfloat16 and model_bf16.quantize.embedding.weight.dtype == torch.float32
     changed = (model_bf16.encode_codes(pixels) != first).float().mean().item()
     assert 0 < changed < 1

@@ -312,6 +312,12 @@ class VQGAN(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.encoder.conv_in.weight.dtype
 
+    def to_bf16_encoder(self) -> "VQGAN":
+        """In place: convolutions in bfloat16, nearest-code search in float32 (tokenize --precision bf16)."""
+        self.to(torch.bfloat16)
+        self.quantize.float()  # bf16 distances would tie many codes; the argmin stays in fp32
+        return self
+
     @torch.no_grad()
     def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [B, 3, H, W] in [-1, 1] -> quant_conv output [B, embed_dim, H/16, W/16]."""

@@ -408,8 +408,7 @@ def prepare_vqgan(ckpt_dir: str | Path, device: str, precision: str, local_rank:
         target = torch.device("cpu")
     model = load_vqgan(ckpt_dir, device="cpu")
     if precision == "bf16":
-        model = model.to(torch.bfloat16)
-        model.quantize.float()  # encoder in bf16, nearest-code search in fp32
+        model = model.to_bf16_encoder()
     return model.to(target).eval()
 
 
