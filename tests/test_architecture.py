@@ -8,14 +8,15 @@ import ast
 import sys
 from pathlib import Path
 
+from medmax_pipeline.core.code_identity import imported_modules
+
 PACKAGE = Path(__file__).resolve().parents[1] / "medmax_pipeline"
 
 
-def imports_of(path: Path) -> list[str]:
-    tree = ast.parse(path.read_text())
-    found = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
-    found += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-    return [m.removeprefix("medmax_pipeline.") for m in found if m.startswith("medmax_pipeline.")]
+def imports_of(path: Path, package: Path = PACKAGE) -> list[str]:
+    """The package modules PATH imports, absolute (`medmax_pipeline.core.rows`) and relative
+    (`from .recipe import ...`) alike, without the package prefix."""
+    return sorted(m.removeprefix("medmax_pipeline.") for m in imported_modules(path, package) if m != "medmax_pipeline")
 
 
 def test_rooms_import_only_what_they_may() -> None:
@@ -48,3 +49,15 @@ def test_every_subcommand_module_exists_and_has_its_entry_points() -> None:
         suffix = name.replace("-", "_")
         assert hasattr(module, f"run_{suffix}") or hasattr(module, "run"), name
         assert hasattr(module, f"add_{suffix}_arguments") or hasattr(module, "add_arguments"), name
+
+
+def test_relative_imports_are_checked_too(tmp_path: Path) -> None:
+    """A stage module reaching another stage through a relative import is seen (issue 21 item 6)."""
+    package = tmp_path / "medmax_pipeline"
+    (package / "stages" / "train").mkdir(parents=True)
+    (package / "stages" / "assemble").mkdir(parents=True)
+    for rel in ("__init__.py", "stages/__init__.py", "stages/train/__init__.py", "stages/assemble/__init__.py", "stages/assemble/stage.py"):
+        (package / rel).write_text("")
+    (package / "stages/train/recipe.py").write_text("from ..assemble import stage\nfrom . import data\n")
+    (package / "stages/train/data.py").write_text("")
+    assert imports_of(package / "stages/train/recipe.py", package) == ["stages.assemble", "stages.assemble.stage", "stages.train", "stages.train.data"]

@@ -118,22 +118,6 @@ def test_a_change_inside_a_folder_input_reruns_what_reads_it(tmp_path: Path) -> 
     assert "tokenize_shard" in planned and "collect " not in planned.split("Job stats:")[-1].split("total")[0]
 
 
-def test_a_rules_code_version_follows_its_stage_and_the_shared_code_only(tmp_path: Path, monkeypatch) -> None:
-    from medmax_pipeline.core import folder_identity
-
-    package = tmp_path / "medmax_pipeline"
-    for rel in ("__init__.py", "cli.py", "core/artifacts.py", "models/vqgan.py", "stages/collect.py", "stages/train/recipe.py"):
-        (package / rel).parent.mkdir(parents=True, exist_ok=True)
-        (package / rel).write_text(f"# {rel}\n")
-    monkeypatch.setattr(folder_identity, "PACKAGE_DIR", package)
-    collect, train = folder_identity.package_code_fingerprint(["stages/collect.py"]), folder_identity.package_code_fingerprint(["stages/train"])
-    (package / "stages/train/recipe.py").write_text("# changed\n")
-    assert folder_identity.package_code_fingerprint(["stages/collect.py"]) == collect  # another stage's code
-    assert folder_identity.package_code_fingerprint(["stages/train"]) != train
-    (package / "core/artifacts.py").write_text("# changed\n")
-    assert folder_identity.package_code_fingerprint(["stages/collect.py"]) != collect  # shared code
-
-
 def test_eval_and_dataset_paths_share_one_syntactic_rule(tmp_path: Path) -> None:
     """core/paths.relative_path_problem serves collect and generation: a NUL byte is refused by
     both (generation used to raise a bare ValueError), and so are absolute and '..' paths."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -121,13 +122,45 @@ def test_rerun_does_nothing(run_dir: Path, judge_config: Path) -> None:
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
+def planned_jobs(result: subprocess.CompletedProcess) -> set[str]:
+    """The rules a dry run plans (empty when there is nothing to be done)."""
+    plan = result.stdout + result.stderr
+    if "Job stats:" not in plan:
+        return set()
+    return {line.split()[0] for line in plan.split("Job stats:")[1].splitlines()[3:] if line.strip() and not line.startswith("total")}
+
+
+def test_editing_bookkeeping_code_plans_no_tokenize_train_or_generate_job(run_dir: Path, judge_config: Path, tmp_path: Path) -> None:
+    """Issue 21 item 2: a comment in cli.py, core/plots.py and report.py, a help string and a log
+    line change what no compute rule runs. The edited copy of the package is what the Snakefile
+    imports (PYTHONPATH), so the rules' code params are computed from it."""
+    package = tmp_path / "pkg" / "medmax_pipeline"
+    shutil.copytree(REPO / "medmax_pipeline", package, ignore=shutil.ignore_patterns("__pycache__"))
+    for rel in ("cli.py", "core/plots.py", "stages/evaluate/report.py"):
+        (package / rel).write_text("# an edited comment\n" + (package / rel).read_text())
+    cli = package / "cli.py"
+    cli.write_text(cli.read_text().replace("stage 2: VQGAN-tokenize one shard of images", "stage 2: tokenize one shard"))
+    recipe = package / "stages/train/recipe.py"
+    assert "reporter.close()" in recipe.read_text()
+    recipe.write_text(recipe.read_text().replace("reporter.close()", "print('an added log line')\n    reporter.close()", 1))
+    env = {**os.environ, JUDGE_KEY_ENV: JUDGE_KEY, "PYTHONPATH": str(package.parent)}
+    result = snakemake(run_dir, "-n", configfiles=(judge_config,), env=env)
+    assert result.returncode == 0, result.stderr
+    assert planned_jobs(result) & {"tokenize_shard", "gather_tokens", "train", "generate", "assemble", "collect"} == set()
+    # the control: an edit to code that computes tokens plans tokenization again
+    tokenize = package / "stages/tokenize_images.py"
+    tokenize.write_text(tokenize.read_text() + "\nEDITED_FOR_THE_TEST = 1\n")
+    result = snakemake(run_dir, "-n", configfiles=(judge_config,), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "tokenize_shard" in planned_jobs(result) and "train" in planned_jobs(result)
+
+
 def test_changing_the_shard_count_reruns_tokenization_onward_only(run_dir: Path, judge_config: Path, tmp_path: Path) -> None:
     overlay = tmp_path / "shards.yaml"
     overlay.write_text(yaml.safe_dump({"tokenize": {"num_shards": 3}}))
     result = snakemake(run_dir, "-n", configfiles=(judge_config, overlay))
     assert result.returncode == 0, result.stderr
-    plan = result.stdout + result.stderr
-    jobs = {line.split()[0] for line in plan.split("Job stats:")[1].splitlines()[3:] if line.strip() and not line.startswith("total")}
+    jobs = planned_jobs(result)
     assert {"tokenize_shard", "gather_tokens"} <= jobs
     assert "collect" not in jobs and "demo" not in jobs
 

@@ -79,21 +79,3 @@ def write_manifest_if_changed(folder: str | Path, manifest_path: str | Path) -> 
     tmp.write_text(text)
     tmp.replace(manifest_path)
     return manifest_path
-
-
-PACKAGE_DIR = Path(__file__).resolve().parents[1]
-
-
-def package_code_fingerprint(stage_parts: tuple[str, ...] | list[str]) -> str:
-    """A hash of the package sources one stage runs: STAGE_PARTS (paths under medmax_pipeline/,
-    a module or a package folder) plus core/, models/, __init__.py and cli.py, which every stage
-    uses. Names and bytes of every .py file, in sorted order."""
-    digest = hashlib.blake2b(digest_size=8)
-    for part in ("core", "models", "__init__.py", "cli.py", *stage_parts):
-        path = PACKAGE_DIR / part
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no such part of the package")
-        for source in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
-            digest.update(source.relative_to(PACKAGE_DIR).as_posix().encode())
-            digest.update(source.read_bytes())
-    return digest.hexdigest()

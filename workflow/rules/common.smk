@@ -6,7 +6,8 @@ from pathlib import Path
 from snakemake.settings.types import DeploymentMethod
 
 from medmax_pipeline.core.config import ConfigError, validate_config
-from medmax_pipeline.core.folder_identity import package_code_fingerprint, write_manifest_if_changed
+from medmax_pipeline.core.code_identity import code_identity, stage_modules
+from medmax_pipeline.core.folder_identity import write_manifest_if_changed
 from medmax_pipeline.core.image_keys import format_credentialed_spec
 
 try:
@@ -37,10 +38,11 @@ def torchrun(nproc):
     return f"{PYTHON} -m torch.distributed.run --standalone --nproc-per-node {nproc} -m medmax_pipeline"
 
 def code_version(*stage_parts):
-    """A param for every rule: a hash of the package code it runs (its stage plus core/ and
-    models/), so a change to that code reruns the rule and what follows; Snakemake's own code
-    trigger sees only the rule's shell command, not the package it calls."""
-    return package_code_fingerprint(stage_parts)
+    """A param for every rule: a hash of the package code it runs (the import closure of its stage
+    module or package, core/code_identity.py), so a change to that code reruns the rule and what
+    follows, and a change elsewhere (another stage, the command line's help, the report, a
+    comment or a log line) reruns nothing; Snakemake's own code trigger sees only the shell command."""
+    return code_identity([m for part in stage_parts for m in stage_modules(part)])
 
 
 RESULTS = config["results_dir"]

@@ -34,7 +34,7 @@ rule generate:
     output:
         predictions=results("evaluate", "predictions_{model}.parquet"),
     params:
-        code=code_version("stages/evaluate"),
+        code=code_version("stages/evaluate/generate.py"),
         medmax=MEDMAX,
         adapter=lambda wildcards, input: f"--adapter {shlex.quote(input.adapter)}" if wildcards.model == "trained" else "",
         max_items=f"--max-items {EVAL['max_items']}" if EVAL["max_items"] else "",
@@ -84,7 +84,7 @@ rule clip_scores:
         images=directory(results("evaluate", "images_{model}")),
     params:
         medmax=MEDMAX,
-        code=code_version("stages/evaluate"),
+        code=code_version("stages/evaluate/clip_scores.py"),
         clip=f"--clip {shlex.quote(EVAL['clip'])}" if EVAL["clip"] else "",
         clip_text_tower=f"--clip-text-tower {shlex.quote(EVAL['clip_text_tower'])}" if EVAL["clip_text_tower"] else "",
     wildcard_constraints:
@@ -108,7 +108,7 @@ rule judge:
         replies=results("evaluate", "judge_{model}.parquet"),
     params:
         medmax=MEDMAX,
-        code=code_version("stages/evaluate"),
+        code=code_version("stages/evaluate/judge_replies.py"),
         # The judge config is built from config values here, not read from a file.
         options=lambda wildcards: judge_command_options(
             EVAL["judge"], results("evaluate", f"judge_cache_{wildcards.model}.jsonl")
@@ -137,7 +137,7 @@ rule score:
         summary=results("evaluate", "{rules}", "score_summary.parquet"),
     params:
         medmax=MEDMAX,
-        code=code_version("stages/evaluate"),
+        code=code_version("stages/evaluate/score.py"),
         output_dir=lambda wildcards, output: Path(output.scores).parent,
         judge_replies=lambda wildcards, input: f"--judge-replies {shlex.join(input.judge_replies)}" if input.judge_replies else "",
         bootstrap=EVAL["bootstrap_samples"],
@@ -175,7 +175,7 @@ rule report_figures:
         loss_curve=results("report", "loss_curve.png"),
     params:
         medmax=MEDMAX,
-        code=code_version("stages/evaluate"),
+        code=code_version("stages/evaluate/report.py"),
         output_dir=lambda wildcards, output: Path(output.table).parent,
         images=lambda wildcards, input: shlex.join(f"{m}={d}" for m, d in zip(MODELS, input.images)),
     log:

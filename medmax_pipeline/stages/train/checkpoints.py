@@ -133,14 +133,12 @@ def base_model_identity(folder: Path) -> dict[str, Any]:
 
 
 def training_code_identity() -> str:
-    """Hash of the training code (this package and the Chameleon helpers): a checkpoint written by
-    other code is not resumed, so a fix to training never finishes from a stale checkpoint."""
-    from medmax_pipeline.models import chameleon
+    """Identity of the training code (the import closure of this package, core/code_identity.py):
+    a checkpoint written by code that computes differently is not resumed, so a fix to training
+    never finishes from a stale checkpoint; a comment, docstring or log line changes nothing."""
+    from medmax_pipeline.core.code_identity import code_identity, stage_modules
 
-    digest = hashlib.blake2b(digest_size=16)
-    for path in [*sorted(Path(__file__).parent.glob("*.py")), Path(chameleon.__file__)]:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
+    return code_identity(stage_modules("stages/train"))
 
 
 def build_run_config(cfg: TrainConfig, *, engine: str, precision: str, world_size: int, total_steps: int) -> dict[str, Any]:
