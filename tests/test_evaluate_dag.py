@@ -236,8 +236,10 @@ def test_score_refuses_artifacts_of_other_predictions(case, tmp_path):
 
 
 def test_judge_options_built_from_config_values():
-    options = judge_command_options({"base_url": "https://x.example/v1", "model": "gpt 4o", "api_key_env": "KEY",
-                                     "concurrency": 3, "max_retries": 2, "timeout_s": 9.5}, "results/c.jsonl")
+    settings = {"base_url": "https://x.example/v1", "model": "gpt 4o", "api_key_env": "KEY", "concurrency": 3,
+                "max_retries": 2, "timeout_s": 9.5, "max_retry_wait_s": 7.0, "max_reply_bytes": 5000,
+                "max_total_minutes": 1.5, "max_unjudged_fraction": 0.0, "allow_credentialed": True}
+    options = judge_command_options(settings, "results/c.jsonl")
     import argparse
 
     parser = argparse.ArgumentParser()
@@ -246,6 +248,13 @@ def test_judge_options_built_from_config_values():
     config = judge_config_from_args(args)
     assert (config.base_url, config.model, config.api_key_env, config.cache_path) == ("https://x.example/v1", "gpt 4o", "KEY", "results/c.jsonl")
     assert (config.concurrency, config.max_retries, config.timeout_s) == (3, 2, 9.5)
+    assert (config.max_retry_wait_s, config.max_reply_bytes, config.max_total_minutes) == (7.0, 5000, 1.5)
+    assert config.max_unjudged_fraction == 0.0 and config.allow_credentialed is True
+    # allow_credentialed: false is the default, given as no flag at all.
+    assert "--allow-credentialed" not in judge_command_options({**settings, "allow_credentialed": False})
+    off = judge_config_from_args(parser.parse_args(["--predictions", "p", "--output", "o",
+                                                    *shlex.split(judge_command_options({**settings, "allow_credentialed": False}))]))
+    assert off.allow_credentialed is False
     with pytest.raises(JudgeError, match="not options of medmax judge"):
         judge_command_options({"base_url": "u", "model": "m", "top_p": 0.5})
     with pytest.raises(JudgeError, match="either --judge-config or the settings"):

@@ -109,7 +109,8 @@ rule judge:
     params:
         medmax=MEDMAX,
         code=code_version("stages/evaluate/judge_replies.py"),
-        # The judge config is built from config values here, not read from a file.
+        # The judge config is built from config values here, not read from a file: every evaluate.judge
+        # key (retry and size/time limits, max_unjudged_fraction, allow_credentialed) becomes an option.
         options=lambda wildcards: judge_command_options(
             EVAL["judge"], results("evaluate", f"judge_cache_{wildcards.model}.jsonl")
         ),

@@ -310,34 +310,43 @@ def format_progress(rows_done: int, rows_total: int, tokens: int, elapsed_s: flo
     the `rows_this_run` rows generated since this run started (default: all; resumed rows cost nothing)."""
     rows_this_run = rows_done if rows_this_run is None else rows_this_run
     rate = tokens / elapsed_s if elapsed_s > 0 else 0.0
-    if rows_done >= rows_total:
-        eta = "0h00m00s"
-    elif rows_this_run > 0 and elapsed_s > 0:
-        eta_s = int(elapsed_s * (rows_total - rows_done) / rows_this_run)
-        eta = f"{eta_s // 3600}h{eta_s % 3600 // 60:02d}m{eta_s % 60:02d}s"
-    else:
-        eta = "unknown"
     pct = 100.0 * rows_done / rows_total if rows_total else 100.0
+    eta = eta_text(rows_done, rows_total, rows_this_run, elapsed_s)
     return f"generate: rows {rows_done}/{rows_total} ({pct:.1f}%), {rate:.1f} tokens/s, ETA {eta}"
 
 
+def eta_text(done: int, total: int, done_this_run: int, elapsed_s: float) -> str:
+    """'1h02m05s' left at this run's pace (items done before it, e.g. resumed, cost nothing)."""
+    if done >= total:
+        return "0h00m00s"
+    if done_this_run <= 0 or elapsed_s <= 0:
+        return "unknown"
+    eta_s = int(elapsed_s * (total - done) / done_this_run)
+    return f"{eta_s // 3600}h{eta_s % 3600 // 60:02d}m{eta_s % 60:02d}s"
+
+
 class Progress:
-    """tqdm on a terminal; otherwise a format_progress line at most every `interval_s` seconds (and at the end)."""
+    """tqdm on a terminal; otherwise a format_progress line at most every `interval_s` seconds (and at the end).
+
+    Other evaluate commands (judge) reuse it with their own `name`, `unit` and `describe(progress,
+    elapsed_s)` line."""
 
     def __init__(self, total: int, done: int = 0, interval_s: float = PROGRESS_INTERVAL_S, stream: Any = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, name: str = "generate", unit: str = "row",
+                 describe: Callable[["Progress", float], str] | None = None):
         self.total, self.done, self.tokens = total, done, 0
         self.stream = stream if stream is not None else sys.stderr
         self.interval_s, self.clock = interval_s, clock
         self.start = self.last = clock()
         self.start_done = done
+        self.describe = describe or (lambda p, elapsed: format_progress(p.done, p.total, p.tokens, elapsed, p.done - p.start_done))
         self.bar = None
         if getattr(self.stream, "isatty", lambda: False)():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=done, desc="generate", unit="row", file=self.stream)
+            self.bar = tqdm(total=total, initial=done, desc=name, unit=unit, file=self.stream)
 
-    def update(self, rows: int, tokens: int) -> None:
+    def update(self, rows: int, tokens: int = 0) -> None:
         self.done += rows
         self.tokens += tokens
         if self.bar is not None:
@@ -346,8 +355,7 @@ class Progress:
         now = self.clock()
         if now - self.last >= self.interval_s or self.done >= self.total:
             self.last = now
-            line = format_progress(self.done, self.total, self.tokens, now - self.start, self.done - self.start_done)
-            print(line, file=self.stream, flush=True)
+            print(self.describe(self, now - self.start), file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

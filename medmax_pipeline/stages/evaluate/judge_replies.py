@@ -3,7 +3,9 @@
     medmax judge --predictions results/evaluate/predictions_trained.parquet \
         --output results/evaluate/judge_trained.parquet \
         (--judge-config judge.json | --base-url URL --judge-model NAME [--api-key-env VAR]
-         [--cache-path FILE] [--concurrency N] [--temperature T] [--max-retries N] [--timeout-s S])
+         [--cache-path FILE] [--concurrency N] [--temperature T] [--max-retries N] [--timeout-s S]
+         [--max-retry-wait-s S] [--max-reply-bytes N] [--max-total-minutes M] [--max-unjudged-fraction F])
+        [--allow-credentialed]
     medmax judge --check --base-url URL --judge-model NAME [--api-key-env VAR]
 
 Judged rows and their requests (judge_protocols.py, the public requests byte for byte): open VQA
@@ -19,6 +21,16 @@ reads verdicts / scores from the replies, so no score job makes a request. The a
     cached          the reply came from the judge's cache (or from an identical request)
     failure         why there is no reply (null when there is one)
 
+Faults (judge.py): retryable ones are retried; the job fails (one `error:` line on stderr naming
+the endpoint and the counts, no artifact) when more than max_unjudged_fraction of the requests
+failed for good; replies already received stay cached, so a rerun asks only the rest. Progress
+lines (requests done/total, failures, rate, ETA) go to stderr.
+
+Credentialed predictions (footer medmax.credential = credentialed, or a credential = yes row) are
+sent only with allow_credentialed (evaluate.judge.allow_credentialed, --allow-credentialed):
+otherwise the job stops before sending anything; when allowed, the log names the endpoint that
+received them, and the artifact is credentialed like its input.
+
 Footer params carry the judge model, the request fields (temperature only if set), the request
 statistics and `predictions_fingerprint` (score pairs each artifact with its predictions file by
 it). The API key is read from the named environment variable and is never written anywhere.
@@ -28,19 +40,22 @@ it). The API key is read from the named environment variable and is never writte
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
 
-from medmax_pipeline.core.artifacts import write_artifact
+from medmax_pipeline.core.artifacts import describe_input, rows_are_credentialed, write_artifact
 from medmax_pipeline.stages.evaluate.judge import (
     JudgeConfig,
     JudgeError,
     JudgeReply,
     LLMJudge,
     check_endpoint,
+    endpoint_label,
     judge_config_from_mapping,
     load_judge_config,
 )
@@ -112,15 +127,33 @@ def request_params(config: JudgeConfig) -> dict[str, Any]:
     return {"judge_model": config.model, "judge_request_fields": fields, "judge_temperature": config.temperature}
 
 
+def is_credentialed(predictions: str | Path, table: pa.Table) -> bool:
+    """The predictions are credentialed: the artifact's footer says so, or a row has credential = yes."""
+    return describe_input(predictions)["credential"] == "credentialed" or rows_are_credentialed(table)
+
+
+def check_credentialed_allowed(predictions: str | Path, config: JudgeConfig) -> None:
+    """Refuse credentialed predictions unless the config allows sending them to this endpoint."""
+    if not config.allow_credentialed:
+        raise JudgeError(f"{predictions} is credentialed (medmax.credential); sending it to the judge endpoint "
+                         f"{endpoint_label(config.base_url)} needs evaluate.judge.allow_credentialed: true "
+                         f"(medmax judge --allow-credentialed) and a data use agreement that allows it; nothing was sent")
+
+
 def write_judge_replies(predictions: str | Path, output: str | Path, config: JudgeConfig, judge: Any = None) -> Path:
     """Judge one predictions file's judged rows; write the judge_replies artifact."""
-    rows = read_predictions(predictions).to_pylist()
+    table = read_predictions(predictions)
+    rows = table.to_pylist()
+    if judged_items(rows) and is_credentialed(predictions, table):
+        check_credentialed_allowed(predictions, config)
+        print(f"judge: sending credentialed predictions {predictions} to the judge endpoint "
+              f"{endpoint_label(config.base_url)} (allow_credentialed)", file=sys.stderr, flush=True)
     judge = judge if judge is not None else LLMJudge(config)
     replies = judge_rows(rows, judge, str(predictions))
-    table = pa.Table.from_pylist([reply_record(i, rows[i], r) for i, r in replies.items()], schema=JUDGE_REPLIES_SCHEMA)
+    records = pa.Table.from_pylist([reply_record(i, rows[i], r) for i, r in replies.items()], schema=JUDGE_REPLIES_SCHEMA)
     params = {"predictions_fingerprint": predictions_fingerprint(predictions), "predictions_rows": len(rows),
               **request_params(config), "judge_stats": judge.stats.as_dict()}
-    write_artifact(table, output, artifact=ARTIFACT, inputs=[predictions], params=params)
+    write_artifact(records, output, artifact=ARTIFACT, inputs=[predictions], params=params)
     return Path(output)
 
 
@@ -149,7 +182,9 @@ def check_judge_replies(replies: Mapping[int, Mapping[str, Any]], rows: Sequence
 NO_KEY_ENV = "none"  # --api-key-env none: the endpoint needs no key
 # The judge settings `medmax judge` takes as options (JudgeConfig fields; judge_model is its `model`).
 SETTING_OPTIONS = ("base_url", "judge_model", "api_key_env", "cache_path", "concurrency", "temperature", "max_retries",
-                   "timeout_s")
+                   "timeout_s", "max_retry_wait_s", "max_reply_bytes", "max_total_minutes", "max_unjudged_fraction",
+                   "allow_credentialed")
+FLAG_OPTIONS = ("allow_credentialed",)  # given as a bare flag when true
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -165,8 +200,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, help="sent only when given (the public requests send none)")
     parser.add_argument("--cache-path", help="jsonl cache of replies (a rerun asks nothing again)")
     parser.add_argument("--concurrency", type=int, help="requests in flight (default 4)")
-    parser.add_argument("--max-retries", type=int, help="the openai client's retries of 429 / 5xx / timeouts (default 5)")
-    parser.add_argument("--timeout-s", type=float, help="seconds per request (default 60)")
+    parser.add_argument("--max-retries", type=int, help="retries of 408/409/429/5xx, timeouts, connection errors "
+                        "and replies that are no chat completion (default 5)")
+    parser.add_argument("--timeout-s", type=float, help="seconds per try (default 60)")
+    parser.add_argument("--max-retry-wait-s", type=float, help="longest wait between tries; a longer Retry-After "
+                        "gives the request up (default 60)")
+    parser.add_argument("--max-reply-bytes", type=int, help="largest reply body read; a larger one is refused and "
+                        "not cached (default 1000000)")
+    parser.add_argument("--max-total-minutes", type=float, help="nothing is asked after this (default 240)")
+    parser.add_argument("--max-unjudged-fraction", type=float, help="share of requests that may fail for good before "
+                        "the job fails (default 0: any)")
+    parser.add_argument("--allow-credentialed", action="store_true", default=None,
+                        help="send credentialed predictions to this endpoint (off by default)")
 
 
 def judge_command_options(settings: Mapping[str, Any], cache_path: str | None = None) -> str:
@@ -182,16 +227,19 @@ def judge_command_options(settings: Mapping[str, Any], cache_path: str | None = 
     unknown = sorted(set(options) - set(SETTING_OPTIONS))
     if unknown:
         raise JudgeError(f"judge settings: {unknown} are not options of medmax judge ({sorted(SETTING_OPTIONS)})")
-    return " ".join(f"--{name.replace('_', '-')} {shlex.quote(str(value))}" for name, value in sorted(options.items()))
+    return " ".join(f"--{name.replace('_', '-')}" + ("" if name in FLAG_OPTIONS else f" {shlex.quote(str(value))}")
+                    for name, value in sorted(options.items()) if value is not False)
 
 
 def judge_config_from_args(args: argparse.Namespace) -> JudgeConfig:
     """A JudgeConfig from --judge-config, or from the individual settings (not both)."""
     given = {name: getattr(args, name) for name in SETTING_OPTIONS if getattr(args, name) is not None}
     if args.judge_config:
+        allow = given.pop("allow_credentialed", False)  # a consent, not a setting: it may join a config file
         if given:
             raise JudgeError(f"give either --judge-config or the settings {sorted(given)}, not both")
-        return load_judge_config(args.judge_config)
+        config = load_judge_config(args.judge_config)
+        return dataclasses.replace(config, allow_credentialed=True) if allow else config
     if "base_url" not in given or "judge_model" not in given:
         raise JudgeError("the judge needs --judge-config, or --base-url and --judge-model")
     given["model"] = given.pop("judge_model")
@@ -205,13 +253,13 @@ def run(args: argparse.Namespace) -> int:
         config = judge_config_from_args(args)
         if args.check:
             check_endpoint(config)
-            print(f"judge endpoint {config.base_url} answers")
+            print(f"judge endpoint {endpoint_label(config.base_url)} answers")
             return 0
         if not args.predictions or not args.output:
             raise JudgeError("--predictions and --output are required (unless --check)")
         path = write_judge_replies(args.predictions, args.output, config)
     except (ScoreError, JudgeError) as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {path}")
     return 0
