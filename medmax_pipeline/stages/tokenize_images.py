@@ -57,6 +57,7 @@ from medmax_pipeline.core.artifacts import (
     ArtifactError,
     ArtifactWriter,
     check_meta,
+    describe_input,
     iter_artifact_batches,
     read_artifact,
     read_meta,
@@ -623,7 +624,7 @@ def _tokenize_shard(
 
     num_tokens, num_errors = merge_chunks(
         chunk_dir, len(ranges), params_of, tokens_path, errors_path, input_csv,
-        ckpt_dir, vqgan_fingerprint, base_params, credentialed_csv=any(r.credential == "yes" for r in all_rows),
+        [ckpt_dir, *credentialed_roots], base_params, credentialed_csv=any(r.credential == "yes" for r in all_rows),
     )
     if world_size > 1:
         import torch.distributed as dist
@@ -643,20 +644,21 @@ def _tokenize_shard(
 
 def merge_chunks(
     chunk_dir: Path, num_chunks: int, params_of: Any, tokens_path: Path, errors_path: Path, input_csv: str | Path,
-    ckpt_dir: str | Path, vqgan_fingerprint: str, params: dict[str, Any], credentialed_csv: bool,
+    folder_inputs: Sequence[str | Path], params: dict[str, Any], credentialed_csv: bool,
 ) -> tuple[int, int]:
     """Write the shard's tokens and errors artifacts from its complete chunk files, in order."""
     missing = [c for c in range(num_chunks) if not chunk_is_complete(chunk_path(chunk_dir, c), params_of(c))]
     if missing:
         raise ArtifactError(f"{chunk_dir}: chunks {missing[:10]} are missing or stale; cannot merge the shard (run it again)")
-    ckpt_entry = {"path": str(ckpt_dir), "artifact": None, "fingerprint": vqgan_fingerprint, "credential": "public"}
+    # The checkpoint and the credentialed image roots, as folder identities (inspect recomputes them the same way).
+    folders = [describe_input(folder) for folder in folder_inputs]
     csv_inputs = {"inputs": [], "credentialed_inputs": [input_csv]} if credentialed_csv else {"inputs": [input_csv], "credentialed_inputs": []}
     num_tokens = num_errors = 0
     with ArtifactWriter(
-        tokens_path, TOKENS_SCHEMA, artifact=TOKENS_ARTIFACT, inputs=[*csv_inputs["inputs"], ckpt_entry],
+        tokens_path, TOKENS_SCHEMA, artifact=TOKENS_ARTIFACT, inputs=[*csv_inputs["inputs"], *folders],
         credentialed_inputs=csv_inputs["credentialed_inputs"], params=params,
     ) as tokens_writer, ArtifactWriter(
-        errors_path, ERRORS_SCHEMA, artifact=ERRORS_ARTIFACT, inputs=[*csv_inputs["inputs"], ckpt_entry],
+        errors_path, ERRORS_SCHEMA, artifact=ERRORS_ARTIFACT, inputs=[*csv_inputs["inputs"], *folders],
         credentialed_inputs=csv_inputs["credentialed_inputs"], params=params,
     ) as errors_writer:
         for c in range(num_chunks):
