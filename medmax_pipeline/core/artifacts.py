@@ -39,7 +39,6 @@ import base64
 import hashlib
 import json
 import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Sequence
@@ -50,6 +49,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from medmax_pipeline import __version__
+from medmax_pipeline.core.file_modes import unique_temp_path
 from medmax_pipeline.core.folder_identity import folder_fingerprint
 from medmax_pipeline.core.rows import CREDENTIAL_VALUES
 
@@ -366,19 +366,8 @@ def rows_are_credentialed(data: pa.Table | pa.RecordBatch) -> bool:
 
 
 def _create_temp_file(path: Path) -> Path:
-    """A new empty file next to `path`, named .<name>.<random>.tmp, with mode 0666 less the umask.
-
-    os.open lets the kernel apply the umask (tempfile.mkstemp would force 0600).
-    """
-    for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        os.close(fd)
-        return tmp
-    raise ArtifactError(f"could not create a temporary file next to {path}")
+    """A new empty file next to `path`, .<name>.<host>.<pid>.<random>.tmp, mode 0666 less the umask."""
+    return unique_temp_path(path)
 
 
 def _check_artifact_name(artifact: str) -> int:
