@@ -14,6 +14,7 @@ import sys
 from typing import Sequence
 
 from medmax_pipeline import __version__
+from medmax_pipeline.core.output_lock import run_holding_output_locks
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -61,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(rest)
     try:
-        return int(run(args) or 0)
+        return int(run_holding_output_locks(name, run, args) or 0)  # one writer per output: core/output_lock
     except Exception as exc:
         # An ordinary error (bad input, a file problem, or an error class the package defines on
         # purpose) is one `error:` line; anything else (TypeError, KeyError, ...) is a bug and keeps

@@ -181,7 +181,9 @@ def test_outputs_lineage_csv_and_credential(tree: dict) -> None:
     meta = read_meta(out / "image_paths.parquet")
     assert meta.artifact == "image_paths" and meta.credential == "credentialed"  # a local artifact
     assert read_meta(out / "image_path_problems.parquet").credential == "credentialed"
-    assert [i["path"] for i in meta.lineage["inputs"]] == [str(tree["train"]), str(tree["validation"])]
+    # The row files, then the image roots as folders (so inspect sees a changed image).
+    assert [i["path"] for i in meta.lineage["inputs"]] == [str(tree["train"]), str(tree["validation"]), str(tree["public"]), str(tree["mimic"])]
+    assert all(i["fingerprint"].startswith("manifest:") for i in meta.lineage["inputs"][2:])
     assert meta.lineage["params"]["credentialed"][0]["root"] == str(tree["mimic"])
     assert meta.lineage["params"]["credentialed"][0]["path_template"] == TEMPLATE_PRESETS["mimic_cxr_jpg"]
     table = read_artifact(out / "image_paths.parquet", artifact="image_paths")

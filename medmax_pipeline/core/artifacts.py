@@ -10,6 +10,14 @@ carries footer key/values:
     medmax.lineage          JSON: {"inputs": [{path, artifact, fingerprint, credential}], "params": {...}}
     medmax.credential       "public" or "credentialed"
     medmax.pipeline_version the package version
+    medmax.column_fingerprints each column's part of the fingerprint (JSON list, schema order)
+
+Every read verifies the content: read_artifact and iter_artifact_batches hash what they read, as
+the writer did, and refuse (ArtifactError naming the file) data that does not give the footer's
+fingerprint, so a flipped bit on disk never silently becomes data. A reader of some columns
+hashes only those and takes the other columns' digests from the footer. The streaming reader
+checks once it has handed over the last batch: its caller must read to the end (every stage does)
+and commit its outputs only after that.
 
 Writes are atomic: the file is written under a temporary name in the same folder and renamed
 into place only once complete, so a killed write never leaves a file that looks finished. Any
@@ -27,10 +35,10 @@ values are normalised as the row reader normalises them (surrounding whitespace,
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Sequence
@@ -41,6 +49,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from medmax_pipeline import __version__
+from medmax_pipeline.core.file_modes import unique_temp_path
 from medmax_pipeline.core.folder_identity import folder_fingerprint
 from medmax_pipeline.core.rows import CREDENTIAL_VALUES
 
@@ -74,6 +83,8 @@ KEY_FINGERPRINT = "medmax.fingerprint"
 KEY_LINEAGE = "medmax.lineage"
 KEY_CREDENTIAL = "medmax.credential"
 KEY_PIPELINE_VERSION = "medmax.pipeline_version"
+# Each column's digest (JSON list, schema order): a reader of some columns verifies just those.
+KEY_COLUMN_FINGERPRINTS = "medmax.column_fingerprints"
 FINGERPRINT_PREFIX = "blake2b:"
 
 
@@ -96,6 +107,7 @@ class ArtifactMeta:
     pipeline_version: str
     num_rows: int = 0
     extra: dict[str, str] = field(default_factory=dict)
+    column_fingerprints: list[str] | None = None  # None in artifacts written before they were stored
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,25 +193,41 @@ class _ColumnHasher:
 
 
 class Fingerprinter:
-    """Incremental content hash of a table with a fixed schema."""
+    """Incremental content hash of a table with a fixed schema.
 
-    def __init__(self, schema: pa.Schema) -> None:
+    `columns` (names of the schema) hashes only those columns, for a reader that reads only them:
+    the others' digests then come from the footer (see verify_fingerprint)."""
+
+    def __init__(self, schema: pa.Schema, columns: Sequence[str] | None = None) -> None:
         self.schema = schema
-        self.columns = [_ColumnHasher(f.type) for f in schema]
+        self.names = list(schema.names if columns is None else columns)
+        types = [f.type for f in schema] if columns is None else [schema.field(name).type for name in self.names]
+        self.columns = [_ColumnHasher(t) for t in types]
         self.num_rows = 0
 
     def update(self, data: pa.Table | pa.RecordBatch) -> None:
+        """DATA holds the hashed columns in order (a projected read) or the whole schema."""
+        by_position = data.num_columns == len(self.names)
         for i, hasher in enumerate(self.columns):
-            hasher.update(data.column(i))
+            hasher.update(data.column(i) if by_position else data.column(self.names[i]))
         self.num_rows += data.num_rows
 
+    def column_digests(self) -> list[str]:
+        """Each hashed column's digest (hex), in the order of self.names."""
+        return [hasher.digest().hex() for hasher in self.columns]
+
     def hexdigest(self) -> str:
-        h = new_hash()
-        header = [[f.name, str(f.type)] for f in self.schema]
-        h.update(json.dumps({"columns": header, "rows": self.num_rows}).encode())
-        for hasher in self.columns:
-            h.update(hasher.digest())
-        return FINGERPRINT_PREFIX + h.hexdigest()
+        return combine_fingerprint(self.schema, self.num_rows, self.column_digests())
+
+
+def combine_fingerprint(schema: pa.Schema, num_rows: int, column_digests: Sequence[str]) -> str:
+    """The table's fingerprint from its schema, row count and every column's digest (hex, in order)."""
+    h = new_hash()
+    header = [[f.name, str(f.type)] for f in schema]
+    h.update(json.dumps({"columns": header, "rows": num_rows}).encode())
+    for digest in column_digests:
+        h.update(bytes.fromhex(digest))
+    return FINGERPRINT_PREFIX + h.hexdigest()
 
 
 def fingerprint_table(table: pa.Table) -> str:
@@ -222,9 +250,13 @@ def _hash_file(path: Path) -> str:
 
 
 def current_fingerprint(path: str | Path) -> str:
-    """What a lineage entry records for a plain input now: a file's content hash, a folder's cheap
-    identity (core/folder_identity: names, sizes, times, small config files' contents)."""
+    """An input's identity as a lineage entry records it, one per kind of input: an artifact's
+    content fingerprint (its footer), a plain file's content hash, a folder's cheap identity
+    (core/folder_identity: names, sizes, times, small config files' contents). describe_input
+    records it and `medmax inspect` recomputes it with this one function, so they never disagree."""
     path = Path(path)
+    if path.is_file() and path.suffix == ".parquet" and is_artifact(path):
+        return read_meta(path).fingerprint
     return _hash_file(path) if path.is_file() else folder_fingerprint(path)
 
 
@@ -278,7 +310,7 @@ def describe_input(path: str | Path, credentialed: bool = False) -> dict[str, An
         return {
             "path": str(path),
             "artifact": meta.artifact,
-            "fingerprint": meta.fingerprint,
+            "fingerprint": current_fingerprint(path),
             "credential": meta.credential,
         }
     fingerprint = current_fingerprint(path)
@@ -334,19 +366,8 @@ def rows_are_credentialed(data: pa.Table | pa.RecordBatch) -> bool:
 
 
 def _create_temp_file(path: Path) -> Path:
-    """A new empty file next to `path`, named .<name>.<random>.tmp, with mode 0666 less the umask.
-
-    os.open lets the kernel apply the umask (tempfile.mkstemp would force 0600).
-    """
-    for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        os.close(fd)
-        return tmp
-    raise ArtifactError(f"could not create a temporary file next to {path}")
+    """A new empty file next to `path`, .<name>.<host>.<pid>.<random>.tmp, mode 0666 less the umask."""
+    return unique_temp_path(path)
 
 
 def _check_artifact_name(artifact: str) -> int:
@@ -447,6 +468,7 @@ class ArtifactWriter:
             KEY_ARTIFACT: self.artifact,
             KEY_SCHEMA_VERSION: str(self.schema_version),
             KEY_FINGERPRINT: self._fingerprinter.hexdigest(),
+            KEY_COLUMN_FINGERPRINTS: json.dumps(self._fingerprinter.column_digests()),
             # Serialised again: a stage may complete an input's entry in self.lineage while it
             # streams (assemble hashes its row file while reading it).
             KEY_LINEAGE: json.dumps(self.lineage, sort_keys=True, default=_json_default),
@@ -542,20 +564,34 @@ def read_meta(path: str | Path) -> ArtifactMeta:
         file_meta = pq.read_metadata(path)
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise ArtifactError(f"{path} is not a readable parquet file: {exc}") from exc
-    kv = {k.decode(): v.decode() for k, v in (file_meta.metadata or {}).items()}
+    try:
+        kv = {k.decode(): v.decode() for k, v in (file_meta.metadata or {}).items()}
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{path}: damaged footer (not UTF-8: {exc}); rerun the stage that makes it") from None
     missing = [k for k in (KEY_ARTIFACT, KEY_SCHEMA_VERSION, KEY_FINGERPRINT, KEY_LINEAGE, KEY_CREDENTIAL) if k not in kv]
     if missing:
         raise ArtifactError(f"{path} is not a medmax artifact: footer lacks {', '.join(missing)}")
+    try:
+        schema_version = int(kv[KEY_SCHEMA_VERSION])
+        lineage = json.loads(kv[KEY_LINEAGE])
+        columns = json.loads(kv[KEY_COLUMN_FINGERPRINTS]) if KEY_COLUMN_FINGERPRINTS in kv else None
+    except ValueError as exc:
+        raise ArtifactError(f"{path}: damaged footer ({exc}); rerun the stage that makes it") from None
+    if kv[KEY_CREDENTIAL] not in ("public", "credentialed") or not isinstance(lineage, dict):
+        raise ArtifactError(f"{path}: damaged footer (credential {kv[KEY_CREDENTIAL]!r}); rerun the stage that makes it")
+    if columns is not None and not (isinstance(columns, list) and all(isinstance(c, str) for c in columns)):
+        raise ArtifactError(f"{path}: damaged footer ({KEY_COLUMN_FINGERPRINTS}); rerun the stage that makes it")
     return ArtifactMeta(
         path=str(path),
         artifact=kv[KEY_ARTIFACT],
-        schema_version=int(kv[KEY_SCHEMA_VERSION]),
+        schema_version=schema_version,
         fingerprint=kv[KEY_FINGERPRINT],
-        lineage=json.loads(kv[KEY_LINEAGE]),
+        lineage=lineage,
         credential=kv[KEY_CREDENTIAL],  # type: ignore[arg-type]
         pipeline_version=kv.get(KEY_PIPELINE_VERSION, "unknown"),
         num_rows=file_meta.num_rows,
         extra={k: v for k, v in kv.items() if not k.startswith("medmax.") and k != "ARROW:schema"},
+        column_fingerprints=columns,
     )
 
 
@@ -575,26 +611,124 @@ def check_meta(meta: ArtifactMeta, artifact: str | None) -> None:
         )
 
 
+def _damaged(path: str | Path, exc: BaseException) -> ArtifactError:
+    first_line = (str(exc).splitlines() or [""])[0]
+    return ArtifactError(f"{path} is damaged: reading it failed ({type(exc).__name__}: {first_line}); rerun the stage that makes it")
+
+
+def _written_schema(path: str | Path) -> pa.Schema:
+    """The arrow schema as the writer had it (the footer's ARROW:schema): the fingerprint hashed its
+    type names, and reading the file back renames a list's item field."""
+    kv = pq.read_metadata(path).metadata or {}
+    if b"ARROW:schema" not in kv:
+        return pq.read_schema(path).remove_metadata()
+    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(kv[b"ARROW:schema"]))).remove_metadata()
+
+
+class ContentCheck:
+    """Hashes what a reader reads of one artifact, as the writer hashed it, and compares the result
+    with the footer's fingerprint (finish). `hashed` are the columns to read: the requested ones,
+    or every column when the footer has no per-column digests to stand for the others."""
+
+    def __init__(self, meta: ArtifactMeta, columns: Sequence[str] | None) -> None:
+        self.meta = meta
+        try:
+            self.schema = _written_schema(meta.path)
+            read_schema = pq.read_schema(meta.path)
+        except Exception as exc:
+            raise _damaged(meta.path, exc) from None
+        names = self.schema.names
+        # Type equality ignores a list's item name, which the parquet round trip changes ('element').
+        if read_schema.names != names or not all(a.type.equals(b.type) for a, b in zip(read_schema, self.schema)):
+            raise ArtifactError(f"{meta.path}: damaged footer (the parquet schema does not match the arrow schema); rerun the stage that makes it")
+        self.columns = list(names if columns is None else columns)
+        absent = [c for c in self.columns if c not in names]
+        if absent:
+            raise ArtifactError(f"{meta.path}: {meta.artifact} has no column(s) {', '.join(absent)} (it has {', '.join(names)})")
+        stored = meta.column_fingerprints
+        if stored is not None and len(stored) != len(names):
+            raise ArtifactError(f"{meta.path}: damaged footer ({len(stored)} column digests for {len(names)} columns); rerun the stage that makes it")
+        self.hashed = self.columns if stored is not None else names
+        self._fingerprinter = Fingerprinter(self.schema, self.hashed)
+
+    def update(self, data: pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
+        """Hash DATA (read with columns=self.hashed); return the requested columns of it."""
+        self._fingerprinter.update(data)
+        return data if self.hashed is self.columns else data.select(self.columns)
+
+    def finish(self) -> None:
+        digests = dict(zip(self.hashed, self._fingerprinter.column_digests()))
+        stored = self.meta.column_fingerprints
+        differ = [n for i, n in enumerate(self.schema.names) if stored is not None and n in digests and digests[n] != stored[i]]
+        full = [digests[n] if n in digests else stored[i] for i, n in enumerate(self.schema.names)]  # type: ignore[index]
+        if differ or combine_fingerprint(self.schema, self._fingerprinter.num_rows, full) != self.meta.fingerprint:
+            where = f" (column(s) {', '.join(differ)})" if differ else ""
+            raise ArtifactError(
+                f"{self.meta.path}: content does not match the fingerprint in its footer{where}: the file is damaged "
+                "or was changed outside the pipeline; rerun the stage that makes it"
+            )
+
+
 def read_artifact(path: str | Path, artifact: str | None = None, columns: Sequence[str] | None = None) -> pa.Table:
-    """Read a whole artifact after checking its name and schema version."""
+    """Read a whole artifact (or some columns of it) after checking its name and schema version;
+    refuse content that does not match its fingerprint."""
     meta = read_meta(path)
     check_meta(meta, artifact)
-    table = pq.read_table(path, columns=list(columns) if columns is not None else None)
+    check = ContentCheck(meta, columns)
+    try:
+        table = pq.read_table(path, columns=check.hashed)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise _damaged(path, exc) from None
+    table = check.update(table)
+    check.finish()
     return table.replace_schema_metadata(None)
 
 
 def iter_artifact_batches(
     path: str | Path, artifact: str | None = None, batch_size: int = 65536, columns: Sequence[str] | None = None
 ) -> Iterator[pa.RecordBatch]:
-    """Stream an artifact's rows in batches after checking its name and schema version."""
+    """Stream an artifact's rows in batches after checking its name and schema version. Raises
+    ArtifactError after the last batch when the content does not match its fingerprint: read to the
+    end before committing anything made from the batches."""
     meta = read_meta(path)
     check_meta(meta, artifact)
-    parquet_file = pq.ParquetFile(path)
-    yield from parquet_file.iter_batches(batch_size=batch_size, columns=list(columns) if columns else None)
+    check = ContentCheck(meta, list(columns) if columns else None)
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=check.hashed)
+    except Exception as exc:
+        raise _damaged(path, exc) from None
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            break
+        except Exception as exc:
+            raise _damaged(path, exc) from None
+        yield check.update(batch)
+    check.finish()
+
+
+STALE = "(changed since: stale)"
+
+
+def input_status(entry: Mapping[str, Any]) -> str:
+    """'' when a lineage entry's input is as recorded, else why not (STALE, or missing now)."""
+    path = Path(entry.get("path", ""))
+    if not entry.get("path") or not entry.get("fingerprint"):
+        return ""
+    if not path.exists():
+        return "(missing now)"
+    try:
+        current = current_fingerprint(path)
+    except (OSError, ArtifactError):
+        return STALE  # unreadable now: not what was recorded
+    return "" if current == entry["fingerprint"] else STALE
 
 
 def lineage_tree(path: str | Path, depth: int = 0, seen: set[str] | None = None) -> list[str]:
-    """Lines describing an artifact and, indented, the inputs it was made from, recursively."""
+    """Lines describing an artifact and, indented, the inputs it was made from, recursively. Each
+    input is compared with what was recorded (input_status); an artifact reached a second time is
+    listed once more, compared the same way, without its inputs."""
     seen = set() if seen is None else seen
     meta = read_meta(path)
     pad = "  " * depth
@@ -602,20 +736,18 @@ def lineage_tree(path: str | Path, depth: int = 0, seen: set[str] | None = None)
     if meta.lineage.get("params") and depth == 0:
         lines.append(f"{pad}  params: {json.dumps(meta.lineage['params'], sort_keys=True)}")
     for entry in meta.lineage.get("inputs", []):
-        input_path = entry.get("path", "?")
-        if entry.get("artifact") and Path(input_path).exists() and input_path not in seen:
+        input_path = str(entry.get("path", "?"))
+        status = input_status(entry)
+        suffix = f"  {status}" if status else ""
+        if Path(input_path).is_file() and is_artifact(input_path) and input_path not in seen:
             seen.add(input_path)
-            current = read_meta(input_path).fingerprint
-            stale = "" if current == entry.get("fingerprint") else "  (changed since: stale)"
             sub = lineage_tree(input_path, depth + 1, seen)
-            sub[0] += stale
+            sub[0] += suffix
             lines.extend(sub)
-        else:
-            kind = entry.get("artifact") or ("folder" if Path(input_path).is_dir() else "file")
-            changed = ""
-            if Path(input_path).exists() and entry.get("fingerprint") and current_fingerprint(input_path) != entry["fingerprint"]:
-                changed = "  (changed since: stale)"
-            lines.append(f"{pad}  {input_path}: {kind} {entry.get('credential')} {str(entry.get('fingerprint'))[:31]}{changed}")
+            continue
+        kind = entry.get("artifact") or ("folder" if Path(input_path).is_dir() else "file")
+        again = " (listed above)" if input_path in seen else ""
+        lines.append(f"{pad}  {input_path}: {kind} {entry.get('credential')} {str(entry.get('fingerprint'))[:31]}{again}{suffix}")
     return lines
 
 

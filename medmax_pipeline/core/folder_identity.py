@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from medmax_pipeline.core.file_modes import write_text_atomic
+
 SMALL_FILE_SUFFIXES = (".json", ".yaml", ".yml", ".txt", ".model")
 SMALL_FILE_LIMIT = 1 << 20
 # Written by the pipeline into folders it makes; their churn says nothing about the data.
@@ -75,7 +77,5 @@ def write_manifest_if_changed(folder: str | Path, manifest_path: str | Path) -> 
     if manifest_path.is_file() and manifest_path.read_text() == text:
         return manifest_path
     manifest_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = manifest_path.with_name(f".{manifest_path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(manifest_path)
-    return manifest_path
+    # A unique temporary name: Snakemake on two nodes may plan at once over a shared results folder.
+    return write_text_atomic(manifest_path, text)

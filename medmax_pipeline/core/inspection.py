@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from medmax_pipeline.core.artifacts import ArtifactError, check_meta, format_meta, lineage_tree, read_meta
+from medmax_pipeline.core.artifacts import STALE, ArtifactError, check_meta, format_meta, lineage_tree, read_meta
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
                 lines = lineage_tree(path)
                 print("lineage:")
                 print("\n".join("  " + line for line in lines))
-                stale = [line.strip().split(":")[0] for line in lines if line.endswith("(changed since: stale)")]
+                stale = [line.strip().split(": ")[0] for line in lines if line.endswith(STALE)]
                 if stale:
                     print(f"warning: {len(stale)} input(s) changed since {path} was written (stale): {', '.join(stale)}")
                     status = 1

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from medmax_pipeline.core import constants as C
+from medmax_pipeline.core.file_modes import honour_umask
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json", "processor_config.json", "chat_template.json")
 
@@ -232,6 +233,7 @@ def build_tiny_chameleon(
     model.save_pretrained(out_dir)
     if tokenizer_json is not None:
         shutil.copyfile(tokenizer_json, out_dir / "tokenizer.json")
+    honour_umask(out_dir)  # safetensors writes 0600
     return out_dir
 
 
@@ -587,6 +589,7 @@ def finish_output_folder(tmp: Path, final: str | Path, marker: str, record: Mapp
     final = Path(final)
     (tmp / marker).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     (tmp / PARTIAL_MARKER).unlink()
+    honour_umask(tmp)  # safetensors writes 0600, copytree keeps the source's modes: the umask decides
     if final.exists():
         if not _ours_or_empty(final, marker):  # checked again: it may have changed while we worked
             raise FileExistsError(f"{final} appeared while writing and is not ours; the result is left in {tmp}")

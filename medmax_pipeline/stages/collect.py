@@ -358,9 +358,11 @@ def collect(
         "credentialed": [_source_params(s) for s in credentialed],
         "splits": [split for split, _ in row_files],
     }
-    # The row files are the inputs; image roots go in params (hashing whole image folders is too slow at scale).
-    # A mapping file is an input too, a credentialed one: it spells out credentialed image paths.
-    inputs = [file for _, file in row_files]
+    # The row files and the image roots are the inputs (a root by its folder identity: names, sizes,
+    # times; core/folder_identity); a mapping file is an input too, a credentialed one: it spells out
+    # credentialed image paths.
+    roots = [*([public_root] if include_public else []), *(s.root for s in credentialed)]
+    inputs = [file for _, file in row_files] + [Path(root).expanduser() for root in roots if root is not None]
     mappings = [s.mapping.path for s in credentialed if s.mapping is not None]
     image_meta = write_artifact(image_table, output_dir / IMAGE_PATHS_FILE, artifact="image_paths", inputs=inputs,
                                 credentialed_inputs=mappings, params=params)

@@ -8,8 +8,9 @@ resolved img_path): the file is decoded and encoded once and every key gets its 
 whose file lies under a credentialed root (--credentialed-root, symlinks followed) is credential
 = yes whatever the CSV says, so a CSV with only img_path cannot publish credentialed tokens.
 
-One run per shard: a run holds an flock on DIR/.shard-I-of-N.lock while it works (rank 0 under
-torchrun), so a second run on the same shard stops at once naming the lock file and its pid.
+One run per shard: a run holds DIR/.shard-I-of-N.lock while it works (rank 0 under torchrun;
+core/output_lock: flock, or exclusive creation where the filesystem has no flock), so a second
+run on the same shard stops at once naming the lock file, its pid and host.
 
 Sharding: an image belongs to shard blake2b-64(img_path as UTF-8) mod N, so each distinct path
 lands in exactly one shard for any N, with no padding rows, and an image's shard does not depend
@@ -35,15 +36,13 @@ Precision: fp32 (default; TF32 explicitly disabled on CUDA so codes are reproduc
 from __future__ import annotations
 
 import argparse
-import errno
-import fcntl
 import hashlib
 import heapq
 import json
 import os
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -57,12 +56,14 @@ from medmax_pipeline.core.artifacts import (
     ArtifactError,
     ArtifactWriter,
     check_meta,
+    describe_input,
     iter_artifact_batches,
     read_artifact,
     read_meta,
     write_artifact,
 )
 from medmax_pipeline.core.constants import CODES_PER_IMAGE, NUM_IMAGE_CODES
+from medmax_pipeline.core.output_lock import OutputLockedError, hold_lock
 from medmax_pipeline.models.image_preprocess import DEFAULT_MAX_PIXELS
 from medmax_pipeline.models.vqgan import VQGANLoadError
 
@@ -101,10 +102,6 @@ CHUNK_SCHEMA = pa.schema([*TOKENS_SCHEMA, pa.field("reason", pa.string())])
 
 class TokenizeInputError(ValueError):
     """The image list or an argument is unusable (missing column, empty path, bad credential, bad count)."""
-
-
-class OutputLockedError(RuntimeError):
-    """Another run is tokenizing the same shard into the same folder."""
 
 
 class DeviceUnavailableError(RuntimeError):
@@ -264,43 +261,6 @@ def shard_stem(shard: int, num_shards: int) -> str:
 
 def shard_lock_path(output_dir: str | Path, shard: int, num_shards: int) -> Path:
     return Path(output_dir) / f".{shard_stem(shard, num_shards)}.lock"
-
-
-@contextmanager
-def hold_lock(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on lock_path (holding our pid) or raise OutputLockedError at once.
-
-    The file is removed on release while still locked; a run that opened it before the removal
-    sees that the path no longer names its file and tries again, so two runs never both hold it.
-    """
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            raise OutputLockedError(
-                f"another medmax tokenize run holds {lock_path} (pid {holder}) for this shard; "
-                "wait for it to finish (or stop it) before running the shard again"
-            ) from None
-        try:
-            same_file = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same_file = False
-        if same_file:
-            break
-        os.close(fd)  # removed by the run that held it just before: take the new file
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        lock_path.unlink(missing_ok=True)
-        os.close(fd)
 
 
 def shard_paths(output_dir: str | Path, shard: int, num_shards: int) -> tuple[Path, Path, Path]:
@@ -507,7 +467,7 @@ def tokenize_shard(
     check_shard_arguments(shard, num_shards, batch_size, workers, chunk_size)
     rank, world_size, local_rank = distributed_env()
     # Rank 0 speaks for a torchrun job: the other ranks of the same job must not be refused.
-    lock = hold_lock(shard_lock_path(output_dir, shard, num_shards)) if rank == 0 else nullcontext()
+    lock = hold_lock(shard_lock_path(output_dir, shard, num_shards), "medmax tokenize") if rank == 0 else nullcontext()
     with lock:
         return _tokenize_shard(
             input_csv, output_dir, ckpt_dir, shard, num_shards, batch_size, workers, device, precision, chunk_size,
@@ -623,7 +583,7 @@ def _tokenize_shard(
 
     num_tokens, num_errors = merge_chunks(
         chunk_dir, len(ranges), params_of, tokens_path, errors_path, input_csv,
-        ckpt_dir, vqgan_fingerprint, base_params, credentialed_csv=any(r.credential == "yes" for r in all_rows),
+        [ckpt_dir, *credentialed_roots], base_params, credentialed_csv=any(r.credential == "yes" for r in all_rows),
     )
     if world_size > 1:
         import torch.distributed as dist
@@ -643,20 +603,21 @@ def _tokenize_shard(
 
 def merge_chunks(
     chunk_dir: Path, num_chunks: int, params_of: Any, tokens_path: Path, errors_path: Path, input_csv: str | Path,
-    ckpt_dir: str | Path, vqgan_fingerprint: str, params: dict[str, Any], credentialed_csv: bool,
+    folder_inputs: Sequence[str | Path], params: dict[str, Any], credentialed_csv: bool,
 ) -> tuple[int, int]:
     """Write the shard's tokens and errors artifacts from its complete chunk files, in order."""
     missing = [c for c in range(num_chunks) if not chunk_is_complete(chunk_path(chunk_dir, c), params_of(c))]
     if missing:
         raise ArtifactError(f"{chunk_dir}: chunks {missing[:10]} are missing or stale; cannot merge the shard (run it again)")
-    ckpt_entry = {"path": str(ckpt_dir), "artifact": None, "fingerprint": vqgan_fingerprint, "credential": "public"}
+    # The checkpoint and the credentialed image roots, as folder identities (inspect recomputes them the same way).
+    folders = [describe_input(folder) for folder in folder_inputs]
     csv_inputs = {"inputs": [], "credentialed_inputs": [input_csv]} if credentialed_csv else {"inputs": [input_csv], "credentialed_inputs": []}
     num_tokens = num_errors = 0
     with ArtifactWriter(
-        tokens_path, TOKENS_SCHEMA, artifact=TOKENS_ARTIFACT, inputs=[*csv_inputs["inputs"], ckpt_entry],
+        tokens_path, TOKENS_SCHEMA, artifact=TOKENS_ARTIFACT, inputs=[*csv_inputs["inputs"], *folders],
         credentialed_inputs=csv_inputs["credentialed_inputs"], params=params,
     ) as tokens_writer, ArtifactWriter(
-        errors_path, ERRORS_SCHEMA, artifact=ERRORS_ARTIFACT, inputs=[*csv_inputs["inputs"], ckpt_entry],
+        errors_path, ERRORS_SCHEMA, artifact=ERRORS_ARTIFACT, inputs=[*csv_inputs["inputs"], *folders],
         credentialed_inputs=csv_inputs["credentialed_inputs"], params=params,
     ) as errors_writer:
         for c in range(num_chunks):

@@ -45,4 +45,4 @@ rule assemble:
         " --tokenizer {params.tokenizer:q} {params.credentialed} --max-length {params.max_length}"
         " --overflow {params.overflow} --max-error-fraction {params.max_error_fraction}"
         " --max-published-mismatch-fraction {params.max_published_mismatch}"
-        " --output-dir {params.output_dir:q} > {log:q} 2>&1"
+        " --output-dir {params.output_dir:q} >> {log:q} 2>&1"

@@ -26,4 +26,4 @@ rule collect:
     shell:
         "{params.medmax} collect --rows train={input.train:q} --rows validation={input.validation:q}"
         " --public-root {input.public_root:q} {params.credentialed} {params.include_public}"
-        " --output-dir {params.output_dir:q} > {log:q} 2>&1"
+        " --output-dir {params.output_dir:q} >> {log:q} 2>&1"

@@ -17,4 +17,4 @@ rule convert_checkpoint:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "{params.medmax} convert-checkpoint --checkpoint {input.checkpoint:q} --output {output.base_model:q} > {log:q} 2>&1"
+        "{params.medmax} convert-checkpoint --checkpoint {input.checkpoint:q} --output {output.base_model:q} >> {log:q} 2>&1"

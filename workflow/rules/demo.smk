@@ -37,4 +37,4 @@ if config["demo"]["enabled"]:
             " --public-root {output.public_root:q} {params.credentialed}"
             " --eval-set {output.eval_set:q} --eval-image-root {output.eval_images:q} --clip {output.clip:q}"
             " --clip-text-tower {output.clip_text_tower:q}"
-            " > {log:q} 2>&1"
+            " >> {log:q} 2>&1"

@@ -63,7 +63,7 @@ rule generate:
         " --ckpt {input.checkpoint:q} --base-model {input.base_model:q} {params.adapter}"
         " --model-name {wildcards.model} --output {output.predictions:q} --batch-size {params.batch_size}"
         " --device {params.device} --decoding {params.decoding} {params.budgets}"
-        " {params.image_generation_rows} {params.max_items} > {log:q} 2>&1"
+        " {params.image_generation_rows} {params.max_items} >> {log:q} 2>&1"
 
 
 rule clip_scores:
@@ -96,7 +96,7 @@ rule clip_scores:
     shell:
         "{params.medmax} clip-scores --predictions {input.predictions:q} --output {output.clip_scores:q}"
         " --image-dir {output.images:q} --ckpt {input.checkpoint:q} --image-root {input.image_root:q} {params.clip}"
-        " {params.clip_text_tower} > {log:q} 2>&1"
+        " {params.clip_text_tower} >> {log:q} 2>&1"
 
 
 # Only planned when evaluate.judge is set: open VQA, visual_chat and mm_out text. The reply cache lives beside the artifact, one per model
@@ -123,7 +123,7 @@ rule judge:
     conda:
         "../../envs/data.yaml"
     shell:
-        "{params.medmax} judge --predictions {input.predictions:q} --output {output.replies:q} {params.options} > {log:q} 2>&1"
+        "{params.medmax} judge --predictions {input.predictions:q} --output {output.replies:q} {params.options} >> {log:q} 2>&1"
 
 
 rule score:
@@ -150,7 +150,7 @@ rule score:
         "../../envs/data.yaml"
     shell:
         "{params.medmax} score --predictions {input.predictions:q} --clip-scores {input.clip_scores:q} {params.judge_replies}"
-        " --output {params.output_dir:q} --rules {wildcards.rules} --n-bootstrap {params.bootstrap} --seed 0 > {log:q} 2>&1"
+        " --output {params.output_dir:q} --rules {wildcards.rules} --n-bootstrap {params.bootstrap} --seed 0 >> {log:q} 2>&1"
 
 
 rule report_figures:
@@ -185,4 +185,4 @@ rule report_figures:
         "../../envs/data.yaml"
     shell:
         "{params.medmax} report --summary {input.summaries:q} --train-metrics {input.metrics:q}"
-        " --coverage {input.coverage:q} --images {params.images} --output-dir {params.output_dir:q} > {log:q} 2>&1"
+        " --coverage {input.coverage:q} --images {params.images} --output-dir {params.output_dir:q} >> {log:q} 2>&1"

@@ -21,4 +21,4 @@ rule export:
         "../../envs/torch.yaml"
     shell:
         "{params.medmax} export --base-model {input.base_model:q} --adapter {input.adapter:q} --checkpoint {input.checkpoint:q}"
-        " --output-checkpoint {output.checkpoint:q} --output-hf {output.merged_hf:q} > {log:q} 2>&1"
+        " --output-checkpoint {output.checkpoint:q} --output-hf {output.merged_hf:q} >> {log:q} 2>&1"

@@ -40,7 +40,7 @@ rule tokenize_shard:
         "{params.launcher} tokenize --input {input.csv:q} --output {params.output_dir:q} --ckpt {input.checkpoint:q}"
         " --shard {wildcards.shard} --num-shards {params.num_shards} --batch-size {params.batch_size}"
         " --workers {params.workers} --chunk-size {params.chunk_size} --device {params.device}"
-        " --precision {params.precision} {params.credentialed_roots} > {log:q} 2>&1"
+        " --precision {params.precision} {params.credentialed_roots} >> {log:q} 2>&1"
 
 
 rule gather_tokens:
@@ -64,4 +64,4 @@ rule gather_tokens:
         "../../envs/data.yaml"
     shell:
         "{params.medmax} gather-tokens --shards {params.shards_dir:q} --num-shards {params.num_shards}"
-        " --output {output.tokens:q} --errors {output.errors:q} > {log:q} 2>&1"
+        " --output {output.tokens:q} --errors {output.errors:q} >> {log:q} 2>&1"

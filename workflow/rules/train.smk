@@ -51,4 +51,4 @@ rule train:
         " --separator-stats {input.separator_stats:q} --base-model {input.base_model:q} --output {params.output_dir:q}"
         " {params.recipe} --target-modules {params.target_modules} --deepspeed {input.deepspeed:q} {params.max_steps} {params.merge}"
         " --no-progress"
-        " > {log:q} 2>&1"
+        " >> {log:q} 2>&1"

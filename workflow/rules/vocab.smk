@@ -17,4 +17,4 @@ rule map_vocab:
         "../../envs/data.yaml"
     shell:
         "{params.medmax} map-vocab --tokens {input.tokens:q} --tokenizer {params.tokenizer:q}"
-        " --output {output.blocks:q} > {log:q} 2>&1"
+        " --output {output.blocks:q} >> {log:q} 2>&1"

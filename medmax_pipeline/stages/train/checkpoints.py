@@ -43,6 +43,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from medmax_pipeline.core.artifacts import PROVENANCE_FILE, ArtifactError, read_meta, read_provenance
+from medmax_pipeline.core.file_modes import honour_umask
 
 from .config import TrainConfig, TrainInputError
 from .distributed import Dist
@@ -289,6 +290,7 @@ def save_checkpoint(
     if dist.is_main:
         record = {"kind": CHECKPOINT_RECORD_KIND, "credential": credential, "run_id": root.name, "step": step, "files": file_manifest(tmp)}
         _write_json(tmp / PROVENANCE_FILE, record)
+        honour_umask(tmp)  # safetensors writes 0600
         if final.exists():  # a rerun after the end rewrites the final checkpoint
             shutil.rmtree(final)
         os.replace(tmp, final)  # the rename is what makes the checkpoint complete

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import torch
 
 from medmax_pipeline.core import constants as C
-from medmax_pipeline.core.artifacts import ArtifactError, check_meta, read_meta
+from medmax_pipeline.core.artifacts import ArtifactError, check_meta, read_artifact, read_meta
 
 from .config import LOSS_MASKS, TrainConfig, TrainInputError
 
@@ -253,7 +253,10 @@ def _read_split(path: Path, split: str) -> tuple[list[str], pa.ListArray, list[s
     missing = [c for c in ("row_id", "split", "tokens", "task") if c not in names]
     if missing:
         raise TrainInputError(f"dataset {path} lacks column(s) {', '.join(missing)}")
-    table = pq.read_table(path, columns=["row_id", "split", "tokens", "task"])
+    try:
+        table = read_artifact(path, "dataset", columns=["row_id", "split", "tokens", "task"])  # content verified
+    except ArtifactError as exc:
+        raise TrainInputError(f"dataset {path}: {exc}") from exc
     splits = sorted(set(table.column("split").to_pylist()))
     table = table.filter(pc.equal(table.column("split"), split))
     if table.num_rows == 0:
@@ -297,7 +300,10 @@ def eos_masked_from_separator_stats(path: str | Path, loss_mask: str, expected_r
         check_meta(meta, "separator_stats")
     except ArtifactError as exc:
         raise TrainInputError(f"separator stats {path}: {exc}") from exc
-    table = pq.read_table(path, columns=["task", "rows", column]).to_pylist()
+    try:
+        table = read_artifact(path, "separator_stats", columns=["task", "rows", column]).to_pylist()  # content verified
+    except ArtifactError as exc:
+        raise TrainInputError(f"separator stats {path}: {exc}") from exc
     by_task: dict[str, list[int]] = {}
     for row in table:
         counts = by_task.setdefault("" if row["task"] is None else str(row["task"]), [0, 0])

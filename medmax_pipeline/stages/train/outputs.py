@@ -3,7 +3,6 @@ and on request merged/ (the base model with the adapter folded in)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -14,6 +13,7 @@ import pyarrow as pa
 import torch
 
 from medmax_pipeline.core.artifacts import PROVENANCE_FILE, read_meta, write_artifact
+from medmax_pipeline.core.file_modes import honour_umask
 from medmax_pipeline.models import chameleon
 
 from .config import TrainConfig
@@ -61,6 +61,7 @@ def save_adapter(model: torch.nn.Module, output: Path, cfg: TrainConfig, run_con
         "credential": dataset_meta.credential, "base_model": str(cfg.base_model), "run_id": run_id, "run_config": run_config,
     }
     (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1, default=str))
+    honour_umask(tmp)  # safetensors writes 0600
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -75,10 +76,9 @@ def write_metrics(
     table = pa.Table.from_pylist(metrics, schema=METRICS_SCHEMA)
     inputs: list[Any] = [cfg.dataset] + ([cfg.eval_dataset] if cfg.eval_dataset else [])
     inputs += [cfg.separator_stats] if cfg.separator_stats else []
-    # The base model enters the lineage by config.json hash and weight sizes: hashing 14 GB of
-    # safetensors for a lineage line is not worth it.
-    identity = hashlib.blake2b(json.dumps(run_config["base_model"], sort_keys=True).encode(), digest_size=32).hexdigest()
-    inputs.append({"path": str(cfg.base_model), "artifact": None, "fingerprint": f"config+sizes:{identity}", "credential": "public"})
+    # The base model is a folder input, by its folder identity (names, sizes, times, small config
+    # files' contents: core/folder_identity), as `medmax inspect` recomputes it; no 14 GB hash.
+    inputs.append(cfg.base_model)
     write_artifact(table, path, artifact="train_metrics", inputs=inputs, params={**run_config, "rows": dict(rows)})
     return path
 
@@ -97,6 +97,7 @@ def merge_adapter(
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(str(tmp))
     chameleon.copy_tokenizer_files(base_model, tmp)
+    honour_umask(tmp)  # safetensors writes 0600
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir
