@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from medmax_pipeline.core.artifacts import PROVENANCE_FILE, ArtifactError, read_meta, read_provenance
 from medmax_pipeline.core.file_modes import honour_umask
 
-from .config import TrainConfig, TrainInputError
+from .config import IDENTITY_FIELDS, TrainConfig, TrainInputError
 from .distributed import Dist
 from .engines import Engine
 
@@ -53,13 +53,9 @@ CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 RUN_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 RUN_RECORD_KIND = "train_checkpoints"
 CHECKPOINT_RECORD_KIND = "train_checkpoint"
-# TrainConfig fields that change what a run computes; with the inputs' identities and the code's
-# hash they make the run config (and its hash, the run id).
-RUN_CONFIG_FIELDS = (
-    "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr", "weight_decay", "scheduler", "warmup_ratio",
-    "epochs", "batch_size", "grad_accum", "max_length", "max_grad_norm", "seed", "group_size", "eval_every",
-    "gradient_checkpointing", "loss_mask", "loss_normalization",
-)
+# TrainConfig fields that change what a run computes (their Setting says so: config.py); with the
+# inputs' identities and the code's they make the run config (and its hash, the run id).
+RUN_CONFIG_FIELDS = IDENTITY_FIELDS
 
 
 @dataclass

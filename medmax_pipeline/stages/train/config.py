@@ -1,9 +1,18 @@
-"""The training settings (one frozen dataclass, checked before anything runs) and the input error."""
+"""The training settings: one frozen dataclass, the one source of every setting.
+
+Each field carries a `Setting` (help, bounds or choices, its config.yaml key, whether it changes what
+the run computes). From it come the command line (`add_arguments`, `config_from_args`), the checks
+(`TrainConfig.validate`), the run id's fields (`IDENTITY_FIELDS`) and the workflow rule's options
+(`workflow_arguments`); tests/test_train_settings.py checks the config schema against it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, Mapping
 
 from medmax_pipeline.core import constants as C
 
@@ -18,72 +27,154 @@ class TrainInputError(ValueError):
 
 
 @dataclass(frozen=True)
+class Setting:
+    """What a TrainConfig field is: its help, its bounds, where it is set and what it changes."""
+
+    help: str
+    key: str | None = None  # its key under `train:` in config.yaml; None: the command line only
+    identity: bool = False  # changes what the run computes: part of the run id (checkpoints resume only within one)
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    exclusive_maximum: bool = False
+    choices: tuple[str, ...] | None = None
+    hidden: bool = False  # a test hook: kept out of --help
+
+    def problem(self, name: str, value: Any) -> str | None:
+        """Why VALUE is not allowed for the field NAME, or None."""
+        flag = cli_flag(name)
+        if value is None:
+            return None
+        if self.choices is not None and value not in self.choices:
+            return f"{flag} must be one of {', '.join(self.choices)}, got {value!r}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{flag} must be a finite number, got {value}"
+        low_ok = self.minimum is None or (value > self.minimum if self.exclusive_minimum else value >= self.minimum)
+        high_ok = self.maximum is None or (value < self.maximum if self.exclusive_maximum else value <= self.maximum)
+        if not (low_ok and high_ok):
+            return f"{flag} must be {self.range_text()}, got {value}"
+        return None
+
+    def range_text(self) -> str:
+        if self.maximum is None:
+            return f"{'>' if self.exclusive_minimum else '>='} {self.minimum:g}"
+        low = f"{'(' if self.exclusive_minimum else '['}{self.minimum:g}"
+        return f"in {low}, {self.maximum:g}{')' if self.exclusive_maximum else ']'}"
+
+
+def setting(default: Any = dataclasses.MISSING, /, help: str = "", **settings: Any) -> Any:
+    """A TrainConfig field with its Setting (`default` omitted: a required field)."""
+    meta = {"setting": Setting(help=help, **settings)}
+    if default is dataclasses.MISSING:
+        return field(metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def cli_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     # The field order is the key order of the run config written into checkpoints and the adapter.
-    dataset: Path
-    base_model: Path
-    output: Path
-    eval_dataset: Path | None = None
-    tokenizer: Path | None = None  # tokenizer JSON to compare the model's vocabulary_map with
-    lora_r: int = 16
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    scheduler: str = "cosine"
-    warmup_ratio: float = 0.1
-    epochs: int = 3
-    batch_size: int = 1
-    grad_accum: int = 1
-    max_length: int = C.DEFAULT_MAX_LENGTH
-    max_grad_norm: float = 1.0
-    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    save_every: int = 1000  # optimizer steps between checkpoints; 0: only the final one
-    keep_checkpoints: int = 2  # newest complete checkpoints kept; 0: keep all
-    eval_every: int = 0  # optimizer steps between evaluations; 0: at the end of each epoch only
-    seed: int = 0
-    deepspeed: Path | None = None
-    merge: bool = False
-    max_steps: int | None = None  # caps the optimizer steps; the schedule is fitted to the cap
-    gradient_checkpointing: bool = False
-    group_size: int = 64  # length grouping: rows are sorted by length in windows of batch_size * group_size
-    device: str = "auto"
-    progress: bool = True
-    stop_after_step: int | None = None  # test hook: stop (as if killed) right after this step
-    loss_mask: str = "first_separator"  # MedMax's public rule; "alternating" masks every user turn
-    loss_normalization: str = "row_mean"  # each row's mean token loss averaged over rows (HF's mean CE at batch 1)
-    separator_stats: Path | None = None  # assembly's separator_stats artifact of the training split
-    max_masked_fraction: float = 0.01  # most rows of a task whose final eos the loss mask may mask
-    max_dropped_fraction: float = 0.01  # most rows read that may go untrained (nothing to train on, rank balance)
-    log_interval: float = 30.0  # seconds between progress lines when there is no progress bar
+    dataset: Path = setting(help="dataset artifact (stage 4); its 'train' rows are used")
+    base_model: Path = setting(help="HF ChameleonForConditionalGeneration folder")
+    output: Path = setting(help="folder for adapter/, checkpoints/, train_metrics.parquet, loss_curve.png")
+    eval_dataset: Path | None = setting(None, help="dataset artifact whose 'validation' rows give an eval loss")
+    tokenizer: Path | None = setting(None, help="tokenizer JSON the model's vocabulary_map must agree with (default: BASE/tokenizer.json if present)")
+    lora_r: int = setting(16, help="LoRA rank", key="lora_r", identity=True, minimum=1)
+    lora_alpha: int = setting(16, help="LoRA alpha (the update is scaled by alpha / r)", key="lora_alpha", identity=True, minimum=1)
+    lora_dropout: float = setting(0.05, help="dropout on the LoRA input", key="lora_dropout", identity=True, minimum=0, maximum=1, exclusive_maximum=True)
+    target_modules: tuple[str, ...] = setting(DEFAULT_TARGET_MODULES, help="comma-separated module names LoRA adapts", key="target_modules", identity=True)
+    lr: float = setting(1e-4, help="peak learning rate (AdamW)", key="learning_rate", identity=True, minimum=0, maximum=1, exclusive_minimum=True)
+    weight_decay: float = setting(0.0, help="AdamW weight decay", key="weight_decay", identity=True, minimum=0, maximum=1)
+    scheduler: str = setting("cosine", help="learning-rate schedule after the warmup", key="scheduler", identity=True, choices=SCHEDULERS)
+    warmup_ratio: float = setting(0.1, help="fraction of the steps spent warming up", key="warmup_ratio", identity=True, minimum=0, maximum=1, exclusive_maximum=True)
+    epochs: int = setting(3, help="passes over the training rows", key="epochs", identity=True, minimum=1)
+    batch_size: int = setting(1, help="rows per device per micro-batch", key="batch_size", identity=True, minimum=1)
+    grad_accum: int = setting(1, help="micro-batches per optimizer step", key="grad_accum", identity=True, minimum=1)
+    max_length: int = setting(C.DEFAULT_MAX_LENGTH, help="longest training sequence in tokens", key="max_length", identity=True, minimum=2)
+    max_grad_norm: float = setting(1.0, help="gradient clipping norm", key="max_grad_norm", identity=True, minimum=0, exclusive_minimum=True)
+    precision: str = setting("auto", help="auto: bf16 on GPU, fp32 on CPU", key="precision", choices=("auto", "fp32", "bf16"))
+    save_every: int = setting(1000, help="optimizer steps between checkpoints (0: final only)", key="save_every", minimum=0)
+    keep_checkpoints: int = setting(2, help="newest checkpoints kept (0: all)", key="keep_checkpoints", minimum=0)
+    eval_every: int = setting(0, help="steps between eval losses (0: each epoch end)", key="eval_every", identity=True, minimum=0)
+    seed: int = setting(0, help="seed of the LoRA init, dropout and row order", key="seed", identity=True, minimum=0)
+    deepspeed: Path | None = setting(None, help="train on a DeepSpeed engine with this JSON (workflow/deepspeed/zero2.json); NCCL on GPUs, gloo on CPU")
+    merge: bool = setting(False, help="also save OUTPUT/merged, the base model with the adapter folded in", key="merge")
+    max_steps: int | None = setting(None, help="stop after this many optimizer steps (the schedule is fitted to it)", key="max_steps", minimum=1)
+    gradient_checkpointing: bool = setting(False, help="recompute activations in the backward pass (less memory, more time)", key="gradient_checkpointing", identity=True)
+    group_size: int = setting(64, help="length grouping: rows are sorted by length in windows of batch_size * group_size", key="group_size", identity=True, minimum=1)
+    device: str = setting("auto", help="auto, cpu, cuda, cuda:N")
+    progress: bool = setting(True, help="a tqdm progress bar (--no-progress: progress lines instead)")
+    stop_after_step: int | None = setting(None, help="stop (as if killed) right after this step", hidden=True, minimum=1)
+    loss_mask: str = setting("first_separator", help="first_separator: train after the first 8710 (a row without one whole); alternating: mask every user turn", key="loss_mask", identity=True, choices=LOSS_MASKS)
+    loss_normalization: str = setting("row_mean", help="row_mean: rows weigh the same; token_mean: label tokens weigh the same", key="loss_normalization", identity=True, choices=LOSS_NORMALIZATIONS)
+    separator_stats: Path | None = setting(None, help="assembly's separator_stats artifact of the training split (the final-eos check reads it)")
+    max_masked_fraction: float = setting(0.01, help="refuse a loss mask that masks the final eos of more of some task's rows", key="max_masked_fraction", minimum=0, maximum=1)
+    max_dropped_fraction: float = setting(0.01, help="refuse when more of the rows read would not be trained", key="max_dropped_fraction", minimum=0, maximum=1)
+    log_interval: float = setting(30.0, help="seconds between progress lines in the log when there is no progress bar", key="log_interval", minimum=0)
 
     def validate(self) -> None:
-        checks = [
-            (self.lora_r > 0, f"--lora-r must be positive, got {self.lora_r}"),
-            (self.lora_alpha > 0, f"--lora-alpha must be positive, got {self.lora_alpha}"),
-            (0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"),
-            (len(self.target_modules) > 0, "--target-modules is empty"),
-            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
-            (self.scheduler in SCHEDULERS, f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}"),
-            (0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}"),
-            (self.epochs > 0, f"--epochs must be positive, got {self.epochs}"),
-            (self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),
-            (self.grad_accum > 0, f"--grad-accum must be positive, got {self.grad_accum}"),
-            (self.max_length >= 2, f"--max-length must be at least 2, got {self.max_length}"),
-            (self.precision in ("auto", "fp32", "bf16"), f"--precision must be auto, fp32 or bf16, got {self.precision!r}"),
-            (self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}"),
-            (self.keep_checkpoints >= 0, f"--keep-checkpoints must be >= 0, got {self.keep_checkpoints}"),
-            (self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}"),
-            (self.max_steps is None or self.max_steps > 0, f"--max-steps must be positive, got {self.max_steps}"),
-            (self.group_size > 0, f"--group-size must be positive, got {self.group_size}"),
-            (self.loss_mask in LOSS_MASKS, f"--loss-mask must be one of {', '.join(LOSS_MASKS)}, got {self.loss_mask!r}"),
-            (self.loss_normalization in LOSS_NORMALIZATIONS,
-             f"--loss-normalization must be one of {', '.join(LOSS_NORMALIZATIONS)}, got {self.loss_normalization!r}"),
-            (0 <= self.max_masked_fraction <= 1, f"--max-masked-fraction must be in [0, 1], got {self.max_masked_fraction}"),
-            (0 <= self.max_dropped_fraction <= 1, f"--max-dropped-fraction must be in [0, 1], got {self.max_dropped_fraction}"),
-            (self.log_interval >= 0, f"--log-interval must be >= 0, got {self.log_interval}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise TrainInputError(message)
+        if len(self.target_modules) == 0:
+            raise TrainInputError("--target-modules is empty")
+        for f in fields(self):
+            problem = f.metadata["setting"].problem(f.name, getattr(self, f.name))
+            if problem:
+                raise TrainInputError(problem)
+
+
+SETTINGS: dict[str, Setting] = {f.name: f.metadata["setting"] for f in fields(TrainConfig)}
+# Fields that change what a run computes; with the inputs' identities and the code's they make the
+# run config (and its hash, the run id).
+IDENTITY_FIELDS: tuple[str, ...] = tuple(name for name, s in SETTINGS.items() if s.identity)
+_FIELD_TYPES = {f.name: str(f.type) for f in fields(TrainConfig)}
+
+
+def _value_type(name: str) -> type:
+    """The Python type of a field's value on the command line (from its annotation)."""
+    annotation = _FIELD_TYPES[name].replace(" | None", "")
+    return {"int": int, "float": float, "str": str, "Path": Path, "bool": bool, "tuple[str, ...]": str}[annotation]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field, from its Setting: type, default, choices and help."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    for name, s in SETTINGS.items():
+        help_text = argparse.SUPPRESS if s.hidden else s.help
+        value_type, default = _value_type(name), defaults[name]
+        if value_type is bool and default is True:
+            parser.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_false", help=help_text)
+        elif value_type is bool:
+            parser.add_argument(cli_flag(name), action="store_true", help=help_text)
+        elif isinstance(default, tuple):
+            parser.add_argument(cli_flag(name), default=",".join(default), help=help_text)
+        else:
+            required = default is dataclasses.MISSING
+            parser.add_argument(cli_flag(name), type=value_type, choices=s.choices, required=required,
+                                default=None if required else default, help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = {name: getattr(args, name) for name in SETTINGS}
+    values["target_modules"] = tuple(m.strip() for m in values["target_modules"].split(",") if m.strip())
+    return TrainConfig(**values)
+
+
+def workflow_arguments(section: Mapping[str, Any]) -> list[str]:
+    """The command-line options for the config.yaml `train:` SECTION: one per setting with a config
+    key (paths are the rule's inputs and outputs, not settings). The train rule passes these."""
+    options: list[str] = []
+    for name, s in SETTINGS.items():
+        if s.key is None or s.key not in section or _value_type(name) is Path:
+            continue
+        value = section[s.key]
+        if _value_type(name) is bool:
+            options += [cli_flag(name)] if value else []
+        elif value is None:
+            continue
+        elif isinstance(value, (list, tuple)):
+            options += [cli_flag(name), ",".join(map(str, value))]
+        else:
+            options += [cli_flag(name), str(value)]
+    return options
