@@ -36,7 +36,6 @@ from medmax_pipeline.core import constants as C
 
 MIN_RESPONSE_CHARS = 64
 
-_WHITESPACE = re.compile(r"\s+")
 _CREDENTIAL_KEY = b'"credential"'
 # A line whose only "credential" key says no (any case, padded): a public row, not decoded.
 _PUBLIC_LABEL = re.compile(rb'"credential"[ \t\r\n]*:[ \t\r\n]*"[ \t]*[nN][oO][ \t]*"')
@@ -49,8 +48,10 @@ def response_text(text: str) -> str:
 
 
 def normalise(text: str) -> str:
-    """NFKC, casefold, whitespace runs collapsed to one space, stripped."""
-    return _WHITESPACE.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+    """NFKC, casefold, whitespace runs (str.isspace) collapsed to one space, stripped."""
+    if not text.isascii():  # NFKC leaves ASCII as it is (most rows: skipped)
+        text = unicodedata.normalize("NFKC", text)
+    return " ".join(text.casefold().split())
 
 
 def response_digest(text: str) -> bytes | None:
@@ -73,7 +74,8 @@ def _credentialed_texts_jsonl(path: Path) -> Iterator[str]:
     without decoding (public rows: their ~9 KB of token ids are never parsed here)."""
     with open(path, "rb") as f:
         for raw_line in f:
-            if raw_line.count(_CREDENTIAL_KEY) == 1 and _PUBLIC_LABEL.search(raw_line):
+            at = raw_line.find(_CREDENTIAL_KEY)
+            if at >= 0 and raw_line.find(_CREDENTIAL_KEY, at + 1) < 0 and _PUBLIC_LABEL.match(raw_line, at):
                 continue
             try:
                 row = json.loads(raw_line)
