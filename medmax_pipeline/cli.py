@@ -33,7 +33,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "score": ("medmax_pipeline.stages.evaluate.score", "stage 6: score predictions with a named rule set"),
     "report": ("medmax_pipeline.stages.evaluate.report", "stage 6: figures and tables for the Snakemake report"),
     "inspect": ("medmax_pipeline.core.inspection", "print an artifact's metadata and walk its lineage"),
-    "validate-config": ("medmax_pipeline.core.config", "validate a config file against the schema"),
+    "validate-config": ("medmax_pipeline.core.config", "validate a config (with --configfile files merged over it, as the workflow merges them)"),
 }
 
 

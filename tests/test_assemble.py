@@ -549,3 +549,112 @@ def test_a_failure_anywhere_leaves_nothing_and_a_retry_succeeds(inputs, tmp_path
         assert list(scratch_root.iterdir()) == []  # no shared-memory handoff or codes folder
     run_stage(inputs, out, workers=workers)
     assert sorted(p.name for p in out.iterdir()) == sorted(stage.OUTPUT_FILES)
+
+
+# --- an image input with a renamed column (issue 20 item 14) --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "option, rename, message",
+    [
+        ("image_blocks", {"image_key": "key"}, "the image_blocks file has no column 'image_key'"),
+        ("image_blocks", {"block": "codes"}, "the image_blocks file has no column 'block'"),
+        ("token_errors", {"reason": "why"}, "the image_token_errors file has no column 'reason'"),
+        ("path_problems", {"image_key": "key"}, "the image_path_problems file has no column 'image_key'"),
+    ],
+)
+def test_an_image_input_with_a_renamed_column_is_one_error_naming_file_and_column(inputs, tmp_path, capsys, option, rename, message):
+    artifact = {"image_blocks": "image_blocks", "token_errors": "image_token_errors", "path_problems": "image_path_problems"}[option]
+    table = read_artifact(inputs[option])
+    renamed = tmp_path / f"renamed_{option}.parquet"
+    write_artifact(table.rename_columns([rename.get(n, n) for n in table.column_names]), renamed, artifact=artifact)
+    out = tmp_path / "out"
+    argv = ["assemble", "--rows", str(inputs["rows"]), "--split", "train", "--image-blocks", str(inputs["image_blocks"]),
+            "--path-problems", str(inputs["path_problems"]), "--token-errors", str(inputs["token_errors"]),
+            "--tokenizer", str(inputs["tokenizer_path"]), "--credentialed", f"{SOURCE}=/data/mimic={TEMPLATE}",
+            "--max-error-fraction", "0.5", "--output-dir", str(out)]
+    argv[argv.index(str(inputs[option]))] = str(renamed)
+    assert cli_main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {renamed}: {message} (its columns: {', '.join(rename.get(n, n) for n in table.column_names)})"]
+    assert not (out / "dataset.parquet").exists()
+
+
+def test_an_image_blocks_file_whose_block_column_holds_text_is_refused(inputs, tmp_path):
+    table = read_artifact(inputs["image_blocks"])
+    bad = tmp_path / "bad_blocks.parquet"
+    write_artifact(table.set_column(table.column_names.index("block"), "block", pa.array(["x"] * table.num_rows)), bad, artifact="image_blocks")
+    with pytest.raises(ValueError, match=rf"{bad}: column 'block' of the image_blocks file is string, expected a list of integer ids"):
+        run_stage({**inputs, "image_blocks": bad}, tmp_path / "out")
+
+
+# --- text copied from a credentialed row into a public row (issue 20 item 6) ---------------------
+
+REPORT = ("Findings: There is a small left apical pneumothorax measuring 8 mm. The cardiomediastinal silhouette "
+          "is within normal limits. Impression: small left apical pneumothorax.")
+
+
+def test_response_digest_normalises_and_ignores_short_answers():
+    from medmax_pipeline.stages.assemble.copied_text import MIN_RESPONSE_CHARS, normalise, response_digest, response_text
+
+    sep = C.SEPARATOR_TOKEN
+    assert response_text(f"Q?{sep}A{sep}B") == f"A{sep}B" and response_text("no separator") == "no separator"
+    assert normalise("  Ｆｉｎｄｉｎｇｓ:\u00a0NO\tacute\n\nDISEASE ") == "findings: no acute disease"
+    digest = response_digest(f"Describe.{sep}{REPORT}")
+    assert digest is not None
+    assert response_digest(f"Other question <image>{sep}  {REPORT.upper().replace(' ', '   ')}\n") == digest
+    assert response_digest(REPORT) == digest  # a row without separator: its whole text
+    assert response_digest(f"Q{sep}{REPORT} Extra sentence.") != digest
+    for short in ("yes", "No", "A", "No acute cardiopulmonary process.", "x" * (MIN_RESPONSE_CHARS - 1)):
+        assert response_digest(f"Question?{sep}{short}") is None
+
+
+def test_credentialed_responses_are_read_from_jsonl_and_parquet(tmp_path):
+    from medmax_pipeline.stages.assemble.copied_text import credentialed_response_digests, response_digest
+
+    rows = [
+        {"text": f"a{C.SEPARATOR_TOKEN}{REPORT}", "tokens": [], "task": "t", "source": "s", "credential": "YES"},
+        {"text": f"b{C.SEPARATOR_TOKEN}{REPORT} Public.", "tokens": [0, 5, 2], "task": "t", "source": "s", "credential": " No "},
+        {"text": f"c{C.SEPARATOR_TOKEN}{REPORT} Unlabelled.", "tokens": [], "task": "t", "source": "s"},
+    ]
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
+    parquet = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist([{k: v for k, v in r.items() if k != "tokens"} for r in rows]), parquet)
+    expected = {response_digest(rows[0]["text"]), response_digest(rows[2]["text"])}  # all but the credential = no row
+    assert credentialed_response_digests(jsonl) == expected
+    assert credentialed_response_digests(parquet) == expected
+
+
+def test_public_row_with_a_credentialed_rows_text_is_refused(inputs, tmp_path):
+    sep = C.SEPARATOR_TOKEN
+    tok = inputs["tokenizer_path"]
+
+    def public(text: str) -> str:
+        return json.dumps({"text": text, "tokens": published(tok, text, None), "task": "VQA", "source": "slake", "credential": "no"})
+
+    copies = [
+        public(f"What does the report say?{sep}{REPORT}"),  # exact response
+        public("Summarize." + sep + "  " + REPORT.lower().replace(". ", ".\n") + "  "),  # case and whitespace changed
+        public(f"Is there an effusion?{sep}Yes"),  # a short common answer, also a credentialed row's: kept
+    ]
+    lines = inputs["rows"].read_text().splitlines()
+    # The public copies come first, the credentialed rows they copy last: the pre-pass sees them anyway.
+    lines = copies + lines + [json.dumps(cred_row(1, text=f"Describe the image. <image>{sep}{REPORT}")),
+                              json.dumps(cred_row(9, text=f"Is there an effusion?{sep}Yes", dicom_id=None))]
+    inputs["rows"].write_text("\n".join(lines) + "\n")
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        run_stage(inputs, out, workers=workers)
+        problems = {p["line"]: p for p in read_artifact(out / "dataset_problems.parquet").to_pylist()}
+        for line in (1, 2):
+            assert problems[line]["category"] == "credentialed_text_in_public_row" and "credential = yes row" in problems[line]["reason"]
+        public_lines = read_artifact(out / "dataset_public.parquet").column("line").to_pylist()
+        dataset_lines = read_artifact(out / "dataset.parquet").column("line").to_pylist()
+        assert 1 not in public_lines and 2 not in public_lines and 1 not in dataset_lines and 2 not in dataset_lines
+        assert 3 in public_lines and 3 not in problems  # "Yes" is too short to say anything was copied
+        assert len(lines) - 1 in dataset_lines  # the credentialed report row itself is assembled
+        coverage = read_artifact(out / "coverage.parquet", "coverage").to_pylist()
+        assert sum(r["credentialed_text_in_public_row"] for r in coverage) == 2
+    # Not counted as malformed input: the error budget the fixture needs is unchanged.
+    run_stage(inputs, tmp_path / "budget", max_error_fraction=5 / len(lines))

@@ -780,3 +780,35 @@ def test_adapter_config_bytes_do_not_depend_on_the_hash_seed(base_dir: Path, tmp
         written.append((out / "adapter_config.json").read_bytes())
     assert written[0] == written[1]
     assert json.loads(written[0])["target_modules"] == sorted(DEFAULT_TARGET_MODULES)
+
+
+def test_a_diverging_run_stops_naming_the_step_and_keeps_earlier_checkpoints(
+    base_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """learning_rate 1e10: the run stops non-zero naming the step, instead of ending with exit 0
+    and an adapter of weights ~1e10; the checkpoint written before stays. (Its loss does not
+    explode: the logits saturate to a uniform guess, so the adapter weights are what gives it away.)"""
+    from medmax_pipeline.cli import main
+    from medmax_pipeline.stages.train.recipe import TrainingDivergedError, divergence
+
+    nan, inf = float("nan"), float("inf")
+    assert divergence(nan, 9.0, 1.0, 0.1) == "the loss is nan" and divergence(inf, 9.0, 1.0, 0.1) == "the loss is inf"
+    assert divergence(80.0, 9.0, 1.0, 0.1) is None and "exploded" in divergence(95.0, 9.0, 1.0, 0.1)
+    assert "gradient norm is nan" in divergence(9.0, 9.0, nan, 0.1)
+    assert "adapter weight reached 5e+10" in divergence(9.09, 9.25, 0.0, 5e10) and divergence(2.0, 9.0, 3.0, 14.0) is None
+    dataset = write_dataset(tmp_path / "d.parquet", text_rows(4))
+    out = tmp_path / "out"
+    # Warmup: step 1 runs at rate 0 (and is checkpointed), step 2 at 5e9.
+    with pytest.raises(TrainingDivergedError, match=r"training diverged at step 2 of 20: .* adapter weight reached") as caught:
+        train(quick(base_dir, dataset, out, lr=1e10, warmup_ratio=0.1, scheduler="cosine", save_every=1, lora_dropout=0.0))
+    (run_folder,) = (out / "checkpoints").iterdir()
+    assert sorted(p.name for p in run_folder.glob("step-*")) == ["step-1"]  # the diverged step is not saved
+    assert "the checkpoint of step 1 is kept" in str(caught.value)
+    assert not (out / "adapter").exists() and not (out / "train_metrics.parquet").exists()
+    code = main(["train", "--dataset", str(dataset), "--base-model", str(base_dir), "--output", str(tmp_path / "cli"), "--lr", "1e10",
+                 "--warmup-ratio", "0", "--scheduler", "constant", "--epochs", "10", "--batch-size", "2", "--save-every", "0",
+                 "--no-progress", "--device", "cpu"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert code != 0
+    assert len(errors) == 1 and "training diverged at step 1 of 20" in errors[0] and "no checkpoint was written" in errors[0]
+    assert not (tmp_path / "cli" / "adapter").exists()

@@ -66,7 +66,7 @@ ARTIFACT_SCHEMA_VERSIONS: dict[str, int] = {
     "dataset": 1,
     "dataset_public": 1,
     "dataset_problems": 1,
-    "coverage": 2,  # 2: column credentialed_image_in_public_row
+    "coverage": 3,  # 2: column credentialed_image_in_public_row; 3: credentialed_text_in_public_row
     "separator_stats": 1,
     "published_token_check": 1,
     "train_metrics": 1,

@@ -5,6 +5,12 @@ wrong type or a missing input path stops the run with one message that names the
 file it came from: given the config files that were merged (`config_files`, in the order they
 were applied, the last one winning), a message names the last file that sets the key, and a
 missing key names every file that defines its section.
+
+This is the only place a setting is refused: an integer key refuses 2.0 (jsonschema would take
+it, and the stage's `int(...)` command line option would then fail hours later), so every value
+that passes here is one the stages' command lines parse. `medmax validate-config` merges its
+--configfile list over the base file exactly as Snakemake merges --configfile over configfile:
+(`merge_config_files`), so it checks what the workflow would run.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+from collections.abc import Mapping as MappingABC
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -76,6 +83,19 @@ def source_namer(config_files: Sequence[str | Path], default: str) -> SourceName
     return name
 
 
+def _is_strict_integer(checker: Any, instance: Any) -> bool:
+    """An int and nothing else: jsonschema's "integer" also takes 2.0 (a whole float), which a
+    stage's int command line option then refuses (or a float shard count crashes planning)."""
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+# Draft 2020-12 with "integer" meaning a YAML integer (2, not 2.0 or true).
+ConfigValidator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_strict_integer),
+)
+
+
 def _error_message(error: jsonschema.ValidationError, source: SourceNamer) -> str:
     path = list(error.absolute_path)
     key = _key_name(path)
@@ -89,6 +109,9 @@ def _error_message(error: jsonschema.ValidationError, source: SourceNamer) -> st
         missing = error.message.split("'")[1] if "'" in error.message else error.message
         where = f"{key}." if error.absolute_path else ""
         return f"{source([*path, missing])}: missing key '{where}{missing}'"
+    if error.validator == "type" and isinstance(error.instance, float) and "integer" in str(error.validator_value):
+        whole = f"{error.instance:.0f}" if error.instance.is_integer() else "a whole number"
+        return f"{source(path)}: key '{key}': {error.instance!r} is not an integer (write {whole}, without a decimal point)"
     return f"{source(path)}: key '{key}': {error.message}"
 
 
@@ -169,6 +192,48 @@ def _demo_written_paths(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     return paths
 
 
+def _input_folders(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(key, path) of every folder the workflow reads as an input (a folder_manifest input: its
+    identity decides whether the stages after it rerun)."""
+    return [(key, path) for key, path, kind in _input_paths(config) if kind == "dir"]
+
+
+def _inside_or_equal(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _check_results_dir(config: Mapping[str, Any], source: SourceNamer) -> None:
+    """results_dir may not be (or lie inside) an input folder: every output written there changes
+    that folder's identity, so each invocation would rerun collect and everything after it. The
+    other way round is fine (the demo's inputs live inside results_dir)."""
+    results = Path(config["results_dir"]).resolve()
+    for key, path in _input_folders(config):
+        if _inside_or_equal(results, Path(path).resolve()):
+            raise ConfigError(
+                f"{source(['results_dir'])}: key 'results_dir': {config['results_dir']} lies inside the input folder of key "
+                f"'{key}' ({path}, from {source(_key_path(key))}): every output written there changes that input, so every "
+                "run would start over from collect; put results_dir outside it"
+            )
+
+
+def _overlap_warnings(config: Mapping[str, Any], source: SourceNamer) -> list[str]:
+    """evaluate.image_root equal to, inside or containing a credentialed root: its images (and
+    every prediction made from them) may be credentialed, which the user should know before a
+    run (the evaluation stages mark such rows credentialed at run time)."""
+    image_root = Path(config["evaluate"]["image_root"]).resolve()
+    messages = []
+    for i, entry in enumerate(config["images"]["credentialed"]):
+        root = Path(entry["root"]).resolve()
+        if _inside_or_equal(image_root, root) or _inside_or_equal(root, image_root):
+            key = f"images.credentialed.{i}.root"
+            messages.append(
+                f"{source(['evaluate', 'image_root'])}: key 'evaluate.image_root' ({config['evaluate']['image_root']}) overlaps "
+                f"the credentialed root of key '{key}' ({entry['root']}, from {source(_key_path(key))}, source "
+                f"{entry['source']!r}): evaluation images under it, and the predictions made from them, are credentialed"
+            )
+    return messages
+
+
 def _check_demo_paths(config: Mapping[str, Any], source: SourceNamer) -> None:
     """With the demo on, the demo rule owns every input path as an output (Snakemake may delete
     it before the rule runs): refuse any that lies outside the results folder, so that the demo
@@ -216,55 +281,124 @@ def _check_semantics(config: Mapping[str, Any], source: SourceNamer) -> None:
                                   f"{source(['demo', 'enabled'])}) and the demo writes a folder there: give it a path")
 
 
+def _print_warning(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def validate_config(
     config: dict[str, Any],
     schema_path: str | Path = DEFAULT_SCHEMA,
     source: str = "config.yaml",
     check_paths: bool = True,
     config_files: Sequence[str | Path] = (),
+    warn: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Validate in place (defaults filled in) and return the config; raise ConfigError naming the key.
 
     `config` may be the merge of several `config_files` (in the order they were applied, later
     files overriding earlier ones, as Snakemake merges configfile: and --configfile): an error then
     names the file its key came from. `source` names it when no file is given or none sets the key.
+    Settings that are allowed but worth knowing about go to `warn` (default: a `warning:` line on
+    stderr).
     """
     namer = source_namer(config_files, source)
     schema = load_schema(schema_path)
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = ConfigValidator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     if errors:
         raise ConfigError(_error_message(jsonschema.exceptions.best_match(errors) or errors[0], namer))
     _apply_defaults(config, schema)
     _check_semantics(config, namer)
+    _check_results_dir(config, namer)
     _check_demo_paths(config, namer)
     if check_paths:
         _check_paths(config, namer)
+    for message in _overlap_warnings(config, namer):
+        (warn or _print_warning)(message)
     return config
 
 
-def load_config(path: str | Path, schema_path: str | Path = DEFAULT_SCHEMA, check_paths: bool = True) -> dict[str, Any]:
-    path = Path(path)
+def _read_config_file(path: Path) -> dict[str, Any]:
     try:
         with open(path) as f:
             config = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")
-    return validate_config(config, schema_path, source=str(path), check_paths=check_paths, config_files=[path])
+    return config
+
+
+def merge_config(config: Any, overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """`overlay` merged into `config` (in place, returned) as Snakemake's update_config does: a
+    mapping value is merged key by key into what is there (which becomes a mapping if it was
+    not), any other value (a list, null, a number) replaces it. So `max_new_tokens: {}` in an
+    overlay keeps the base's budgets (and leaves a base's null alone), and `judge: null` removes
+    the base's judge."""
+    for key, value in overlay.items():
+        if not isinstance(config, MappingABC):  # only once there is a key to set, as Snakemake
+            config = {}
+        if isinstance(value, MappingABC):
+            config[key] = merge_config(config.get(key, {}), value)
+        else:
+            config[key] = value
+    return config
+
+
+def merged_files(base: str | Path | None, configfiles: Sequence[str | Path] = ()) -> list[Path]:
+    """The files merged, in order: `base` (the Snakefile's configfile:), then the --configfile
+    files. As in Snakemake, a missing base is skipped when --configfile files are given (and is
+    an error, when read, when none is)."""
+    files = [Path(f) for f in configfiles]
+    if base is not None and (not files or Path(base).exists()):
+        files.insert(0, Path(base))
+    return files
+
+
+def merge_config_files(base: str | Path | None, configfiles: Sequence[str | Path] = ()) -> dict[str, Any]:
+    """The config the workflow runs with: the --configfile files merged together in order (later
+    ones winning), then that merged over `base`, as Snakemake does (the order matters: a mapping
+    in one --configfile merges into the base's mapping even when an earlier one set a scalar)."""
+    overlay: dict[str, Any] = {}
+    for path in configfiles:
+        merge_config(overlay, _read_config_file(Path(path)))
+    files = merged_files(base, configfiles)
+    config = _read_config_file(files[0]) if len(files) > len(configfiles) else {}
+    return merge_config(config, overlay)
+
+
+def load_config(
+    path: str | Path | None,
+    schema_path: str | Path = DEFAULT_SCHEMA,
+    check_paths: bool = True,
+    configfiles: Sequence[str | Path] = (),
+    warn: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Read `path` with `configfiles` merged over it (merge_config_files), validate and return it;
+    an error names the file its key came from."""
+    config = merge_config_files(path, configfiles)
+    files = merged_files(path, configfiles)
+    source = str(files[-1]) if files else "config.yaml"
+    return validate_config(config, schema_path, source=source, check_paths=check_paths, config_files=files, warn=warn)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", default="config.yaml")
+    parser.add_argument("config", nargs="?", default="config.yaml",
+                        help="the base config (the Snakefile's configfile:, default config.yaml)")
+    parser.add_argument("--configfile", "--configfiles", dest="configfiles", nargs="+", action="extend", default=[],
+                        metavar="FILE",
+                        help="config files merged over CONFIG in this order, later ones winning, nested keys merged key by "
+                             "key: the same files as snakemake --configfile, so the merge the workflow runs is what is checked")
     parser.add_argument("--schema", default=str(DEFAULT_SCHEMA))
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        load_config(args.config, args.schema)
+        load_config(args.config, args.schema, configfiles=args.configfiles)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"{args.config}: valid")
+    print(f"{' + '.join(map(str, merged_files(args.config, args.configfiles)))}: valid")
     return 0

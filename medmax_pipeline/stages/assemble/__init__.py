@@ -29,6 +29,9 @@ credentialed_image_in_public_row (counted as an error toward --max-error-fractio
 of dataset too, so that dataset_public stays exactly the credential = no rows of dataset, and
 every input row is in dataset or in dataset_problems. The decision reads credentialed blocks but
 only removes rows: no credentialed value enters dataset_public, whose lineage stays the row file.
+The same for text (copied_text.py): a credential = no row whose normalised response equals a
+credential = yes row's of the same file is refused, category credentialed_text_in_public_row
+(responses of 64+ normalised characters only; not counted toward --max-error-fraction).
 
 Sequences. Public rows (credential = no) keep their published tokens after check_published_tokens.
 Credentialed rows get [0] + BPE(text) + [2], each <image> (8711) replaced by the 1026-id block of
@@ -50,10 +53,11 @@ older outputs in the folder are removed too, so that nothing stale looks complet
 writers' temporary files and the shared-memory folders of the worker processes: a retry starts clean.
 
 The package: sequence_logic.py (pure, vectorised checks and truncation of token lists),
-coverage.py (categories of a missing row and the coverage counts), image_lookup.py (the image
-blocks credentialed rows are filled from, and the re-derived public blocks), separator_stats.py,
-published_check.py and stage.py (one batch, the run over a row file, the
-command line). Reading the row file with worker processes is core/parallel_rows.py.
+copied_text.py (public rows holding a credentialed row's response), coverage.py (categories of a
+missing row and the coverage counts), image_lookup.py (the image blocks credentialed rows are
+filled from, and the re-derived public blocks), separator_stats.py, published_check.py and
+stage.py (one batch, the run over a row file, the command line). Reading the row file with
+worker processes is core/parallel_rows.py.
 """
 
 from medmax_pipeline.stages.assemble.coverage import CATEGORIES, ERROR_CATEGORIES, COVERAGE_SCHEMA, Coverage, coverage_summary

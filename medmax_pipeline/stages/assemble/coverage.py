@@ -17,9 +17,12 @@ INVALID_TOKENS = "invalid_published_tokens"
 # A credential = no row whose published tokens hold the block of a credentialed image: the label
 # is wrong, and the row must not reach the public export.
 CREDENTIALED_TOKENS = "credentialed_image_in_public_row"
-CATEGORIES = (IMAGE_MISSING, IMAGE_UNREADABLE, NO_IMAGE_KEY, MALFORMED_ROW, TOO_LONG, INVALID_TOKENS, CREDENTIALED_TOKENS)
+# A credential = no row whose response is that of a credential = yes row (copied_text.py).
+CREDENTIALED_TEXT = "credentialed_text_in_public_row"
+CATEGORIES = (IMAGE_MISSING, IMAGE_UNREADABLE, NO_IMAGE_KEY, MALFORMED_ROW, TOO_LONG, INVALID_TOKENS, CREDENTIALED_TOKENS, CREDENTIALED_TEXT)
 # Categories that say the input itself is broken (they count toward --max-error-fraction);
-# missing or unreadable images and too long rows are expected and only counted.
+# missing or unreadable images and too long rows are expected and only counted, and so are
+# copied responses (shared boilerplate text is not proof of a broken input, a copied block is).
 ERROR_CATEGORIES = (MALFORMED_ROW, INVALID_TOKENS, CREDENTIALED_TOKENS)
 
 COVERAGE_KEYS = ("split", "source", "task", "credential")

@@ -8,14 +8,15 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from medmax_pipeline.core import constants as C
-from medmax_pipeline.core.artifacts import iter_artifact_batches, read_artifact, read_meta
+from medmax_pipeline.core.artifacts import check_meta, iter_artifact_batches, read_artifact, read_meta
 from medmax_pipeline.core.image_keys import PUBLIC_ROOT_NAME, CredentialedSource
 from medmax_pipeline.core.sequences import block_problems
 
@@ -44,6 +45,38 @@ class ImageLookup:
         return out
 
 
+class ImageInputError(ValueError):
+    """An image input of assembly lacks a column it needs (renamed, or another file)."""
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def _is_id_list(kind: pa.DataType) -> bool:
+    return (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_integer(kind.value_type)
+
+
+# The columns assembly reads from each image input, and what each must hold.
+REQUIRED_COLUMNS: dict[str, dict[str, tuple[str, Callable[[pa.DataType], bool]]]] = {
+    "image_blocks": {"image_key": ("text", _is_text), "block": ("a list of integer ids", _is_id_list)},
+    "image_token_errors": {"image_key": ("text", _is_text), "reason": ("text", _is_text)},
+    "image_path_problems": {"image_key": ("text", _is_text), "reason": ("text", _is_text)},
+}
+
+
+def check_columns(path: Path, artifact: str) -> None:
+    """Refuse `path` unless it has the columns assembly reads from an `artifact` file, with the
+    right types (pyarrow would silently skip a missing column and fail later without a name)."""
+    check_meta(read_meta(path), artifact)  # another artifact altogether: its own message first
+    schema = pq.read_schema(path)
+    for name, (what, accepts) in REQUIRED_COLUMNS[artifact].items():
+        if name not in schema.names:
+            raise ImageInputError(f"{path}: the {artifact} file has no column {name!r} (its columns: {', '.join(schema.names)})")
+        if not accepts(schema.field(name).type):
+            raise ImageInputError(f"{path}: column {name!r} of the {artifact} file is {schema.field(name).type}, expected {what}")
+
+
 def codes_digest(codes: np.ndarray) -> bytes:
     """A digest of one image's 1024 codes (any integer dtype): equal codes, equal digest."""
     return hashlib.blake2b(np.ascontiguousarray(codes, dtype="<u2").tobytes(), digest_size=16).digest()
@@ -65,6 +98,9 @@ def load_image_lookup(
             mask = pc.or_(mask, pc.starts_with(keys, prefix))
         return pc.fill_null(mask, False)
 
+    for path, artifact in ((image_blocks, "image_blocks"), (token_errors, "image_token_errors"), (path_problems, "image_path_problems")):
+        if path is not None:
+            check_columns(path, artifact)
     if image_blocks is not None:
         # Room for every block of the file: np.empty only takes memory for the rows written, and
         # filling one preallocated array never holds two copies of the blocks (as concatenating would).

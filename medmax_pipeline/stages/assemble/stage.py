@@ -27,6 +27,7 @@ from medmax_pipeline.core.rows import ROW_SCHEMA, RowProblem, read_jsonl_range, 
 from medmax_pipeline.core.sequences import build_sequence
 from medmax_pipeline.core.text_tokenizer import encode_texts, load_tokenizer
 from medmax_pipeline.stages.assemble.coverage import (
+    CREDENTIALED_TEXT,
     CREDENTIALED_TOKENS,
     ERROR_CATEGORIES,
     IMAGE_MISSING,
@@ -38,7 +39,8 @@ from medmax_pipeline.stages.assemble.coverage import (
     Coverage,
     coverage_summary,
 )
-from medmax_pipeline.stages.assemble.image_lookup import ImageLookup, load_image_lookup
+from medmax_pipeline.stages.assemble.copied_text import MIN_RESPONSE_CHARS, credentialed_response_digests, rows_with_credentialed_text
+from medmax_pipeline.stages.assemble.image_lookup import ImageInputError, ImageLookup, load_image_lookup
 from medmax_pipeline.stages.assemble.published_check import (
     PUBLISHED_CHECK_SCHEMA,
     PublishedCheck,
@@ -145,8 +147,10 @@ def assemble_batch(
     sources: Mapping[str, CredentialedSource],
     lookup: ImageLookup,
     tokenizer: Any,
+    credentialed_texts: frozenset[bytes] = frozenset(),
 ) -> BatchResult:
-    """Turn one batch of ROW_SCHEMA rows into dataset rows (file order) and problem rows."""
+    """Turn one batch of ROW_SCHEMA rows into dataset rows (file order) and problem rows.
+    `credentialed_texts`: response digests of the row file's credentialed rows (copied_text.py)."""
     problems: list[dict[str, Any]] = []
     n = batch.num_rows
     n_images = pc.fill_null(pc.count_substring(batch.column("text"), IMAGE_TAG), 0).to_numpy(zero_copy_only=False)
@@ -191,6 +195,14 @@ def assemble_batch(
             meta_rows = meta_rows or batch.select(["row_id", "line", "source", "task", "credential"]).to_pylist()
             reason = f"credential = no, but image block {block_number} of its published tokens is that of a credentialed image"
             problems.append(_problem(meta_rows[i], CREDENTIALED_TOKENS, reason, file))
+        # The same for text: a public row whose response is a credentialed row's (normalised).
+        if credentialed_texts and keep.any():
+            texts = batch.column("text").to_pylist()
+            for i in rows_with_credentialed_text(texts, np.flatnonzero(keep).tolist(), credentialed_texts):
+                keep[i] = False
+                meta_rows = meta_rows or batch.select(["row_id", "line", "source", "task", "credential"]).to_pylist()
+                reason = "credential = no, but its response is that of a credential = yes row of this file (normalised text)"
+                problems.append(_problem(meta_rows[i], CREDENTIALED_TEXT, reason, file))
     published: PublishedCounts = {}
     if lookup.public_index and keep.any():
         checked = np.flatnonzero(keep)
@@ -279,10 +291,10 @@ Assembled = tuple[pa.RecordBatch, tuple[list[dict[str, Any]], int, PublishedCoun
 
 def _assemble_rows(
     batch: pa.RecordBatch, row_problems: Sequence[RowProblem], settings: Settings, file: str,
-    sources: Mapping[str, CredentialedSource], lookup: ImageLookup, tokenizer: Any,
+    sources: Mapping[str, CredentialedSource], lookup: ImageLookup, tokenizer: Any, credentialed_texts: frozenset[bytes],
 ) -> Assembled:
     """One batch of the row reader (rows and the reader's problems) to an Assembled."""
-    result = assemble_batch(batch, settings, file, sources, lookup, tokenizer)
+    result = assemble_batch(batch, settings, file, sources, lookup, tokenizer, credentialed_texts)
     problems = [
         {"file": p.file, "line": p.line, "row_id": p.row_id, "source": None, "task": None, "credential": None,
          "category": MALFORMED_ROW, "reason": p.reason}
@@ -302,6 +314,7 @@ class _WorkerConfig:
     tokenizer_path: Path
     lookup: ImageLookup  # its codes as an empty array: workers map them from codes_path
     codes_path: Path  # the lookup's codes, raw uint16, written once by the parent
+    credentialed_texts: frozenset[bytes]  # response digests of the credentialed rows
 
 
 _WORKER: dict[str, Any] = {}  # per worker process: config, tokenizer, image lookup
@@ -322,7 +335,10 @@ def _assemble_range(byte_range: ByteRange) -> Assembled:
     """Worker: read and assemble one batch of the row file, given as a byte range."""
     config: _WorkerConfig = _WORKER["config"]
     batch, row_problems = read_jsonl_range(config.rows, config.settings.split, *byte_range)
-    return _assemble_rows(batch, row_problems, config.settings, str(config.rows), config.sources, _WORKER["lookup"], _WORKER["tokenizer"])
+    return _assemble_rows(
+        batch, row_problems, config.settings, str(config.rows), config.sources, _WORKER["lookup"], _WORKER["tokenizer"],
+        config.credentialed_texts,
+    )
 
 
 def _default_workers() -> int:
@@ -408,7 +424,8 @@ def assemble(
     optional = {k: Path(v) if v is not None else None for k, v in (("image_blocks", image_blocks), ("path_problems", path_problems), ("token_errors", token_errors))}
     settings = Settings(split, max_length, overflow, published_max_length)
     parallel = workers > 1 and rows.suffix != ".parquet"
-    public_params = {"split": split, "max_length": max_length, "overflow": overflow, "published_max_length": published_max_length}
+    public_params = {"split": split, "max_length": max_length, "overflow": overflow, "published_max_length": published_max_length,
+                     "min_copied_response_chars": MIN_RESPONSE_CHARS}
     params = {**public_params, "credentialed_sources": sorted(sources), "max_error_fraction": max_error_fraction,
               "max_published_mismatch_fraction": max_published_mismatch_fraction}
     coverage = Coverage(split)
@@ -421,6 +438,10 @@ def assemble(
     try:
         lookup = load_image_lookup(optional["image_blocks"], optional["path_problems"], optional["token_errors"], sources)
         published = PublishedCheck(split, enabled=bool(lookup.public_index))
+        # Before any row: a public row may come before the credentialed row whose text it copies.
+        credentialed_texts = credentialed_response_digests(rows)
+        print(f"{len(credentialed_texts)} distinct credentialed responses of {MIN_RESPONSE_CHARS}+ characters to refuse in public rows",
+              file=log)
         # The row file is hashed once for both lineages. Public lineage: the row file only. In
         # parallel, it is hashed while it is read (its fingerprint is filled in before the writers close).
         if parallel:
@@ -431,7 +452,7 @@ def assemble(
             # The workers map the file; this process keeps the keys only (a fresh empty array, so the
             # codes' memory is freed, not held by a view).
             lookup.codes = np.zeros((0, C.CODES_PER_IMAGE), np.uint16)
-            config = _WorkerConfig(rows, settings, sources, Path(tokenizer_path), lookup, codes_path)
+            config = _WorkerConfig(rows, settings, sources, Path(tokenizer_path), lookup, codes_path, credentialed_texts)
 
             def record_fingerprint(fingerprint: str) -> None:
                 rows_input["fingerprint"] = fingerprint
@@ -442,7 +463,7 @@ def assemble(
         else:
             rows_input = describe_input(rows)
             batches = (
-                _assemble_rows(batch, row_problems, settings, str(rows), sources, lookup, tokenizer)
+                _assemble_rows(batch, row_problems, settings, str(rows), sources, lookup, tokenizer, credentialed_texts)
                 for batch, row_problems in prefetch(read_row_batches(rows, split, batch_size))
             )
         private_inputs: list[Any] = [rows_input, describe_input(tokenizer_path)]
@@ -600,7 +621,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             workers=args.workers,
         )
-    except (AssemblyError, FileNotFoundError) as exc:
+    except (AssemblyError, ImageInputError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

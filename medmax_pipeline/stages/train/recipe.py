@@ -9,6 +9,7 @@ with --no-progress, as under Snakemake) one line every --log-interval seconds in
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -85,6 +86,42 @@ class Run:
     engine: Engine
     progress: Progress
     resumed_from_step: int | None
+
+
+class TrainingDivergedError(ValueError):
+    """Training diverged (a learning rate far too large, ...): the run stops with the step and
+    what diverged named; the checkpoints of earlier steps are kept."""
+
+
+# A loss this many times the run's first loss (at least 1) has exploded: a sane finetuning never
+# climbs that far above where it started (~ln(vocabulary) at most, ~11 for Chameleon).
+EXPLODING_LOSS_FACTOR = 10.0
+# An adapter weight this large has exploded. LoRA starts near 0 (B = 0, A ~ 1/sqrt(width)) and
+# AdamW moves a weight by about the learning rate per step, so MedMax's 1e-4 stays far below 1
+# (even the schema's largest rate, 1, leaves the tiny test model's weights near 14 after 20 steps).
+# It is checked because a loss can stay finite while the weights blow up: at learning rate 1e10
+# the logits saturate to a uniform guess (loss ln(vocabulary), gradient 0) after one step.
+MAX_ADAPTER_WEIGHT = 1.0e3
+
+
+def divergence(loss: float, first_loss: float, grad_norm: float, max_weight: float) -> str | None:
+    """What says training diverged at a step, or None: a non-finite or exploded loss or gradient
+    norm, or trained weights that are non-finite or exploded. `first_loss`: the run's first step's."""
+    if not math.isfinite(loss):
+        return f"the loss is {loss}"
+    if math.isfinite(first_loss) and loss > EXPLODING_LOSS_FACTOR * max(first_loss, 1.0):
+        return f"the loss {loss:.6g} exploded (more than {EXPLODING_LOSS_FACTOR:g} x the first step's {first_loss:.6g})"
+    if not math.isfinite(grad_norm):
+        return f"the loss is {loss:.6g} but the gradient norm is {grad_norm}"
+    if not math.isfinite(max_weight) or max_weight > MAX_ADAPTER_WEIGHT:
+        return f"the loss is {loss:.6g} but an adapter weight reached {max_weight:.6g} (more than {MAX_ADAPTER_WEIGHT:g})"
+    return None
+
+
+def max_trained_weight(model: torch.nn.Module) -> float:
+    """The largest |weight| of the trained (adapter) parameters, in one device sync."""
+    peaks = [p.detach().abs().max().float() for p in model.parameters() if p.requires_grad and p.numel()]
+    return float(torch.stack(peaks).max()) if peaks else 0.0
 
 
 @dataclass(frozen=True)
@@ -242,6 +279,7 @@ def train_epoch(run: Run, batches: list[list[int]], reporter: "ProgressReporter"
     while progress.position < len(batches) and progress.global_step < run.total_steps:
         group = batches[progress.position : progress.position + cfg.grad_accum]
         stats = optimizer_step(run, group)
+        check_divergence(run, stats, progress.global_step + 1)
         progress.position += len(group)
         progress.global_step += 1
         end_of_epoch = progress.position >= len(batches)
@@ -259,6 +297,21 @@ def train_epoch(run: Run, batches: list[list[int]], reporter: "ProgressReporter"
         if end_of_epoch:
             break
     return False
+
+
+def check_divergence(run: Run, stats: StepStats, step: int) -> None:
+    """Stop (every rank: loss and gradient norm are all-reduced, the adapter weights replicated)
+    before a diverged step is recorded or checkpointed: a run that trains to weights of 1e10 must
+    not end with exit 0 and an adapter."""
+    metrics = run.progress.metrics
+    problem = divergence(stats.loss, metrics[0]["loss"] if metrics else stats.loss, stats.grad_norm, max_trained_weight(run.engine.model))
+    if problem is not None:
+        kept = complete_checkpoints(run.checkpoint_root)
+        where = f"the checkpoint of step {kept[-1][0]} is kept ({kept[-1][1]})" if kept else "no checkpoint was written"
+        raise TrainingDivergedError(
+            f"training diverged at step {step} of {run.total_steps}: {problem}, at learning rate {stats.lr:g} "
+            f"(--lr {run.cfg.lr:g}); no adapter written, {where}. Lower train.learning_rate"
+        )
 
 
 def format_duration(seconds: float) -> str:
