@@ -100,7 +100,7 @@ class TrainConfig:
     keep_checkpoints: int = setting(2, help="newest checkpoints kept (0: all)", key="keep_checkpoints", minimum=0)
     eval_every: int = setting(0, help="steps between eval losses (0: each epoch end)", key="eval_every", identity=True, minimum=0)
     seed: int = setting(0, help="seed of the LoRA init, dropout and row order", key="seed", identity=True, minimum=0)
-    deepspeed: Path | None = setting(None, help="train on a DeepSpeed engine with this JSON (workflow/deepspeed/zero2.json); NCCL on GPUs, gloo on CPU")
+    deepspeed: Path | None = setting(None, help="train on a DeepSpeed engine with this JSON (workflow/deepspeed/zero2.json); NCCL on GPUs, gloo on CPU", key="deepspeed")
     merge: bool = setting(False, help="also save OUTPUT/merged, the base model with the adapter folded in", key="merge")
     max_steps: int | None = setting(None, help="stop after this many optimizer steps (the schedule is fitted to it)", key="max_steps", minimum=1)
     gradient_checkpointing: bool = setting(False, help="recompute activations in the backward pass (less memory, more time)", key="gradient_checkpointing", identity=True)
