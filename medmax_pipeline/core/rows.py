@@ -95,13 +95,13 @@ def validate_row(raw: Any) -> tuple[dict[str, Any] | None, str | None]:
         "extra": json.dumps(extra, sort_keys=True, ensure_ascii=False) if extra else None,
     }
     for key in ("text", "image_path", "task", "source", "extra"):
-        reason = _unicode_problem(key, row[key])
+        reason = lone_surrogate_problem(key, row[key])
         if reason is not None:
             return None, reason
     return row, None
 
 
-def _unicode_problem(column: str, value: str | None) -> str | None:
+def lone_surrogate_problem(column: str, value: str | None) -> str | None:
     """Why a decoded string cannot be stored as UTF-8, or None. JSON lets a line spell a lone
     surrogate ("\\ud800"); json.loads returns it, and Arrow (every artifact) cannot encode it."""
     if value is None:
@@ -113,6 +113,17 @@ def _unicode_problem(column: str, value: str | None) -> str | None:
         bad = value[exc.start : exc.end].encode("unicode_escape").decode("ascii")
         return f"{where} hold(s) a lone surrogate ({bad} at character {exc.start}): not valid Unicode"
     return None
+
+
+def utf8_problem(exc: UnicodeDecodeError) -> str:
+    """A UTF-8 UnicodeDecodeError in words: which bytes, at which offset, and why. Bytes ED A0..BF
+    xx are a surrogate encoded as UTF-8 (what a lone surrogate becomes when written unchecked)."""
+    data = bytes(exc.object)
+    bad = data[exc.start : max(exc.end, exc.start + 1)]
+    why = exc.reason
+    if data[exc.start : exc.start + 1] == b"\xed" and data[exc.start + 1 : exc.start + 2] >= b"\xa0":
+        bad, why = data[exc.start : exc.start + 3], "an encoded lone surrogate"
+    return f"not valid UTF-8: byte(s) {bad.hex(' ')} at byte {exc.start} ({why})"
 
 
 def _iter_raw_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
@@ -136,9 +147,26 @@ def _decode_line(stripped: bytes) -> tuple[Any, str | None]:
 def _iter_raw_parquet(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     line_no = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-        for row in batch.to_pylist():
+        try:
+            decoded = batch.to_pylist()
+        except UnicodeDecodeError:
+            # Parquet does not check that its strings are UTF-8 (a lone surrogate written unchecked
+            # is ED A0 80): decode this batch row by row, so that only the bad rows are refused.
+            decoded = None
+        for i in range(batch.num_rows):
             line_no += 1
-            yield line_no, row, None
+            yield (line_no, decoded[i], None) if decoded is not None else (line_no, *_parquet_row(batch, i))
+
+
+def _parquet_row(batch: pa.RecordBatch, index: int) -> tuple[dict[str, Any] | None, str | None]:
+    """(row, None) or (None, why its strings are not UTF-8) for one row of a parquet batch."""
+    row = {}
+    for name, column in zip(batch.schema.names, batch.columns):
+        try:
+            row[name] = column[index].as_py()
+        except UnicodeDecodeError as exc:
+            return None, f"column {name!r} is {utf8_problem(exc)}"
+    return row, None
 
 
 def iter_raw_rows(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
