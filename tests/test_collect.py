@@ -451,3 +451,49 @@ def test_cli_with_a_mapping_reports_unmapped_rows(mapped: dict, capsys: pytest.C
     out = capsys.readouterr().out
     assert "1 distinct image(s)" in out
     assert re.search(rf"\s5\s+{REASON_NO_MAPPING}\n", out), out
+
+
+@pytest.mark.parametrize(
+    "name, content, where",
+    [
+        ("map.csv", b"row_id,image_path\ntrain:1,a.jpg\ntrain:2,b\xed\xa0\x80.jpg\n", ":3: not valid UTF-8"),
+        ("map.jsonl", b'{"row_id": "train:1", "image_path": "a\\ud800.jpg"}\n', ":1: column 'image_path' hold(s) a lone surrogate"),
+    ],
+)
+def test_mapping_with_a_lone_surrogate_stops_collect_with_one_error_line(
+    mapped: dict, capsys: pytest.CaptureFixture, name: str, content: bytes, where: str
+) -> None:
+    mapping = mapped["tmp"] / name
+    mapping.write_bytes(content)
+    argv = ["collect", "--rows", f"train={mapped['rows']}", "--no-include-public",
+            "--credentialed", f"mimic_cxr={mapped['root']}=mapping:{mapping}", "--output-dir", str(mapped["tmp"] / "out")]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and err.startswith(f"error: mapping file {mapping}{where}"), err
+    assert "Traceback" not in err and not (mapped["tmp"] / "out").exists()
+
+
+def test_parquet_rows_that_are_not_utf8_are_row_problems_with_file_and_row(tree: dict) -> None:
+    """Parquet does not check its strings: a lone surrogate written unchecked is ED A0 80. Like a
+    jsonl row with a lone surrogate, such a row is a problem naming file and row; the rest is read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [public_row("slake/a.jpg"), public_row("slake/b.png"), public_row("pathvqa/c.jpg"), public_row("slake/a.jpg")]
+    table = pa.Table.from_pylist(rows)
+    texts = [r["text"].encode() for r in rows]
+    texts[1] += b" \xed\xa0\x80"
+    sources = [r["source"].encode() for r in rows]
+    sources[2] = b"sl\xffake"
+    table = table.set_column(table.schema.get_field_index("text"), "text", pa.array(texts, pa.binary()).view(pa.string()))
+    table = table.set_column(table.schema.get_field_index("source"), "source", pa.array(sources, pa.binary()).view(pa.string()))
+    path = tree["tmp"] / "train.parquet"
+    pq.write_table(table, path)
+    images, problems = build_tables([("train", path)], tree["public"])
+    assert images.column("image_key").to_pylist() == ["public:slake/a.jpg"]
+    assert images.column("n_rows").to_pylist() == [2]
+    assert [(p["file"], p["line"], p["row_id"]) for p in problems.to_pylist()] == [(str(path), 2, "train:2"), (str(path), 3, "train:3")]
+    reasons = problems.column("reason").to_pylist()
+    assert reasons[0].startswith("malformed row: column 'text' is not valid UTF-8: byte(s) ed a0 80 at byte ")
+    assert reasons[0].endswith("(an encoded lone surrogate)")
+    assert reasons[1] == "malformed row: column 'source' is not valid UTF-8: byte(s) ff at byte 2 (invalid start byte)"

@@ -150,3 +150,32 @@ def test_duplicate_entries_with_one_path_are_kept_once(tmp_path: Path) -> None:
     path = tmp_path / "m.csv"
     path.write_bytes("\ufeffrow_id,image_path\r\ntrain:1,a.jpg\r\ntrain:1,a.jpg\r\n".encode("utf-8"))  # a BOM and CRLF, as spreadsheets write
     assert load_image_mapping(path).paths == {"train:1": "a.jpg"}
+
+
+# A CSV long enough that a chunked decoder would report the bad byte on an earlier line.
+_LONG_CSV = "row_id,image_path\n" + "".join(f"train:{i},img/{i:06d}.jpg\n" for i in range(1, 1500))
+
+
+@pytest.mark.parametrize(
+    "name, content, line, reason",
+    [
+        ("m.csv", _LONG_CSV.encode() + b"train:1500,img/\xff.jpg\n", 1501, "byte(s) ff at byte 15 (invalid start byte)"),
+        ("m.csv", _LONG_CSV.encode() + b"train:1500,img/\xed\xa0\x80.jpg\n", 1501, "byte(s) ed a0 80 at byte 15 (an encoded lone surrogate)"),
+        ("m.csv", b"row_id,image_path\ntrain:1,a\xc3", 2, "byte(s) c3 at byte 9 (unexpected end of data)"),
+        ("m.jsonl", b'{"row_id": "train:1", "image_path": "a.jpg"}\n{"row_id": "train:2", "image_path": "b\xff.jpg"}\n', 2,
+         "not valid UTF-8: byte(s) ff at byte 38"),
+        ("m.jsonl", b'{"row_id": "train:1", "image_path": "a.jpg"}\n{"row_id": "train:2", "image_path": "b\\ud800.jpg"}\n', 2,
+         "column 'image_path' hold(s) a lone surrogate (\\ud800 at character 1): not valid Unicode"),
+        ("m.jsonl", b'{"row_id": "tr\\udc00ain:2", "image_path": "b.jpg"}\n', 1,
+         "column 'row_id' hold(s) a lone surrogate (\\udc00 at character 2): not valid Unicode"),
+    ],
+)
+def test_mapping_that_is_not_utf8_or_holds_a_lone_surrogate_names_file_and_line(
+    tmp_path: Path, name: str, content: bytes, line: int, reason: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(CredentialedSpecError) as info:
+        load_image_mapping(path)
+    assert str(info.value).startswith(f"mapping file {path}:{line}: "), info.value
+    assert reason in str(info.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -11,7 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).parent))  # test_vqgan: the original preprocessing, written out
+
 from medmax_pipeline.models.image_preprocess import (
+    HIGH_BIT_DEPTH_MODES,
     ImageDecodeError,
     blend_onto_white,
     center_crop_box,
@@ -19,7 +23,6 @@ from medmax_pipeline.models.image_preprocess import (
     open_image,
     preprocess_image,
     resized_size,
-    sixteen_bit_to_eight_bit,
     to_pixels,
     to_rgb,
 )
@@ -68,27 +71,53 @@ def test_gray_and_gray_alpha() -> None:
     assert [tuple(int(v) for v in p) for p in out] == [expected_blend(77, 77, 77, a) for a in (0, 255, 51)]
 
 
-def test_sixteen_bit_is_round_v_over_257() -> None:
-    every_value = np.arange(65536, dtype=np.int64)
-    expected = np.array([round(v / 257) for v in range(65536)], np.uint8)
-    assert np.array_equal(sixteen_bit_to_eight_bit(every_value), expected)
-    values = np.array([[0, 128, 129, 385, 386, 65535]], np.uint16)
-    image = Image.fromarray(values)
-    assert image.mode == "I;16"
-    out = np.array(to_rgb(image))[0, :, 0]
-    assert out.tolist() == [round(int(v) / 257) for v in values[0]]
-    # PIL's own convert clips instead (65535 and 385 both -> 255); we must differ from it
-    assert np.array(image.convert("L"))[0, 4] == 255 and out[4] == 2
+# Values across each mode's range: 0..255 pass, everything else is clipped by PIL's convert.
+SIXTEEN_BIT_VALUES = [0, 1, 127, 128, 254, 255, 256, 257, 385, 1000, 4095, 32767, 32768, 65534, 65535]
+I_VALUES = [-(2**31), -70000, -1, 0, 1, 200, 255, 256, 65535, 70000, 2**31 - 1]
+F_VALUES = [-1e9, -1.5, -0.5, 0.0, 0.4, 0.99, 1.0, 2.7, 127.5, 254.99, 255.0, 255.5, 300.0, 1e9, float("nan"), float("inf"), -float("inf")]
 
 
-def test_mode_i_in_range_and_out_of_range() -> None:
-    image = Image.fromarray(np.array([[0, 1000, 65535]], np.int32), "I")
-    assert np.array(to_rgb(image))[0, :, 1].tolist() == [0, round(1000 / 257), 255]
-    bad = Image.fromarray(np.array([[0, 70000]], np.int32), "I")
-    with pytest.raises(ImageDecodeError, match="outside the 16-bit range"):
-        to_rgb(bad, "x.tif")
-    with pytest.raises(ImageDecodeError, match="unsupported image mode 'F'"):
-        to_rgb(Image.fromarray(np.zeros((2, 2), np.float32), "F"), "x.tif")
+def high_bit_depth_image(mode: str, size: tuple[int, int]) -> Image.Image:
+    """A grayscale image of `mode` whose pixels cycle through the mode's test values."""
+    width, height = size
+    values = {"I": I_VALUES, "F": F_VALUES}.get(mode, SIXTEEN_BIT_VALUES)
+    flat = np.resize(np.array(values, {"I": np.int32, "F": np.float32}.get(mode, np.int64)), width * height)
+    if mode in ("I", "F"):
+        return Image.fromarray(flat.reshape(height, width))
+    data = flat.astype(">u2" if mode == "I;16B" else "<u2").tobytes()
+    return Image.frombytes(mode, size, data)
+
+
+def test_high_bit_depth_gray_is_clipped_as_pils_convert_does() -> None:
+    """The original called convert("RGBA") / convert("RGB") on these modes; PIL clips to 0..255."""
+    for mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        image = high_bit_depth_image(mode, (len(SIXTEEN_BIT_VALUES), 1))
+        source = np.asarray(image).astype(np.int64)[0]
+        assert np.array_equal(np.array(to_rgb(image))[0], np.repeat(np.clip(source, 0, 255)[:, None], 3, axis=1).astype(np.uint8)), mode
+    out = np.array(to_rgb(high_bit_depth_image("I;16", (len(SIXTEEN_BIT_VALUES), 1))))[0, :, 0]
+    assert out[SIXTEEN_BIT_VALUES.index(385)] == 255  # was round(385 / 257) = 1 before: not the original
+    floats = np.array(to_rgb(high_bit_depth_image("F", (len(F_VALUES), 1))))[0, :, 0].tolist()
+    # truncated toward zero, then clipped; NaN becomes 0
+    assert floats == [0, 0, 0, 0, 0, 0, 1, 2, 127, 254, 255, 255, 255, 255, 0, 255, 0]
+
+
+@pytest.mark.parametrize(
+    "mode, fmt",
+    [("I;16", "PNG"), ("I;16B", "PNG"), ("I;16", "TIFF"), ("I;16L", "TIFF"), ("I;16B", "TIFF"), ("I", "TIFF"), ("F", "TIFF")],
+)
+def test_high_bit_depth_files_match_the_original_procedure(tmp_path: Path, mode: str, fmt: str) -> None:
+    """Bit for bit what the original ImageTokenizer makes of the opened file (its steps written out
+    plainly in test_vqgan, sharing no code with the pipeline), resize included."""
+    from test_vqgan import ref_vqgan_input_from, ref_whiten_transparency
+
+    path = tmp_path / f"gray.{fmt.lower()}"
+    high_bit_depth_image(mode, (523, 517)).save(path, format=fmt)
+    with Image.open(path) as opened:
+        assert opened.mode in HIGH_BIT_DEPTH_MODES  # what PIL opens such a file as
+        expected = ref_vqgan_input_from(ref_whiten_transparency(opened))[0]
+    loaded = load_image_pixels(path)
+    assert loaded.orig_mode == opened.mode
+    assert torch.equal(loaded.pixels, expected)
 
 
 def test_cmyk_uses_pils_conversion() -> None:

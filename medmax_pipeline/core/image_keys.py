@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from pathlib import Path
 from string import Formatter
 from typing import Any, Iterator, Mapping, Sequence
 
-from medmax_pipeline.core.rows import row_extra
+from medmax_pipeline.core.rows import lone_surrogate_problem, row_extra, utf8_problem
 
 PUBLIC_ROOT_NAME = "public"
 
@@ -180,26 +181,41 @@ def _key_column_of(columns: Sequence[str], path: Path, line: int) -> str:
     return keys[0]
 
 
+def _utf8_text(path: Path, data: bytes) -> str:
+    """A mapping file's bytes as text (a UTF-8 BOM dropped), or an error naming the first line
+    that is not UTF-8. Decoded whole, not chunk by chunk, so that the line is the right one."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        start = data.rfind(b"\n", 0, exc.start) + 1
+        end = data.find(b"\n", exc.start)
+        try:  # the line alone, for a byte offset within it
+            data[start : end if end >= 0 else len(data)].decode("utf-8")
+            reason = utf8_problem(exc)
+        except UnicodeDecodeError as line_exc:
+            reason = utf8_problem(line_exc)
+        raise _mapping_error(path, data.count(b"\n", 0, exc.start) + 1, reason) from None
+
+
 def _csv_entries(path: Path) -> Iterator[tuple[int, str, Any, Any]]:
     """(line, key column, key, image path) of each entry of a CSV mapping with a header line."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f, strict=True)  # an unclosed quote is an error, not a path with a newline
-        try:
-            header = next(reader, None)
-            if header is None:
-                raise _mapping_error(path, None, "the file is empty (expected a header line)")
-            key_column = _key_column_of(header, path, reader.line_num)
-            key_at, path_at = header.index(key_column), header.index(MAPPING_PATH_COLUMN)
-            for record in reader:
-                if not record:
-                    continue  # a blank line
-                if len(record) != len(header):
-                    raise _mapping_error(path, reader.line_num, f"{len(record)} fields, the header has {len(header)}")
-                yield reader.line_num, key_column, record[key_at], record[path_at]
-        except csv.Error as exc:
-            raise _mapping_error(path, reader.line_num, f"not valid CSV: {exc}") from None
-        except UnicodeDecodeError as exc:
-            raise _mapping_error(path, reader.line_num + 1, f"not UTF-8 text: {exc}") from None
+    text = _utf8_text(path, path.read_bytes())
+    # newline="": csv sees line ends as they are (a quoted field may hold one).
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # an unclosed quote is an error, not a path with a newline
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise _mapping_error(path, None, "the file is empty (expected a header line)")
+        key_column = _key_column_of(header, path, reader.line_num)
+        key_at, path_at = header.index(key_column), header.index(MAPPING_PATH_COLUMN)
+        for record in reader:
+            if not record:
+                continue  # a blank line
+            if len(record) != len(header):
+                raise _mapping_error(path, reader.line_num, f"{len(record)} fields, the header has {len(header)}")
+            yield reader.line_num, key_column, record[key_at], record[path_at]
+    except csv.Error as exc:
+        raise _mapping_error(path, reader.line_num, f"not valid CSV: {exc}") from None
 
 
 def _jsonl_entries(path: Path) -> Iterator[tuple[int, str, Any, Any]]:
@@ -210,7 +226,9 @@ def _jsonl_entries(path: Path) -> Iterator[tuple[int, str, Any, Any]]:
                 continue
             try:
                 entry = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            except UnicodeDecodeError as exc:
+                raise _mapping_error(path, line_no, utf8_problem(exc)) from None
+            except json.JSONDecodeError as exc:
                 raise _mapping_error(path, line_no, f"bad JSON: {exc}") from None
             if not isinstance(entry, dict):
                 raise _mapping_error(path, line_no, f"a JSON {type(entry).__name__}, expected an object")
@@ -240,6 +258,10 @@ def load_image_mapping(path: str | Path) -> ImageMapping:
             raise _mapping_error(path, line, f"keyed by {key_column}, earlier lines by {file_key_column} (use one key column per file)")
         if not isinstance(key, str) or not isinstance(image_path, str) or not image_path.strip():
             raise _mapping_error(path, line, f"{key_column} and image_path must be non-empty text, got {key!r} and {image_path!r}")
+        for column, value in ((key_column, key), (MAPPING_PATH_COLUMN, image_path)):
+            problem = lone_surrogate_problem(column, value)  # JSON may spell one ("\\ud800"); no path or key holds it
+            if problem is not None:
+                raise _mapping_error(path, line, problem)
         key = key.strip().lower() if key_column == "text_sha256" else key.strip()
         if _ABSOLUTE.match(image_path) or ".." in re.split(r"[\\/]", image_path):
             raise _mapping_error(path, line, f"image_path {image_path!r} must be relative to the source root, without '..'")

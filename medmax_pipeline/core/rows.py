@@ -95,13 +95,13 @@ def validate_row(raw: Any) -> tuple[dict[str, Any] | None, str | None]:
         "extra": json.dumps(extra, sort_keys=True, ensure_ascii=False) if extra else None,
     }
     for key in ("text", "image_path", "task", "source", "extra"):
-        reason = _unicode_problem(key, row[key])
+        reason = lone_surrogate_problem(key, row[key])
         if reason is not None:
             return None, reason
     return row, None
 
 
-def _unicode_problem(column: str, value: str | None) -> str | None:
+def lone_surrogate_problem(column: str, value: str | None) -> str | None:
     """Why a decoded string cannot be stored as UTF-8, or None. JSON lets a line spell a lone
     surrogate ("\\ud800"); json.loads returns it, and Arrow (every artifact) cannot encode it."""
     if value is None:
@@ -113,6 +113,17 @@ def _unicode_problem(column: str, value: str | None) -> str | None:
         bad = value[exc.start : exc.end].encode("unicode_escape").decode("ascii")
         return f"{where} hold(s) a lone surrogate ({bad} at character {exc.start}): not valid Unicode"
     return None
+
+
+def utf8_problem(exc: UnicodeDecodeError) -> str:
+    """A UTF-8 UnicodeDecodeError in words: which bytes, at which offset, and why. Bytes ED A0..BF
+    xx are a surrogate encoded as UTF-8 (what a lone surrogate becomes when written unchecked)."""
+    data = bytes(exc.object)
+    bad = data[exc.start : max(exc.end, exc.start + 1)]
+    why = exc.reason
+    if data[exc.start : exc.start + 1] == b"\xed" and data[exc.start + 1 : exc.start + 2] >= b"\xa0":
+        bad, why = data[exc.start : exc.start + 3], "an encoded lone surrogate"
+    return f"not valid UTF-8: byte(s) {bad.hex(' ')} at byte {exc.start} ({why})"
 
 
 def _iter_raw_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
@@ -136,9 +147,26 @@ def _decode_line(stripped: bytes) -> tuple[Any, str | None]:
 def _iter_raw_parquet(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     line_no = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-        for row in batch.to_pylist():
+        try:
+            decoded = batch.to_pylist()
+        except UnicodeDecodeError:
+            # Parquet does not check that its strings are UTF-8 (a lone surrogate written unchecked
+            # is ED A0 80): decode this batch row by row, so that only the bad rows are refused.
+            decoded = None
+        for i in range(batch.num_rows):
             line_no += 1
-            yield line_no, row, None
+            yield (line_no, decoded[i], None) if decoded is not None else (line_no, *_parquet_row(batch, i))
+
+
+def _parquet_row(batch: pa.RecordBatch, index: int) -> tuple[dict[str, Any] | None, str | None]:
+    """(row, None) or (None, why its strings are not UTF-8) for one row of a parquet batch."""
+    row = {}
+    for name, column in zip(batch.schema.names, batch.columns):
+        try:
+            row[name] = column[index].as_py()
+        except UnicodeDecodeError as exc:
+            return None, f"column {name!r} is {utf8_problem(exc)}"
+    return row, None
 
 
 def iter_raw_rows(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
@@ -156,14 +184,15 @@ def iter_raw_rows(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
 # json.loads into Python ints is what made reading slow. Here each line's "tokens" array is cut
 # out as bytes, the arrays of many lines are parsed in one numpy call (np.fromstring, ~0.5 GB/s),
 # and only the small remainder of the line (text, task, ...) goes through json.loads and
-# validate_row, so the checks and reasons are exactly those of the per-line reader. Any line the
-# fast path is not sure about (no or repeated "tokens" key, an array that is not a plain list of
-# integers) is decoded whole, per line, as before.
+# validate_row. Any line the fast path is not sure about (no or repeated "tokens" key) and every
+# bad row is decoded whole, per line, and a block holding an array that is not surely a JSON list
+# of int32 ids is decoded line by line: so each verdict and reason is json.loads' on the line.
 # ----------------------------------------------------------------------------------------------
 
 _TOKENS_KEY = b'"tokens"'
 _TOKENS_OPEN = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*\[")
 _INT32_MAX = 2**31 - 1
+_JSON_SPACE = b" \t\r"  # JSON's whitespace inside a line (a newline ends the line)
 
 
 class _SlowBlock(Exception):
@@ -172,10 +201,12 @@ class _SlowBlock(Exception):
 
 def _split_tokens(line: bytes) -> tuple[bytes, memoryview, int] | None:
     """(line with its tokens array emptied, the array's inner bytes, the number of values it should
-    hold: commas + 1, or 0 when blank), or None when unsure. The inner bytes are a view, not a
-    copy: they are ~85% of a MedMax line, and are copied once, when joined for parsing."""
+    hold: commas + 1, or 0 when only JSON whitespace), or None when unsure. The inner bytes are a
+    view, not a copy: they are ~85% of a MedMax line, and are copied once, when joined for parsing."""
     key = line.find(_TOKENS_KEY)
     if key < 0 or line.find(_TOKENS_KEY, key + len(_TOKENS_KEY)) >= 0:
+        return None
+    if line[key - 1 : key] == b"\\":  # the quote is escaped: part of another string ('"a\\"tokens": [')
         return None
     opened = _TOKENS_OPEN.match(line, key + len(_TOKENS_KEY))
     if opened is None:
@@ -185,68 +216,87 @@ def _split_tokens(line: bytes) -> tuple[bytes, memoryview, int] | None:
     if stop < 0:
         return None
     commas = line.count(b",", start, stop)
-    count = commas + 1 if commas or line[start:stop].strip() else 0
+    # "[ ]" is empty; "[\f]" is not JSON: it counts one value, which the parse then refuses.
+    count = commas + 1 if commas or line[start:stop].translate(None, _JSON_SPACE) else 0
     return line[:start] + line[stop:], memoryview(line)[start:stop], count
 
 
-# Bytes a plain JSON integer array may hold between its brackets, minus "-" (see _json_int_text).
-_ARRAY_BYTES = b"0123456789, \t\r"
-# A number starting with 0 right after one of these is "0" itself or a leading zero ("07").
-_ZERO_AFTER = (b",0", b" 0", b"\t0", b"\r0")
-_INT64_MAX = np.iinfo(np.int64).max
+# Bytes a plain JSON integer array may hold between its brackets, minus "-" (see _json_int_list).
+_ARRAY_BYTES = b"0123456789," + _JSON_SPACE
 
 
-def _has_leading_zero(data: bytes) -> bool:
-    """Whether a number of a comma-separated list starts with 0 and goes on ("00", "07"), which
-    JSON refuses and numpy reads. Cheap: "<delimiter>0" is rare in token lists (id 0 is bos)."""
-    if data[:1] == b"0" and data[1:2].isdigit():
-        return True
-    for pattern in _ZERO_AFTER:
-        at = data.find(pattern)
-        while at >= 0:
-            if data[at + 2 : at + 3].isdigit():
-                return True
-            at = data.find(pattern, at + 2)
-    return False
+def _json_int_list(data: bytes, count: int) -> bool:
+    """Whether `data` (the joined inner bytes of token arrays) is a JSON list body of `count`
+    non-negative integers: comma-separated elements, each JSON whitespace around one number
+    without a leading zero. numpy's reader is looser, so this is decided here, before it reads:
+    it takes "+5", "- 5", "07", form feed or vertical tab as whitespace, and an element that is
+    only whitespace ("1, ,2", "1,  ") as the value 0. Minus signs are refused too: a negative id
+    is a bad row anyway, and json.loads words its reason.
 
-
-def _json_int_text(data: bytes) -> bool:
-    """Whether numpy's reading of `data` (joined integer lists) can only agree with json.loads.
-
-    numpy's sep="," reader is looser than JSON: it takes "+5", "- 5", "07", and form feed or
-    vertical tab as whitespace. Those must not decide a line (and the line must not be decided by
-    its neighbours in the block), so a block holding any of them is decoded per line. Minus signs
-    send the block there too: a negative id is a bad row anyway, and json.loads words its reason."""
+    How: the bytes are digits, commas and JSON whitespace only; the digit runs and the commas
+    alternate, run first and last (run_i < comma_i < run_i+1), so each element holds exactly
+    one run; no run starts with 0 and goes on. A few numpy passes, no Python loop per value."""
     if data.translate(None, _ARRAY_BYTES):  # any byte besides digits, commas and JSON whitespace
         return False
-    return not _has_leading_zero(data)
+    text = np.frombuffer(data, dtype=np.uint8)
+    digit = text >= ord("0")  # the only bytes >= "0" left are digits
+    run_start = digit.copy()
+    run_start[1:] &= ~digit[:-1]
+    runs = np.flatnonzero(run_start)
+    commas = np.flatnonzero(text == ord(","))
+    if runs.size != count or commas.size != count - 1:
+        return False
+    if not ((runs[:-1] < commas).all() and (commas < runs[1:]).all()):
+        return False
+    after_zero = runs[text[runs] == ord("0")] + 1  # a run starting with 0 is "0" itself or "07"
+    return not digit[after_zero[after_zero < text.size]].any()
 
 
 def _parse_int_lists(segments: list[memoryview], counts: list[int]) -> np.ndarray:
     """Parse comma-separated integer lists holding `counts` values each; values (int64). Raises
-    _SlowBlock unless every list is a JSON integer list that numpy reads exactly as json.loads.
-
-    Why a block passing here holds only valid lists: the bytes are digits, commas and JSON
-    whitespace, no number has a leading zero, numpy reads the joined text to its end (it refuses
-    "1 2", ",,", a leading comma), and the value count equals commas + 1 of every list (a trailing
-    comma is the one thing numpy accepts and it yields one value fewer; nothing yields more)."""
+    _SlowBlock unless every list is a JSON integer list (_json_int_list) of ids in int32 range."""
     data = b",".join(seg for seg, count in zip(segments, counts) if count)
-    if not _json_int_text(data):
+    total = sum(counts)
+    if not data:
+        return np.zeros(0, np.int64)
+    if not _json_int_list(data, total):
         raise _SlowBlock
     with warnings.catch_warnings():
-        # numpy warns (here: raises) when the text does not parse to its end: "1 2", ",,".
+        # numpy warns (here: raises) when the text does not parse to its end; a check that cannot
+        # fire after _json_int_list, kept so that a numpy change cannot slip values in.
         warnings.simplefilter("error")
         try:
-            values = np.fromstring(data, dtype=np.int64, sep=",") if data else np.zeros(0, np.int64)
+            values = np.fromstring(data, dtype=np.int64, sep=",")
         except (ValueError, DeprecationWarning):
             raise _SlowBlock from None
-    if values.size != sum(counts):  # "1,2," parses as two values where three were counted
+    if values.size != total:
         raise _SlowBlock
-    if values.size and values.max() == _INT64_MAX:
-        # numpy saturates huge numbers: one may be past json's digit limit (a bad line for
-        # json.loads, not an out-of-range id). Rare: let the per-line reader word it.
+    if values.max() > _INT32_MAX:
+        # An id outside int32 (numpy saturates numbers past int64, and one may be past json's
+        # digit limit): a bad row; rare, so the per-line reader words its reason.
         raise _SlowBlock
     return values
+
+
+def _decode_without_tokens(emptied: bytes) -> dict[str, Any] | None:
+    """json.loads of a line whose tokens array was emptied, or None when that array may not
+    be the row's "tokens" value: the row must end up with tokens == [] and exactly one key
+    "tokens" in the whole line (json.loads keeps a repeated key's last value, and a key may be
+    spelled with escapes, "tok\\u0065ns", which the byte search does not see)."""
+    tokens_keys = 0
+
+    def count_tokens_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal tokens_keys
+        tokens_keys += sum(1 for name, _ in pairs if name == "tokens")
+        return dict(pairs)
+
+    try:
+        raw = json.loads(emptied, object_pairs_hook=count_tokens_keys)
+    except (ValueError, RecursionError):
+        return None
+    if tokens_keys != 1 or not isinstance(raw, dict) or raw.get("tokens") != []:
+        return None
+    return raw
 
 
 def _rows_from_lines(
@@ -260,7 +310,6 @@ def _rows_from_lines(
     pending_counts: list[int] = []  # values each pending segment holds
     pending_rows: list[int] = []  # index into the kept rows of each pending segment
     problems: list[RowProblem] = []
-    kept_line_for_check: list[int] = []
 
     def flush_pending() -> None:
         if not pending:
@@ -275,13 +324,16 @@ def _rows_from_lines(
     for line_no, stripped in lines:
         row_id = row_id_for(split, line_no)
         parts = _split_tokens(stripped) if fast else None
-        raw, parse_error = _decode_line(parts[0] if parts is not None else stripped)
-        if parts is not None and (parse_error or not isinstance(raw, dict) or raw.get("tokens") != []):
-            # Not the top-level tokens array, or a line that is bad elsewhere: decode it whole, so
-            # that the reason (and its character offsets) are those of the original line.
+        row, reason = None, None
+        if parts is not None:
+            raw = _decode_without_tokens(parts[0])
+            row, reason = validate_row(raw) if raw is not None else (None, None)
+        if row is None:
+            # Not surely the top-level tokens array, or a bad row: decode the line whole, so that
+            # the verdict and its reason (with character offsets) are json.loads' on the line.
             parts = None
             raw, parse_error = _decode_line(stripped)
-        row, reason = (None, parse_error) if parse_error else validate_row(raw)
+            row, reason = (None, parse_error) if parse_error else validate_row(raw)
         if row is None:
             problems.append(RowProblem(str(path), line_no, reason or "unreadable row", row_id))
             continue
@@ -290,7 +342,6 @@ def _rows_from_lines(
         columns["line"].append(line_no)
         for key in ("text", "image_path", "task", "source", "credential", "extra"):
             columns[key].append(row[key])
-        kept_line_for_check.append(line_no)
         token_counts.append(0)
         if parts is not None:
             pending.append(parts[1])
@@ -306,26 +357,13 @@ def _rows_from_lines(
     counts = np.asarray(token_counts, dtype=np.int64)
     offsets = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
-    keep = np.ones(len(counts), dtype=bool)
-    if values.size and (values.min() < 0 or values.max() > _INT32_MAX):
-        # Same reason as validate_row gives; only rows of the fast path can get here.
-        bad = (values < 0) | (values > _INT32_MAX)
-        bad_rows = np.unique(np.repeat(np.arange(len(counts)), counts)[bad])
-        for i in bad_rows.tolist():
-            keep[i] = False
-            line_no = kept_line_for_check[i]
-            problems.append(
-                RowProblem(str(path), line_no, "column 'tokens' has an id outside the int32 range", row_id_for(split, line_no))
-            )
-    # Ids outside int32 only occur in rows filtered out just below, so the cast cannot corrupt kept rows.
+    # Every id is in int32 range: validate_row checked the per-line rows, _parse_int_lists the rest.
     tokens = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values.astype(np.int32)))
     arrays = [
         tokens if name == "tokens" else pa.array(columns[name], type=ROW_SCHEMA.field(name).type)
         for name in ROW_SCHEMA.names
     ]
     batch = pa.RecordBatch.from_arrays(arrays, schema=ROW_SCHEMA)
-    if not keep.all():
-        batch = batch.filter(pa.array(keep))
     problems.sort(key=lambda p: p.line)
     return batch, problems
 

@@ -7,12 +7,12 @@
     3. center_crop_box: (x0, y0) = ((w' - 512) // 2, (h' - 512) // 2).
     4. to_pixels:       x / 255.0 * 2 - 1 computed in float64, then float32, CHW.
 
-Choices beyond the original (which relied on whatever PIL did):
-- 16-bit grayscale (modes I;16, I;16L, I;16B, I;16N, and mode I whose values lie in 0..65535,
-  which is how PIL opens 16-bit PNG/TIFF) becomes 8-bit L by v8 = round(v16 / 257) (the inverse
-  of the usual 8 -> 16 bit expansion v16 = 257 * v8; no ties can occur), then follows step 1 as L.
-  PIL's own convert of these modes clips at 255 instead of scaling, which turns most medical
-  16-bit images white. Mode I values outside 0..65535, mode F and other exotic modes are refused.
+Choices beyond the original (which relied on whatever PIL did), and what PIL does:
+- High bit depth grayscale (modes I;16, I;16L, I;16B, I;16N: how PIL opens 16-bit PNG and TIFF;
+  I: 32-bit TIFF; F: float TIFF) goes through PIL's convert("RGBA") / convert("RGB") exactly as
+  the original did. PIL clips there, it does not scale: 16-bit values above 255 become 255 (so most
+  16-bit medical images come out nearly white), negative values 0, floats are truncated then
+  clipped (NaN becomes 0). HIGH_BIT_DEPTH_MODES names them, so the tokenize stage can count them.
 - CMYK, YCbCr, LAB, 1, P, PA, LA, La, RGBa, RGBX go through PIL's convert("RGBA") exactly as the
   original would have (CMYK uses PIL's naive conversion, no ICC profile).
 - Only the first frame of a multi-frame file (GIF, TIFF) is used. EXIF orientation is not applied
@@ -37,9 +37,12 @@ from medmax_pipeline.core.constants import IMAGE_SIZE
 # PIL's own bomb threshold (it only warns above it, and errors above twice it). We raise above it.
 DEFAULT_MAX_PIXELS: int = 89_478_485
 
-SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+# Grayscale with more than 8 bits a pixel: PIL's convert clips these to 0..255 (see above).
+HIGH_BIT_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 # Modes PIL converts to RGBA in a well-defined way (what the original tokenizer relied on).
-CONVERTIBLE_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
+CONVERTIBLE_MODES = frozenset(
+    {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"} | HIGH_BIT_DEPTH_MODES
+)
 
 
 class ImageDecodeError(ValueError):
@@ -120,23 +123,6 @@ def open_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
 # ----------------------------------------------------------------------------------------------
 
 
-def sixteen_bit_to_eight_bit(values: np.ndarray) -> np.ndarray:
-    """round(v / 257) for integers v in 0..65535, exactly (v * 255 / 65535 never ties)."""
-    values = values.astype(np.int64)
-    return ((values + 128) // 257).astype(np.uint8)
-
-
-def sixteen_bit_gray_to_l(image: Image.Image, path: str | Path = "<image>") -> Image.Image:
-    """A 16-bit grayscale image (I;16* or I with values 0..65535) as 8-bit L, by round(v / 257)."""
-    values = np.asarray(image)
-    if image.mode == "I":
-        if values.size and (values.min() < 0 or values.max() > 65535):
-            raise ImageDecodeError(
-                path, f"mode I pixel values span {values.min()}..{values.max()}, outside the 16-bit range 0..65535"
-            )
-    return Image.fromarray(sixteen_bit_to_eight_bit(values), mode="L")
-
-
 def blend_onto_white(rgba: np.ndarray) -> np.ndarray:
     """The original's alpha blend: (1 - a/255) * 255 + a/255 * rgb in float64, cast to uint8."""
     alpha = rgba[:, :, 3] / 255.0
@@ -148,9 +134,7 @@ def to_rgb(image: Image.Image, path: str | Path = "<image>") -> Image.Image:
     """Step 1: an RGB image, alpha blended onto white as the original ImageTokenizer did."""
     if image.mode == "RGB":
         return image
-    if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
-        image = sixteen_bit_gray_to_l(image, path)
-    elif image.mode not in CONVERTIBLE_MODES:
+    if image.mode not in CONVERTIBLE_MODES:
         raise ImageDecodeError(path, f"unsupported image mode {image.mode!r}")
     rgba = np.array(image.convert("RGBA"))
     if not (rgba[:, :, 3] < 255).any():

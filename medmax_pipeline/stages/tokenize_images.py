@@ -64,7 +64,7 @@ from medmax_pipeline.core.artifacts import (
 )
 from medmax_pipeline.core.constants import CODES_PER_IMAGE, NUM_IMAGE_CODES
 from medmax_pipeline.core.output_lock import OutputLockedError, hold_lock
-from medmax_pipeline.models.image_preprocess import DEFAULT_MAX_PIXELS
+from medmax_pipeline.models.image_preprocess import DEFAULT_MAX_PIXELS, HIGH_BIT_DEPTH_MODES
 from medmax_pipeline.models.vqgan import VQGANLoadError
 
 TOKENS_ARTIFACT = "image_tokens"
@@ -746,6 +746,20 @@ def gather_tokens(shards_dir: str | Path, num_shards: int, output: str | Path, e
 # ----------------------------------------------------------------------------------------------
 
 
+def count_high_bit_depth(tokens_path: str | Path) -> int:
+    """Distinct image files of a tokens artifact that were high bit depth grayscale (16-bit, 32-bit
+    or float): PIL's convert clipped them to 0..255, as the original preprocessing did."""
+    table = read_artifact(tokens_path, TOKENS_ARTIFACT, columns=["img_path", "orig_mode"])
+    modes = table.column("orig_mode").to_pylist()
+    return len({p for p, mode in zip(table.column("img_path").to_pylist(), modes) if mode in HIGH_BIT_DEPTH_MODES})
+
+
+def high_bit_depth_line(count: int) -> str:
+    """The summary line for count_high_bit_depth."""
+    return (f"  {count} high bit depth grayscale image(s) (16-bit, 32-bit or float): pixel values clipped "
+            "to 0..255, as the original preprocessing (PIL's convert) did")
+
+
 def add_tokenize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, type=Path, help="CSV with an img_path column (image_key, credential optional)")
     parser.add_argument("--output", required=True, type=Path, help="folder for shard-I-of-N.parquet, .errors.parquet and .chunks/")
@@ -783,6 +797,7 @@ def run_tokenize(args: argparse.Namespace) -> int:
             f"{result.tokens_path}: {result.num_tokens} images tokenized, {result.num_errors} errors "
             f"({result.errors_path}); {result.chunks_done} chunks computed, {result.chunks_reused} reused; {elapsed:.1f}s"
         )
+        print(high_bit_depth_line(count_high_bit_depth(result.tokens_path)))
     return 0
 
 
@@ -800,4 +815,5 @@ def run_gather_tokens(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"{args.output}: {tokens} images; {args.errors}: {errors} errors")
+    print(high_bit_depth_line(count_high_bit_depth(args.output)))
     return 0
