@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Sequence
@@ -42,6 +41,7 @@ import pyarrow.parquet as pq
 
 from medmax_pipeline import __version__
 from medmax_pipeline.core.folder_identity import folder_fingerprint
+from medmax_pipeline.core import termination
 from medmax_pipeline.core.rows import CREDENTIAL_VALUES
 
 Credential = Literal["public", "credentialed"]
@@ -334,12 +334,15 @@ def rows_are_credentialed(data: pa.Table | pa.RecordBatch) -> bool:
 
 
 def _create_temp_file(path: Path) -> Path:
-    """A new empty file next to `path`, named .<name>.<random>.tmp, with mode 0666 less the umask.
+    """A new empty file next to `path`, named .<name>.<host>~<pid>~<random>.tmp (its owner, so that
+    a later run can tell a dead run's temporary from a live one's), with mode 0666 less the umask.
+    The temporaries of `path` that a killed run of this host left are removed first.
 
     os.open lets the kernel apply the umask (tempfile.mkstemp would force 0600).
     """
+    termination.remove_stale_temporaries(path)
     for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        tmp = termination.temporary_name(path)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
