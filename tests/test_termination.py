@@ -92,6 +92,14 @@ def assert_stopped_cleanly(returncode: int, err: str, *folders: Path, pid: int) 
 # ----------------------------------------------------------------------------------------------
 
 
+def wait_until_gone(pids: list[int], limit: float = 120.0) -> None:
+    deadline = time.monotonic() + limit
+    while any(termination.pid_is_alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            pytest.fail(f"processes {[p for p in pids if termination.pid_is_alive(p)]} still run")
+        time.sleep(0.2)
+
+
 def dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
@@ -148,8 +156,11 @@ def test_a_rerun_sweeps_a_killed_runs_shm_folder_and_artifact_temporary(tmp_path
     argv = assemble_argv(inputs, out, workers=2)
     process = start_paused(tmp_path, argv, target="medmax_pipeline.stages.assemble.coverage:Coverage.add_filled")
     assert scratch_of(process.pid) and temporaries(out)
+    workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    assert workers
     process.kill()
     process.wait()
+    wait_until_gone([int(pid) for pid in workers])  # the pool's workers do not live on as orphans
     left = scratch_of(process.pid)
     assert left and temporaries(out)  # what SIGKILL leaves
     rerun = subprocess.run([sys.executable, "-m", "medmax_pipeline", *argv], env=child_env(), capture_output=True, text=True, timeout=600)
@@ -336,3 +347,30 @@ def test_torchrun_forwards_sigterm_and_every_rank_cleans_up(tmp_path: Path, base
     rerun = subprocess.run([*launcher, "-m", "medmax_pipeline", *argv], env=child_env(), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resumed from" in rerun.stderr and "(step 1 of 4)" in rerun.stderr
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory):
+    from medmax_pipeline.demo import default_paths, generate_demo
+
+    paths = default_paths(tmp_path_factory.mktemp("demo"))
+    generate_demo(paths, seed=0, rows_per_task=2)
+    return paths
+
+
+def test_generate_stopped_keeps_its_finished_rows_and_the_rerun_generates_only_the_rest(tmp_path: Path, demo) -> None:
+    out = tmp_path / "pred.parquet"
+    argv = ["generate", "--eval-set", str(demo.eval_set), "--image-root", str(demo.eval_image_root), "--ckpt", str(demo.checkpoint),
+            "--base-model", str(demo.base_model), "--model-name", "base", "--output", str(out), "--batch-size", "1",
+            "--max-items", "4", "--max-new-tokens", "closed=2", "open=3", "mcq=2"]
+    appended = "medmax_pipeline.stages.evaluate.generate:_append_partial"
+    process = start_paused(tmp_path, argv, target=appended, call=2)
+    returncode, err = stop(process)
+    assert_stopped_cleanly(returncode, err, tmp_path, pid=process.pid)
+    partial = out.with_name(out.name + ".partial.jsonl")
+    assert len(partial.read_text().splitlines()) == 1 + 2  # header + the two finished rows
+    appends = tmp_path / "appends"
+    rerun = run_counting(argv, appended, appends)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert len(appends.read_text().splitlines()) == 2  # rows 3 and 4 only
+    assert read_artifact(out).num_rows == 4 and not partial.exists()

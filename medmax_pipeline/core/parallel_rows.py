@@ -22,6 +22,7 @@ import os
 import queue
 import shutil
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
@@ -132,10 +133,19 @@ def _run_range(work: Callable[[ByteRange], tuple[pa.RecordBatch, Any]], handoff_
     return str(path), extra
 
 
-def _init_worker(initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]) -> None:
+def _init_worker(parent: int, initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]) -> None:
     termination.ignore_interrupts_in_worker()  # the parent stops its workers on Ctrl-C
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
     if initializer is not None:
         initializer(*initargs)
+
+
+def _exit_when_orphaned(parent: int, interval: float = 1.0) -> None:
+    """Worker: exit once the parent is gone (SIGKILLed): an idle worker waits on a queue whose
+    other end it holds itself, so it would never notice, and would live on as an orphan."""
+    while os.getppid() == parent:
+        time.sleep(interval)
+    os._exit(1)
 
 
 def stop_workers(pool: ProcessPoolExecutor) -> None:
@@ -194,7 +204,7 @@ def map_line_ranges(
         threading.Thread(target=plan, daemon=True).start()
         # Spawned, not forked: this process runs threads (the planner, the caller's writers).
         pool = ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(initializer, initargs)
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(os.getpid(), initializer, initargs)
         )
         try:
             pending: deque[Future] = deque()
