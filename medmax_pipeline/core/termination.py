@@ -304,6 +304,6 @@ def sweep_stale_scratch(roots: tuple[str | Path, ...] | None = None) -> list[Pat
 def report(exc: Terminated, stream=sys.stderr) -> int:
     """The `error:` line of a terminated run; its exit code."""
     removed = remove_registered_temporaries()
-    extra = f"; {len(removed)} temporary paths removed" if removed else ""
-    print(f"error: {exc} (signal {exc.signum}): stopped, temporary files removed{extra}, finished work kept for a rerun", file=stream)
+    extra = f" ({len(removed)} left by interrupted steps)" if removed else ""
+    print(f"error: {exc} (signal {exc.signum}); temporary files removed{extra}, finished work kept for a rerun", file=stream)
     return exc.exit_code
