@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 from typing import Sequence
 
 from medmax_pipeline import __version__
+from medmax_pipeline.core import termination
 from medmax_pipeline.core.output_lock import run_holding_output_locks
 
 # subcommand -> (module, one-line help)
@@ -52,7 +55,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] not in SUBCOMMANDS:
         top.parse_args(argv)  # prints usage or version and exits
         return 2
-    name, rest = argv[0], argv[1:]
+    # SIGTERM (SLURM's time limit, scancel) and SIGINT become termination.Terminated, so that every
+    # cleanup of the stage runs on the way out; the handlers are restored when main returns (main
+    # also runs inside other programs, tests).
+    previous = {signum: signal.getsignal(signum) for signum in termination.HANDLED_SIGNALS}
+    termination.install()
+    try:
+        termination.sweep_stale_scratch()  # /dev/shm folders of runs that were SIGKILLed
+        return _run_subcommand(argv[0], argv[1:])
+    except termination.Terminated as exc:
+        return termination.report(exc)
+    except BaseException:
+        # Stopped while something else failed (a worker killed by the same signal, a broken pool):
+        # the signal is the reason.
+        signum = termination.received()
+        if signum is None:
+            raise
+        return termination.report(termination.Terminated(signum))
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def _run_subcommand(name: str, rest: list[str]) -> int:
     module = importlib.import_module(SUBCOMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"medmax {name}", description=SUBCOMMANDS[name][1])
     # A module serving several subcommands names its functions after them: add_<name>_arguments / run_<name>.
@@ -62,17 +88,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(rest)
     try:
-        return int(run_holding_output_locks(name, run, args) or 0)  # one writer per output: core/output_lock
+        code = int(run_holding_output_locks(name, run, args) or 0)  # one writer per output: core/output_lock
     except Exception as exc:
         # An ordinary error (bad input, a file problem, or an error class the package defines on
         # purpose) is one `error:` line; anything else (TypeError, KeyError, ...) is a bug and keeps
         # its traceback, as does any error under MEDMAX_TRACEBACK=1 (debugging the pipeline itself).
+        if termination.received() is not None:
+            raise  # the error came from stopping: main reports the signal
         ordinary = isinstance(exc, (ValueError, OSError)) or type(exc).__module__.startswith("medmax_pipeline.")
         if not ordinary or os.environ.get("MEDMAX_TRACEBACK") == "1":
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
-
+    signum = termination.received()
+    if signum is not None:
+        # A stage that turned the consequence of the signal into its own error line and exit code
+        # was still stopped by it: the exit code says so (Snakemake retries on any non-zero code).
+        raise termination.Terminated(signum)
+    return code
 
 if __name__ == "__main__":
     raise SystemExit(main())

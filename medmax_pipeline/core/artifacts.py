@@ -366,7 +366,8 @@ def rows_are_credentialed(data: pa.Table | pa.RecordBatch) -> bool:
 
 
 def _create_temp_file(path: Path) -> Path:
-    """A new empty file next to `path`, .<name>.<host>.<pid>.<random>.tmp, mode 0666 less the umask."""
+    """A new empty file next to `path`: core/file_modes.unique_temp_path (owner-tagged name, mode
+    0666 less the umask, a dead run's temporaries of `path` removed first)."""
     return unique_temp_path(path)
 
 

@@ -9,10 +9,10 @@ less the umask), like any file a program creates, so collaborators read what the
 from __future__ import annotations
 
 import os
-import secrets
-import socket
 import stat
 from pathlib import Path
+
+from medmax_pipeline.core import termination
 
 
 def current_umask() -> int:
@@ -43,12 +43,15 @@ def honour_umask(path: str | Path) -> None:
 
 
 def unique_temp_path(path: str | Path) -> Path:
-    """A new empty file beside PATH, .<name>.<host>.<pid>.<random>.tmp, created exclusively with
-    0666 less the umask: two processes, on one node or two sharing the folder, never share one."""
+    """A new empty file beside PATH, .<name>.<host>~<pid>~<random>.tmp (core/termination's owner
+    tag, so a later run can tell a dead run's temporary from a live one's), created exclusively with
+    0666 less the umask (os.open lets the kernel apply it; tempfile.mkstemp would force 0600): two
+    processes, on one node or two sharing the folder, never share one. The temporaries of PATH that
+    a killed run of this host left are removed first."""
     path = Path(path)
-    host = socket.gethostname().split(".")[0] or "host"
+    termination.remove_stale_temporaries(path)
     for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{host}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        tmp = termination.temporary_name(path)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:

@@ -21,8 +21,8 @@ import multiprocessing
 import os
 import queue
 import shutil
-import tempfile
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import pyarrow as pa
 
+from medmax_pipeline.core import termination
 from medmax_pipeline.core.artifacts import FINGERPRINT_PREFIX, new_hash
 
 
@@ -90,11 +91,11 @@ def default_workers(limit: int = 4) -> int:
     return max(1, min(limit, cores))
 
 
-def shared_scratch_dir(prefix: str) -> Path:
-    """A new temporary folder in /dev/shm where there is one (tmpfs: what passes between processes
-    never touches a disk), else in the temp folder. The caller removes it."""
-    root = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+def shared_scratch_dir(kind: str) -> Path:
+    """A new folder medmax-KIND-HOST~PID~RANDOM in /dev/shm where there is one (tmpfs: what passes
+    between processes never touches a disk), else in the temp folder. The caller removes it; if
+    the process is killed first, a later run removes it (termination.sweep_stale_scratch)."""
+    return termination.make_scratch_dir(kind)
 
 
 def prefetch(iterator: Iterable[Any], depth: int = 2) -> Iterator[Any]:
@@ -130,6 +131,32 @@ def _run_range(work: Callable[[ByteRange], tuple[pa.RecordBatch, Any]], handoff_
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, batch.schema) as writer:
         writer.write_batch(batch)
     return str(path), extra
+
+
+def _init_worker(parent: int, initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]) -> None:
+    termination.ignore_interrupts_in_worker()  # the parent stops its workers on Ctrl-C
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def _exit_when_orphaned(parent: int, interval: float = 1.0) -> None:
+    """Worker: exit once the parent is gone (SIGKILLed): an idle worker waits on a queue whose
+    other end it holds itself, so it would never notice, and would live on as an orphan."""
+    while os.getppid() == parent:
+        time.sleep(interval)
+    os._exit(1)
+
+
+def stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Terminate a process pool's workers now (SIGTERM), without waiting for their tasks."""
+    terminate = getattr(pool, "terminate_workers", None)  # Python 3.14
+    if terminate is not None:
+        terminate()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        if process.is_alive():
+            process.terminate()
 
 
 def _take_handoff(path: str) -> pa.RecordBatch:
@@ -172,11 +199,13 @@ def map_line_ranges(
         except BaseException as exc:  # handed to the consumer
             ranges.put(exc)
 
-    handoff_dir = shared_scratch_dir("medmax-rows-")
+    handoff_dir = shared_scratch_dir("rows")
     try:
         threading.Thread(target=plan, daemon=True).start()
         # Spawned, not forked: this process runs threads (the planner, the caller's writers).
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=initializer, initargs=initargs)
+        pool = ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(os.getpid(), initializer, initargs)
+        )
         try:
             pending: deque[Future] = deque()
             while True:
@@ -192,6 +221,11 @@ def map_line_ranges(
             while pending:
                 handoff, extra = pending.popleft().result()
                 yield _take_handoff(handoff), extra
+        except BaseException:
+            # Stopped (a signal, an error, the consumer closing this iterator early): the ranges
+            # in flight are not wanted, and finishing them would delay the stop by their time.
+            stop_workers(pool)
+            raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
     finally:

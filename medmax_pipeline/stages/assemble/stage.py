@@ -446,7 +446,7 @@ def assemble(
         # parallel, it is hashed while it is read (its fingerprint is filled in before the writers close).
         if parallel:
             rows_input: dict[str, Any] = {"path": str(rows), "artifact": None, "fingerprint": None, "credential": "public"}
-            scratch_dir = shared_scratch_dir("medmax-assemble-")
+            scratch_dir = shared_scratch_dir("assemble")
             codes_path = scratch_dir / "image_codes.u16"
             lookup.codes.tofile(codes_path)
             # The workers map the file; this process keeps the keys only (a fresh empty array, so the

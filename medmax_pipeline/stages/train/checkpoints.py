@@ -34,6 +34,7 @@ import pickle
 import random
 import re
 import shutil
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from medmax_pipeline.core import termination
 from medmax_pipeline.core.artifacts import PROVENANCE_FILE, ArtifactError, read_meta, read_provenance
 from medmax_pipeline.core.file_modes import honour_umask
 
@@ -275,24 +277,26 @@ def save_checkpoint(
     if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    dist.barrier()
-    engine.save_checkpoint(tmp)
-    if dist.is_main:
-        save_adapter_folder(engine.model, tmp / "adapter")
-        state = {"global_step": step, "epoch": progress.epoch, "position": progress.position, "metrics": progress.metrics, "run_config": run_config}
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-    save_rng_state(tmp / f"rng-rank{dist.rank}.safetensors")
-    dist.barrier()
-    if dist.is_main:
-        record = {"kind": CHECKPOINT_RECORD_KIND, "credential": credential, "run_id": root.name, "step": step, "files": file_manifest(tmp)}
-        _write_json(tmp / PROVENANCE_FILE, record)
-        honour_umask(tmp)  # safetensors writes 0600
-        if final.exists():  # a rerun after the end rewrites the final checkpoint
-            shutil.rmtree(final)
-        os.replace(tmp, final)  # the rename is what makes the checkpoint complete
-        if keep:
-            for _, old in complete_checkpoints(root)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+    # The main rank's temporary folder goes if the run stops (SIGTERM included) before the rename.
+    with termination.temporary_path(tmp) if dist.is_main else nullcontext():
+        dist.barrier()
+        engine.save_checkpoint(tmp)
+        if dist.is_main:
+            save_adapter_folder(engine.model, tmp / "adapter")
+            state = {"global_step": step, "epoch": progress.epoch, "position": progress.position, "metrics": progress.metrics, "run_config": run_config}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        save_rng_state(tmp / f"rng-rank{dist.rank}.safetensors")
+        dist.barrier()
+        if dist.is_main:
+            record = {"kind": CHECKPOINT_RECORD_KIND, "credential": credential, "run_id": root.name, "step": step, "files": file_manifest(tmp)}
+            _write_json(tmp / PROVENANCE_FILE, record)
+            honour_umask(tmp)  # safetensors writes 0600
+            if final.exists():  # a rerun after the end rewrites the final checkpoint
+                shutil.rmtree(final)
+            os.replace(tmp, final)  # the rename is what makes the checkpoint complete
+    if dist.is_main and keep:
+        for _, old in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
 
