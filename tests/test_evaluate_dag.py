@@ -235,6 +235,39 @@ def test_score_refuses_artifacts_of_other_predictions(case, tmp_path):
         check_clip_scores(results, read_artifact(base).to_pylist(), clip_short, base)
 
 
+def test_eval_images_under_a_credentialed_root_make_clip_scores_pngs_and_scores_credentialed(case, tmp_path):
+    from medmax_pipeline.core.artifacts import read_provenance
+
+    base = case["predictions"][0]  # a public artifact; its captioning image is images/im0.png
+    assert read_meta(base).credential == "public"
+    link = tmp_path / "eval_images"
+    link.symlink_to(case["images"])  # the image root as a symlink into the credentialed root
+    cred_link = tmp_path / "mimic"
+    cred_link.symlink_to(case["images"])  # the credentialed root spelled through a symlink
+    elsewhere = tmp_path / "other_credentialed"
+    elsewhere.mkdir()
+    runs = {
+        "link_root": (link, case["images"], "credentialed"),
+        "link_credentialed_root": (case["images"], cred_link, "credentialed"),
+        "other_root": (case["images"], elsewhere, "public"),
+    }
+    for name, (image_root, credentialed_root, expected) in runs.items():
+        out, pngs = tmp_path / f"clip_{name}.parquet", tmp_path / f"images_{name}"
+        assert main(["clip-scores", "--predictions", str(base), "--output", str(out), "--clip", str(case["clip"]),
+                     "--clip-text-tower", str(case["clip_text_tower"]), "--image-root", str(image_root),
+                     "--image-dir", str(pngs), "--credentialed-root", str(credentialed_root)]) == 0
+        assert read_meta(out).credential == expected, name
+        assert read_provenance(pngs)["credential"] == expected, name
+        scores, summary = score_predictions([base], tmp_path / f"scores_{name}", "strict", clip_scores=[out], n_bootstrap=10)
+        assert read_meta(scores).credential == read_meta(summary).credential == expected, name
+    # score on its own marks them too (no clip-scores artifact: the image paths decide).
+    scores, summary = score_predictions([base], tmp_path / "scores_direct", "strict", image_root=link,
+                                        credentialed_roots=[case["images"]], n_bootstrap=10)
+    assert read_meta(scores).credential == read_meta(summary).credential == "credentialed"
+    with pytest.raises(ScoreError, match="--credentialed-root .*nowhere: folder does not exist"):
+        score_predictions([base], tmp_path / "s", "strict", credentialed_roots=[tmp_path / "nowhere"])
+
+
 def test_judge_options_built_from_config_values():
     options = judge_command_options({"base_url": "https://x.example/v1", "model": "gpt 4o", "api_key_env": "KEY",
                                      "concurrency": 3, "max_retries": 2, "timeout_s": 9.5}, "results/c.jsonl")

@@ -9,6 +9,14 @@ from medmax_pipeline.stages.evaluate.judge_replies import judge_command_options
 EVAL = config["evaluate"]
 
 
+def credentialed_root_options():
+    """A params function: --credentialed-root ROOT for each credentialed image root, single-quoted.
+    An eval image under one makes the predictions, clip scores, PNGs and scores credentialed. A
+    function, so Snakemake does not format the quoted paths (a brace in a folder name is no wildcard)."""
+    options = " ".join(f"--credentialed-root {single_quoted(root)}" for root in credentialed_roots())
+    return lambda wildcards: options
+
+
 # With evaluate.judge set, check the key and the endpoint before any job runs: one clear line
 # instead of a failure after hours of generation. onstart does not run for dry runs (-n); set
 # MEDMAX_SKIP_JUDGE_CHECK=1 to skip it otherwise (e.g. offline reruns whose judge replies exist).
@@ -49,6 +57,7 @@ rule generate:
             f"--image-generation-rows {EVAL['image_generation_rows']}" if EVAL["image_generation_rows"] else
             "--image-generation-rows 0"
         ),
+        credentialed_roots=credentialed_root_options(),
     wildcard_constraints:
         model="base|trained",
     threads: 2
@@ -63,7 +72,7 @@ rule generate:
         " --ckpt {input.checkpoint:q} --base-model {input.base_model:q} {params.adapter}"
         " --model-name {wildcards.model} --output {output.predictions:q} --batch-size {params.batch_size}"
         " --device {params.device} --decoding {params.decoding} {params.budgets}"
-        " {params.image_generation_rows} {params.max_items} > {log:q} 2>&1"
+        " {params.image_generation_rows} {params.max_items} {params.credentialed_roots} > {log:q} 2>&1"
 
 
 rule clip_scores:
@@ -87,6 +96,7 @@ rule clip_scores:
         code=code_version("stages/evaluate"),
         clip=f"--clip {shlex.quote(EVAL['clip'])}" if EVAL["clip"] else "",
         clip_text_tower=f"--clip-text-tower {shlex.quote(EVAL['clip_text_tower'])}" if EVAL["clip_text_tower"] else "",
+        credentialed_roots=credentialed_root_options(),
     wildcard_constraints:
         model="base|trained",
     log:
@@ -96,7 +106,7 @@ rule clip_scores:
     shell:
         "{params.medmax} clip-scores --predictions {input.predictions:q} --output {output.clip_scores:q}"
         " --image-dir {output.images:q} --ckpt {input.checkpoint:q} --image-root {input.image_root:q} {params.clip}"
-        " {params.clip_text_tower} > {log:q} 2>&1"
+        " {params.clip_text_tower} {params.credentialed_roots} > {log:q} 2>&1"
 
 
 # Only planned when evaluate.judge is set: open VQA, visual_chat and mm_out text. The reply cache lives beside the artifact, one per model
@@ -141,6 +151,7 @@ rule score:
         output_dir=lambda wildcards, output: Path(output.scores).parent,
         judge_replies=lambda wildcards, input: f"--judge-replies {shlex.join(input.judge_replies)}" if input.judge_replies else "",
         bootstrap=EVAL["bootstrap_samples"],
+        credentialed_roots=credentialed_root_options(),
     wildcard_constraints:
         rules="medmax|medmax_tolerant|llava_med|strict",
     log:
@@ -149,7 +160,8 @@ rule score:
         "../../envs/data.yaml"
     shell:
         "{params.medmax} score --predictions {input.predictions:q} --clip-scores {input.clip_scores:q} {params.judge_replies}"
-        " --output {params.output_dir:q} --rules {wildcards.rules} --n-bootstrap {params.bootstrap} --seed 0 > {log:q} 2>&1"
+        " --output {params.output_dir:q} --rules {wildcards.rules} --n-bootstrap {params.bootstrap} --seed 0"
+        " {params.credentialed_roots} > {log:q} 2>&1"
 
 
 rule report_figures:

@@ -12,9 +12,12 @@ Writes into the output folder (always the same names, so Snakemake can list them
                        captioning / generation similarity, visual chat and mm_out relative scores)
     family_scores.png  the non-VQA families as bars, base vs trained
     gallery.png        a few generated images per model (the PNGs clip_scores decoded)
-Only figures and tables: no artifact, no absolute path (image names are shown without folders).
     coverage.html      the dataset coverage table, or a note that no coverage artifact was given
-No external JS or CSS: inline styles only.
+    medmax_provenance.json   what the report was made from and its credential: credentialed when
+                       any input is (a score summary, the train metrics, the coverage, a PNG folder
+                       of clip_scores); the tables then say so at the top
+Only figures and tables: no artifact, no absolute path (image names are shown without folders, a
+missing input by its file name). No external JS or CSS: inline styles only.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from __future__ import annotations
 import argparse
 import html
 import math
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from medmax_pipeline.core.artifacts import ArtifactError, read_artifact
+from medmax_pipeline.core.artifacts import ArtifactError, describe_input, read_artifact, write_provenance
 from medmax_pipeline.core.plots import PlotError, plot_loss
 from medmax_pipeline.stages.evaluate.scoring_rules import VQA_TASKS
 
@@ -46,6 +50,10 @@ def _fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.{digits}f}"
     return str(value)
+
+
+CREDENTIALED_NOTE = ("Computed from credentialed data (an input of this report is credentialed): keep it on the "
+                     "machine that holds the data; do not share it.")
 
 
 def html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], caption: str, note: str = "") -> str:
@@ -213,6 +221,14 @@ def make_report(summary: Sequence[str | Path], output_dir: str | Path, train_met
     """Write the figures and tables; returns their paths."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    coverage_paths = [] if coverage is None else [coverage] if isinstance(coverage, (str, Path)) else list(coverage)
+    sources = [*summary, *([train_metrics] if train_metrics is not None else []), *coverage_paths, *(d for _, d in images)]
+    try:
+        entries = [describe_input(p) for p in sources if Path(p).exists()]
+    except ArtifactError as exc:
+        raise ReportError(str(exc)) from exc
+    credentialed = any(e["credential"] == "credentialed" for e in entries)
+    warning = CREDENTIALED_NOTE + " " if credentialed else ""
     rows: list[dict[str, Any]] = []
     for path in summary:
         try:
@@ -236,7 +252,7 @@ def make_report(summary: Sequence[str | Path], output_dir: str | Path, train_met
     ordered = sorted(rows, key=lambda r: (r["rule_set"], r["task_name"] == "vqa_average", r["task_name"], r["question_type"], r["model"]))
     (out / "summary.html").write_text(html_table(
         ordered, SUMMARY_COLUMNS, "Evaluation summary",
-        "Values are fractions: accuracy for closed/mcq, judge accuracy or token recall for open questions "
+        warning + "Values are fractions: accuracy for closed/mcq, judge accuracy or token recall for open questions "
         "(see metric), CLIP cosine for captioning / image generation, relative score s2/s1 (x100 in the "
         "paper) for visual chat and mm_out text. Unjudged items count as wrong in accuracy; accuracy_judged "
         "leaves them out (as the public code did). A metric ending in _stand_in (or _with_stand_ins) was "
@@ -246,15 +262,14 @@ def make_report(summary: Sequence[str | Path], output_dir: str | Path, train_met
     families = family_rows(rows)
     (out / "families.html").write_text(html_table(
         families, FAMILY_COLUMNS, "Base vs trained, every task family",
-        "VQA per rule set; the other families score alike under every rule set (rule_set 'any').",
+        warning + "VQA per rule set; the other families score alike under every rule set (rule_set 'any').",
     ))
     written.append(out / "families.html")
     plot_family_scores(families, out / "family_scores.png")
     written.append(out / "family_scores.png")
     plot_gallery([(m, Path(d)) for m, d in images], out / "gallery.png")
     written.append(out / "gallery.png")
-    coverage_paths = [] if coverage is None else [coverage] if isinstance(coverage, (str, Path)) else list(coverage)
-    missing = [str(p) for p in coverage_paths if not Path(p).exists()]
+    missing = [Path(p).name for p in coverage_paths if not Path(p).exists()]
     if coverage_paths and not missing:
         cov: list[dict[str, Any]] = []
         for path in coverage_paths:  # one coverage artifact per split
@@ -263,12 +278,13 @@ def make_report(summary: Sequence[str | Path], output_dir: str | Path, train_met
             except ArtifactError as exc:
                 raise ReportError(str(exc)) from exc
         columns = [c for c in COVERAGE_PREFERRED if cov and c in cov[0]] + [c for c in (cov[0] if cov else {}) if c not in COVERAGE_PREFERRED]
-        page = html_table(cov, columns, "Dataset coverage", "" if cov else "the coverage artifact has no rows")
+        page = html_table(cov, columns, "Dataset coverage", warning + ("" if cov else "the coverage artifact has no rows"))
     else:
         why = "no coverage artifact was given" if not coverage_paths else f"coverage artifact {', '.join(missing)} does not exist"
-        page = html_table([], ["note"], "Dataset coverage", f"Coverage not available: {why}.")
+        page = html_table([], ["note"], "Dataset coverage", f"{warning}Coverage not available: {why}.")
     (out / "coverage.html").write_text(page)
     written.append(out / "coverage.html")
+    write_provenance(out, "report", inputs=entries)
     return written
 
 
@@ -290,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
             images.append((model, folder))
         written = make_report(args.summary, args.output_dir, args.train_metrics, args.coverage, images)
     except ReportError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
