@@ -158,6 +158,15 @@ def test_clip_scores_artifact_on_a_tiny_case(case):
     assert bare_rows[1]["generated_image"] is not None and Path(bare_rows[1]["generated_image"]).is_file()
 
 
+def test_clip_scores_prints_progress_lines_on_stderr(case, tmp_path, capsys):
+    base = case["predictions"][0]
+    assert main(["clip-scores", "--predictions", str(base), "--output", str(tmp_path / "clip.parquet")]) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [f"clip-scores: 3 of 7 rows to score ({base})",
+                                "clip-scores: rows 3/3 (100.0%), " + err.split("(100.0%), ")[1].split(",")[0] + ", ETA 0h00m00s"]
+    assert " rows/s" in err and out.startswith("wrote ")
+
+
 def test_judge_replies_artifact_and_cache(case, fake_judge, tmp_path):
     base = case["predictions"][0]
     out = tmp_path / "judge_base.parquet"
