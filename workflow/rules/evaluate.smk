@@ -5,16 +5,15 @@
 import os
 
 from medmax_pipeline.stages.evaluate.judge_replies import judge_command_options
+from medmax_pipeline.stages.evaluate.report import scrub_reports_of
 
 EVAL = config["evaluate"]
 
 
-def credentialed_root_options():
-    """A params function: --credentialed-root ROOT for each credentialed image root, single-quoted.
-    An eval image under one makes the predictions, clip scores, PNGs and scores credentialed. A
-    function, so Snakemake does not format the quoted paths (a brace in a folder name is no wildcard)."""
-    options = " ".join(f"--credentialed-root {single_quoted(root)}" for root in credentialed_roots())
-    return lambda wildcards: options
+# --credentialed-root ROOT for each credentialed image root, single-quoted: an eval image under one
+# makes the predictions, clip scores, PNGs and scores credentialed. Given to params as a function, so
+# Snakemake does not format the quoted paths (a brace in a folder name is no wildcard).
+CREDENTIALED_ROOT_OPTIONS = " ".join(f"--credentialed-root {single_quoted(root)}" for root in credentialed_roots())
 
 
 # With evaluate.judge set, check the key and the endpoint before any job runs: one clear line
@@ -57,7 +56,7 @@ rule generate:
             f"--image-generation-rows {EVAL['image_generation_rows']}" if EVAL["image_generation_rows"] else
             "--image-generation-rows 0"
         ),
-        credentialed_roots=credentialed_root_options(),
+        credentialed_roots=lambda wildcards: CREDENTIALED_ROOT_OPTIONS,
     wildcard_constraints:
         model="base|trained",
     threads: 2
@@ -96,7 +95,7 @@ rule clip_scores:
         code=code_version("stages/evaluate"),
         clip=f"--clip {shlex.quote(EVAL['clip'])}" if EVAL["clip"] else "",
         clip_text_tower=f"--clip-text-tower {shlex.quote(EVAL['clip_text_tower'])}" if EVAL["clip_text_tower"] else "",
-        credentialed_roots=credentialed_root_options(),
+        credentialed_roots=lambda wildcards: CREDENTIALED_ROOT_OPTIONS,
     wildcard_constraints:
         model="base|trained",
     log:
@@ -151,7 +150,7 @@ rule score:
         output_dir=lambda wildcards, output: Path(output.scores).parent,
         judge_replies=lambda wildcards, input: f"--judge-replies {shlex.join(input.judge_replies)}" if input.judge_replies else "",
         bootstrap=EVAL["bootstrap_samples"],
-        credentialed_roots=credentialed_root_options(),
+        credentialed_roots=lambda wildcards: CREDENTIALED_ROOT_OPTIONS,
     wildcard_constraints:
         rules="medmax|medmax_tolerant|llava_med|strict",
     log:
@@ -197,3 +196,9 @@ rule report_figures:
     shell:
         "{params.medmax} report --summary {input.summaries:q} --train-metrics {input.metrics:q}"
         " --coverage {input.coverage:q} --images {params.images} --output-dir {params.output_dir:q} > {log:q} 2>&1"
+
+
+# Snakemake's report (`snakemake --report FILE`) lists each rule's inputs and outputs and the params
+# of the jobs that made its files, with this machine's absolute paths. Once written, each of them
+# becomes a placeholder such as ${results_dir} (stages/evaluate/report.py).
+scrub_reports_of(workflow, config, RESULTS)
