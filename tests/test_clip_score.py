@@ -173,3 +173,68 @@ def test_image_generation_rows_decoded_and_scored(tmp_path, scorer):
     out = score_rows([row, empty], "medmax", clip=scorer, vqgan=vqgan.eval(), image_root=tmp_path)
     assert -1.0 <= out[0]["score"] <= 1.0 and out[0]["score_ref_image"] is not None
     assert out[1]["score"] == 0.0 and "no image generated" in out[1]["note"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Image paths confined to --image-root, as generate confines them (clip-scores and score)
+# ----------------------------------------------------------------------------------------------
+
+
+def _escape_case(tmp_path):
+    """An image root with one good image, a secret image beside it and a symlink out to it."""
+    root = tmp_path / "images"
+    root.mkdir()
+    _image(7).save(root / "ok.png")
+    _image(8).save(tmp_path / "secret.png")
+    (root / "link.png").symlink_to(tmp_path / "secret.png")
+    return root, tmp_path / "secret.png"
+
+
+def _caption_row(image_path):
+    return {"task_name": "image_captioning", "question_type": "pmc_oa", "prompt": "Describe.", "answer": "ref",
+            "image_path": image_path, "model": "m", "prediction": "a chest x-ray", "prediction_first_token": None,
+            "generated_image_tokens": []}
+
+
+ESCAPES = [("absolute", r"is an absolute path"), ("parent", r"has a '\.\.' component"), ("symlink", r"outside")]
+
+
+def _escaping_path(kind, secret):
+    return {"absolute": str(secret), "parent": "../secret.png", "symlink": "link.png"}[kind]
+
+
+@pytest.mark.parametrize("kind,message", ESCAPES)
+def test_clip_scores_and_score_refuse_image_paths_outside_the_root(tmp_path, scorer, kind, message):
+    from medmax_pipeline.stages.evaluate.clip_scores import clip_score_rows
+    from medmax_pipeline.stages.evaluate.score import ScoreError, score_rows
+
+    root, secret = _escape_case(tmp_path)
+    rows = [_caption_row("ok.png"), _caption_row(_escaping_path(kind, secret))]
+    with pytest.raises(ScoreError, match=rf"preds row 1: image_path .*{message}"):
+        clip_score_rows(rows, clip=scorer, image_root=root, source="preds")
+    with pytest.raises(ScoreError, match=rf"preds row 1: image_path .*{message}"):
+        score_rows(rows, "medmax", clip=scorer, image_root=root, source="preds")
+    # The same image inside the root is scored.
+    assert clip_score_rows(rows[:1], clip=scorer, image_root=root)[0]["unjudged"] is False
+
+
+@pytest.mark.parametrize("kind,message", ESCAPES)
+def test_clip_scores_and_score_commands_name_the_escaping_row_on_stderr(tmp_path, biomedclip, kind, message, capsys):
+    from medmax_pipeline.cli import main
+
+    root, secret = _escape_case(tmp_path)
+    predictions = tmp_path / "preds.jsonl"
+    predictions.write_text("".join(json.dumps(r) + "\n" for r in [_caption_row("ok.png"), _caption_row(_escaping_path(kind, secret))]))
+    clip_dir, tower = biomedclip
+    commands = {
+        "clip-scores": ["clip-scores", "--predictions", str(predictions), "--output", str(tmp_path / "clip.parquet")],
+        "score": ["score", "--predictions", str(predictions), "--output", str(tmp_path / "scores")],
+    }
+    for name, command in commands.items():
+        code = main([*command, "--clip", str(clip_dir), "--clip-text-tower", str(tower), "--image-root", str(root)])
+        out, err = capsys.readouterr()
+        assert code == 1, name
+        assert err.count("error:") == 1 and "error:" not in out, name
+        assert "preds.jsonl row 1" in err and "Traceback" not in err, name
+        assert any(__import__("re").search(message, line) for line in err.splitlines()), name
+    assert not (tmp_path / "clip.parquet").exists() and not (tmp_path / "scores" / "scores.parquet").exists()

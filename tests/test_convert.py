@@ -258,6 +258,23 @@ def test_conversion_never_overwrites_a_folder_it_did_not_make(converted, tmp_pat
     assert (tmp_path / "ours" / "medmax_conversion.json").is_file()
 
 
+def test_conversion_reports_progress_while_it_writes(tmp_path: Path, tokenizer_dir: Path) -> None:
+    import io
+    import re
+
+    checkpoint, _, _ = make_checkpoint(tmp_path / "ckpt", tokenizer_dir, seed=13)
+    stream = io.StringIO()
+    record = convert_checkpoint(checkpoint, tmp_path / "hf", progress_stream=stream, progress_interval_s=0.0)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == f"convert-checkpoint: reading {checkpoint / 'models/7b/consolidated.pth'}"
+    assert re.fullmatch(rf"convert-checkpoint: writing {record['tensors']} tensors \(\d+\.\d\d GB\) to .*hf", lines[1])
+    # One line per tensor at interval 0, the same format as generate's rows.
+    counted = [line for line in lines if re.fullmatch(r"convert-checkpoint: tensors \d+/\d+ \(.*%\), .* MB/s, ETA .*", line)]
+    assert len(counted) == record["tensors"]
+    assert counted[-1].startswith(f"convert-checkpoint: tensors {record['tensors']}/{record['tensors']} (100.0%)")
+    assert lines[-1].startswith("convert-checkpoint: checking the written model's logits")
+
+
 def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "ckpt" / "models" / "7b").mkdir(parents=True)
     (tmp_path / "ckpt" / "models" / "7b" / "consolidated.00.pth").write_bytes(b"")

@@ -158,6 +158,15 @@ def test_clip_scores_artifact_on_a_tiny_case(case):
     assert bare_rows[1]["generated_image"] is not None and Path(bare_rows[1]["generated_image"]).is_file()
 
 
+def test_clip_scores_prints_progress_lines_on_stderr(case, tmp_path, capsys):
+    base = case["predictions"][0]
+    assert main(["clip-scores", "--predictions", str(base), "--output", str(tmp_path / "clip.parquet")]) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [f"clip-scores: 3 of 7 rows to score ({base})",
+                                "clip-scores: rows 3/3 (100.0%), " + err.split("(100.0%), ")[1].split(",")[0] + ", ETA 0h00m00s"]
+    assert " rows/s" in err and out.startswith("wrote ")
+
+
 def test_judge_replies_artifact_and_cache(case, fake_judge, tmp_path):
     base = case["predictions"][0]
     out = tmp_path / "judge_base.parquet"
@@ -233,6 +242,39 @@ def test_score_refuses_artifacts_of_other_predictions(case, tmp_path):
     results, _ = read_clip_scores(clip_short)
     with pytest.raises(ScoreError, match=r"row 4 of .*predictions_base.parquet has no entry"):
         check_clip_scores(results, read_artifact(base).to_pylist(), clip_short, base)
+
+
+def test_eval_images_under_a_credentialed_root_make_clip_scores_pngs_and_scores_credentialed(case, tmp_path):
+    from medmax_pipeline.core.artifacts import read_provenance
+
+    base = case["predictions"][0]  # a public artifact; its captioning image is images/im0.png
+    assert read_meta(base).credential == "public"
+    link = tmp_path / "eval_images"
+    link.symlink_to(case["images"])  # the image root as a symlink into the credentialed root
+    cred_link = tmp_path / "mimic"
+    cred_link.symlink_to(case["images"])  # the credentialed root spelled through a symlink
+    elsewhere = tmp_path / "other_credentialed"
+    elsewhere.mkdir()
+    runs = {
+        "link_root": (link, case["images"], "credentialed"),
+        "link_credentialed_root": (case["images"], cred_link, "credentialed"),
+        "other_root": (case["images"], elsewhere, "public"),
+    }
+    for name, (image_root, credentialed_root, expected) in runs.items():
+        out, pngs = tmp_path / f"clip_{name}.parquet", tmp_path / f"images_{name}"
+        assert main(["clip-scores", "--predictions", str(base), "--output", str(out), "--clip", str(case["clip"]),
+                     "--clip-text-tower", str(case["clip_text_tower"]), "--image-root", str(image_root),
+                     "--image-dir", str(pngs), "--credentialed-root", str(credentialed_root)]) == 0
+        assert read_meta(out).credential == expected, name
+        assert read_provenance(pngs)["credential"] == expected, name
+        scores, summary = score_predictions([base], tmp_path / f"scores_{name}", "strict", clip_scores=[out], n_bootstrap=10)
+        assert read_meta(scores).credential == read_meta(summary).credential == expected, name
+    # score on its own marks them too (no clip-scores artifact: the image paths decide).
+    scores, summary = score_predictions([base], tmp_path / "scores_direct", "strict", image_root=link,
+                                        credentialed_roots=[case["images"]], n_bootstrap=10)
+    assert read_meta(scores).credential == read_meta(summary).credential == "credentialed"
+    with pytest.raises(ScoreError, match="--credentialed-root .*nowhere: folder does not exist"):
+        score_predictions([base], tmp_path / "s", "strict", credentialed_roots=[tmp_path / "nowhere"])
 
 
 def test_judge_options_built_from_config_values():

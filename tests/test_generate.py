@@ -68,8 +68,33 @@ def test_read_eval_set_errors(tmp_path):
     with pytest.raises(GenerateError, match=r"eval.jsonl line 2: not valid JSON"):
         read_eval_set(bad)
     bad.write_text(json.dumps({"task_name": "slake", "prompt": "Q"}) + "\n")
-    with pytest.raises(GenerateError, match=r"row 0: missing or non-text \['question_type'\]"):
+    with pytest.raises(GenerateError, match=r"eval.jsonl line 1: missing or non-text \['question_type'\]"):
         read_eval_set(bad)
+
+
+def test_read_eval_set_names_the_line_of_a_lone_surrogate_or_invalid_utf8(tmp_path):
+    import contextlib
+    import io
+
+    from medmax_pipeline.cli import main
+
+    good = json.dumps({"task_name": "slake", "question_type": "closed", "prompt": "Q", "answer": "yes", "image_path": None})
+    bad = tmp_path / "eval.jsonl"
+    # json.dumps writes the lone surrogate as the escape \ud800, which json.loads gives back as it is.
+    bad.write_text(good + "\n\n" + json.dumps({"task_name": "slake", "question_type": "closed", "prompt": "a\ud800b"}) + "\n")
+    with pytest.raises(GenerateError, match=r"eval.jsonl line 3: column 'prompt' hold\(s\) a lone surrogate \(\\ud800"):
+        read_eval_set(bad)
+    bad.write_bytes(good.encode() + b"\n" + good.replace("Q", "Q\xff").encode("latin-1") + b"\n")
+    with pytest.raises(GenerateError, match=r"eval.jsonl line 2: not valid UTF-8"):
+        read_eval_set(bad)
+    # Through the command: one error line on stderr, nothing on stdout, no traceback.
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["generate", "--eval-set", str(bad), "--image-root", str(tmp_path), "--ckpt", str(tmp_path),
+                     "--base-model", str(tmp_path), "--model-name", "m", "--output", str(tmp_path / "p.parquet")])
+    assert code == 1 and out.getvalue() == ""
+    assert err.getvalue().count("error:") == 1 and "line 2: not valid UTF-8" in err.getvalue()
+    assert "Traceback" not in err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +188,7 @@ HAVE_VQGAN = importlib.util.find_spec("medmax_pipeline.models.vqgan") is not Non
 
 @pytest.mark.skipif(not HAVE_VQGAN, reason="medmax_pipeline.models.vqgan / preprocess (another helper's stage 2) not present yet")
 def test_generate_predictions_end_to_end(tmp_path):
-    from medmax_pipeline.core.artifacts import read_artifact
+    from medmax_pipeline.core.artifacts import read_artifact, read_meta
     from medmax_pipeline.cli import main
     from medmax_pipeline.demo import default_paths, generate_demo
 
@@ -181,6 +206,21 @@ def test_generate_predictions_end_to_end(tmp_path):
     out.unlink()
     assert main(args) == 0
     assert read_artifact(out, artifact="predictions").to_pylist() == first  # deterministic
+    assert read_meta(out).credential == "public"
+    # The eval images reached through a symlink that lies in a credentialed root: credentialed.
+    credentialed_root = tmp_path / "mimic"
+    credentialed_root.mkdir()
+    (credentialed_root / "eval").symlink_to(paths.eval_image_root)
+    marked = tmp_path / "pred_credentialed.parquet"
+    cred_args = [*args, "--credentialed-root", str(tmp_path / "elsewhere"), "--credentialed-root", str(paths.eval_image_root)]
+    (tmp_path / "elsewhere").mkdir()
+    cred_args[cred_args.index("--image-root") + 1] = str(credentialed_root / "eval")
+    cred_args[cred_args.index("--output") + 1] = str(marked)
+    assert main(cred_args) == 0
+    meta = read_meta(marked)
+    assert meta.credential == "credentialed" and meta.lineage["params"]["credentialed_image_rows"] > 0
+    assert meta.lineage["inputs"][0]["credential"] == "credentialed"  # the eval set, which names the images
+    assert read_artifact(marked, artifact="predictions").to_pylist() == first  # the same predictions
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,6 +345,28 @@ def test_eval_image_paths_are_confined_to_the_image_root(tmp_path):
     with pytest.raises(GenerateError, match="row 0: image_path '../secret.png' has a '..'"):
         G.check_image_paths([_row("mm_out", "mm_out", image="../secret.png")], root, "eval.jsonl")
     assert G.input_image_paths([_row("mm_out", "mm_out", image="r.png"), _row("slake", "open")], "medmax") == {"a.png": 1}
+
+
+def test_rows_whose_image_lies_under_a_credentialed_root_by_real_or_spelled_path(tmp_path):
+    from medmax_pipeline.core.paths import resolve_roots
+    from medmax_pipeline.stages.evaluate.predictions import credentialed_image_rows
+
+    mimic = tmp_path / "mimic"
+    (mimic / "p10").mkdir(parents=True)
+    (mimic / "p10" / "s1.jpg").write_bytes(b"x")
+    public = tmp_path / "public"
+    public.mkdir()
+    (public / "pmc.png").write_bytes(b"x")
+    (public / "cxr.jpg").symlink_to(mimic / "p10" / "s1.jpg")  # a public-looking name for a MIMIC file
+    (tmp_path / "mimic_link").symlink_to(mimic)
+    paths = ["pmc.png", "cxr.jpg", None, "../mimic/p10/s1.jpg", str(mimic / "p10" / "s1.jpg"), "missing.png"]
+    for root in (mimic, tmp_path / "mimic_link"):  # the configured root itself may be a symlink
+        assert credentialed_image_rows(paths, public, resolve_roots([root])) == [1, 3, 4]
+    assert credentialed_image_rows(paths, public, []) == []
+    # The image root itself inside the credentialed root: every row with an image.
+    assert credentialed_image_rows(["a.png", None, "b/c.png"], tmp_path / "mimic_link" / "p10", resolve_roots([mimic])) == [0, 2]
+    with pytest.raises(ValueError, match="--credentialed-root .*nowhere: folder does not exist"):
+        resolve_roots([tmp_path / "nowhere"])
 
 
 def test_predictions_of_a_credentialed_adapter_are_credentialed(tmp_path):

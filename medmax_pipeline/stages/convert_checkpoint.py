@@ -19,6 +19,9 @@ disagrees with rope_theta, the tokenizer breaks the Chameleon id layout, the VQG
 HF's VQ-VAE, or the written HF model's logits on a short prompt differ from the original
 model's (both in fp32: models.chameleon_original.reference_logits against
 models.chameleon.streamed_logits).
+
+Progress goes to stderr: a line per phase, and while the tensors are written a progress line
+(tensors done, MB/s, ETA) every `progress_interval_s` seconds, as generate reports rows.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 import torch
 import yaml
 
+from medmax_pipeline.core.progress import PROGRESS_INTERVAL_S, Progress
 from medmax_pipeline.core.text_tokenizer import MODIFIED_TOKENIZER_FILE, TOKENIZER_FILE, TokenizerLayoutError, vocabulary_map
 from medmax_pipeline.models import chameleon
 from medmax_pipeline.models import chameleon_original as orig
@@ -122,14 +126,20 @@ def _check_names_and_shapes(planned: dict[str, tuple[int, ...]], expected: dict[
         raise ConversionError(f"{source}: {' | '.join(problems)}")
 
 
-def convert_checkpoint(checkpoint: str | Path, output: str | Path, max_shard_bytes: int = 2 * 1024**3) -> dict[str, Any]:
+def _say(stream: Any, line: str) -> None:
+    print(f"{COMMAND.removeprefix('medmax ')}: {line}", file=stream, flush=True)
+
+
+def convert_checkpoint(checkpoint: str | Path, output: str | Path, max_shard_bytes: int = 2 * 1024**3,
+                       progress_stream: Any = None, progress_interval_s: float = PROGRESS_INTERVAL_S) -> dict[str, Any]:
     """Convert an original checkpoint folder into the HF folder `output`; return the record it writes.
 
     `output` must be absent, empty or an earlier conversion's output; it appears only when
-    every check passed.
+    every check passed. Progress lines go to `progress_stream` (default stderr).
     """
     from transformers import ChameleonConfig, GenerationConfig
 
+    stream = progress_stream if progress_stream is not None else sys.stderr
     checkpoint, output = Path(checkpoint), Path(output)
     model_dir, tokenizer_dir = checkpoint / orig.MODEL_SUBDIR, checkpoint / "tokenizer"
     consolidated = model_dir / orig.CONSOLIDATED_FILE
@@ -147,6 +157,7 @@ def convert_checkpoint(checkpoint: str | Path, output: str | Path, max_shard_byt
     config = ChameleonConfig(**orig.hf_config_kwargs(p, vocab, vq_config))
     config.architectures = ["ChameleonForConditionalGeneration"]
 
+    _say(stream, f"reading {consolidated}")
     state, mapped = _load_weights(consolidated)
     if not isinstance(state, dict):
         raise ConversionError(f"{consolidated}: expected a state dict, found {type(state).__name__}")
@@ -170,6 +181,10 @@ def convert_checkpoint(checkpoint: str | Path, output: str | Path, max_shard_byt
     text_dtype = state["tok_embeddings.weight"].dtype if "tok_embeddings.weight" in state else torch.float32
     config.dtype = text_dtype
 
+    tensor_bytes = {name: chameleon._tensor_bytes(shape, dtype) for name, dtype, shape, _ in plan}
+    _say(stream, f"writing {len(plan)} tensors ({sum(tensor_bytes.values()) / 1e9:.2f} GB) to {output}")
+    progress = Progress(len(plan), interval_s=progress_interval_s, stream=stream, label=COMMAND.removeprefix("medmax "),
+                        items="tensors", unit="MB")
     tmp = chameleon.start_output_folder(output, MARKER, COMMAND)
     try:
         config.save_pretrained(str(tmp))
@@ -177,9 +192,14 @@ def convert_checkpoint(checkpoint: str | Path, output: str | Path, max_shard_byt
         def after_write(hf_name: str) -> None:  # the source's pages go once written: the file is never held whole
             if hf_name in source_of:
                 tensors.release(tensors(source_of[hf_name]))
+            progress.update(1, tensor_bytes[hf_name] / 1e6)
 
-        files = chameleon.write_safetensors_streaming(tmp, plan, max_shard_bytes=max_shard_bytes, after_write=after_write)
+        try:
+            files = chameleon.write_safetensors_streaming(tmp, plan, max_shard_bytes=max_shard_bytes, after_write=after_write)
+        finally:
+            progress.close()
         shutil.copyfile(tokenizer_source, tmp / "tokenizer.json")
+        _say(stream, "checking the written model's logits against the original model's (fp32)")
         ids = orig.check_prompt_ids(p.vocab_size)
         expected = orig.reference_logits(tensors, p, ids, release=tensors.release)
         actual = chameleon.streamed_logits(tmp, ids)

@@ -64,6 +64,7 @@ from medmax_pipeline.core.artifacts import (
 )
 from medmax_pipeline.core.constants import CODES_PER_IMAGE, NUM_IMAGE_CODES
 from medmax_pipeline.core.output_lock import OutputLockedError, hold_lock
+from medmax_pipeline.core.paths import MissingRootError, is_under_roots, resolve_roots
 from medmax_pipeline.models.image_preprocess import DEFAULT_MAX_PIXELS, HIGH_BIT_DEPTH_MODES
 from medmax_pipeline.models.vqgan import VQGANLoadError
 
@@ -136,21 +137,10 @@ class ShardResult:
 
 def resolve_credentialed_roots(roots: Sequence[str | Path]) -> list[Path]:
     """The credentialed roots, each resolved (symlinks followed); a missing root is an input error."""
-    resolved = []
-    for root in roots:
-        path = Path(root).expanduser()
-        if not path.is_dir():
-            raise TokenizeInputError(f"--credentialed-root {root}: folder does not exist")
-        resolved.append(path.resolve(strict=True))
-    return resolved
-
-
-def is_under_roots(img_path: str, roots: Sequence[Path]) -> bool:
-    """True when the file lies under one of the (resolved) roots, its real path or its spelled path."""
-    if not roots:
-        return False
-    candidates = {Path(img_path).expanduser().resolve(), Path(os.path.abspath(Path(img_path).expanduser()))}
-    return any(c.is_relative_to(root) for c in candidates for root in roots)
+    try:
+        return resolve_roots(roots)
+    except MissingRootError as exc:
+        raise TokenizeInputError(str(exc)) from None
 
 
 def read_image_list(csv_path: str | Path, credentialed_roots: Sequence[str | Path] = ()) -> list[ImageRow]:

@@ -5,8 +5,15 @@
 import os
 
 from medmax_pipeline.stages.evaluate.judge_replies import judge_command_options
+from medmax_pipeline.stages.evaluate.report import scrub_reports_of
 
 EVAL = config["evaluate"]
+
+
+# --credentialed-root ROOT for each credentialed image root, single-quoted: an eval image under one
+# makes the predictions, clip scores, PNGs and scores credentialed. Given to params as a function, so
+# Snakemake does not format the quoted paths (a brace in a folder name is no wildcard).
+CREDENTIALED_ROOT_OPTIONS = " ".join(f"--credentialed-root {single_quoted(root)}" for root in credentialed_roots())
 
 
 # With evaluate.judge set, check the key and the endpoint before any job runs: one clear line
@@ -49,6 +56,7 @@ rule generate:
             f"--image-generation-rows {EVAL['image_generation_rows']}" if EVAL["image_generation_rows"] else
             "--image-generation-rows 0"
         ),
+        credentialed_roots=lambda wildcards: CREDENTIALED_ROOT_OPTIONS,
     wildcard_constraints:
         model="base|trained",
     threads: 2
@@ -63,7 +71,7 @@ rule generate:
         " --ckpt {input.checkpoint:q} --base-model {input.base_model:q} {params.adapter}"
         " --model-name {wildcards.model} --output {output.predictions:q} --batch-size {params.batch_size}"
         " --device {params.device} --decoding {params.decoding} {params.budgets}"
-        " {params.image_generation_rows} {params.max_items} >> {log:q} 2>&1"
+        " {params.image_generation_rows} {params.max_items} {params.credentialed_roots} >> {log:q} 2>&1"
 
 
 rule clip_scores:
@@ -87,6 +95,7 @@ rule clip_scores:
         code=code_version("stages/evaluate/clip_scores.py"),
         clip=f"--clip {shlex.quote(EVAL['clip'])}" if EVAL["clip"] else "",
         clip_text_tower=f"--clip-text-tower {shlex.quote(EVAL['clip_text_tower'])}" if EVAL["clip_text_tower"] else "",
+        credentialed_roots=lambda wildcards: CREDENTIALED_ROOT_OPTIONS,
     wildcard_constraints:
         model="base|trained",
     log:
@@ -96,7 +105,7 @@ rule clip_scores:
     shell:
         "{params.medmax} clip-scores --predictions {input.predictions:q} --output {output.clip_scores:q}"
         " --image-dir {output.images:q} --ckpt {input.checkpoint:q} --image-root {input.image_root:q} {params.clip}"
-        " {params.clip_text_tower} >> {log:q} 2>&1"
+        " {params.clip_text_tower} {params.credentialed_roots} >> {log:q} 2>&1"
 
 
 # Only planned when evaluate.judge is set: open VQA, visual_chat and mm_out text. The reply cache lives beside the artifact, one per model
@@ -142,6 +151,7 @@ rule score:
         output_dir=lambda wildcards, output: Path(output.scores).parent,
         judge_replies=lambda wildcards, input: f"--judge-replies {shlex.join(input.judge_replies)}" if input.judge_replies else "",
         bootstrap=EVAL["bootstrap_samples"],
+        credentialed_roots=lambda wildcards: CREDENTIALED_ROOT_OPTIONS,
     wildcard_constraints:
         rules="medmax|medmax_tolerant|llava_med|strict",
     log:
@@ -150,7 +160,8 @@ rule score:
         "../../envs/data.yaml"
     shell:
         "{params.medmax} score --predictions {input.predictions:q} --clip-scores {input.clip_scores:q} {params.judge_replies}"
-        " --output {params.output_dir:q} --rules {wildcards.rules} --n-bootstrap {params.bootstrap} --seed 0 >> {log:q} 2>&1"
+        " --output {params.output_dir:q} --rules {wildcards.rules} --n-bootstrap {params.bootstrap} --seed 0"
+        " {params.credentialed_roots} >> {log:q} 2>&1"
 
 
 rule report_figures:
@@ -186,3 +197,9 @@ rule report_figures:
     shell:
         "{params.medmax} report --summary {input.summaries:q} --train-metrics {input.metrics:q}"
         " --coverage {input.coverage:q} --images {params.images} --output-dir {params.output_dir:q} >> {log:q} 2>&1"
+
+
+# Snakemake's report (`snakemake --report FILE`) lists each rule's inputs and outputs and the params
+# of the jobs that made its files, with this machine's absolute paths. Once written, each of them
+# becomes a placeholder such as ${results_dir} (stages/evaluate/report.py).
+scrub_reports_of(workflow, config, RESULTS)

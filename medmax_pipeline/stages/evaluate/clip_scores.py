@@ -3,6 +3,7 @@
     medmax clip-scores --predictions results/evaluate/predictions_trained.parquet \
         --output results/evaluate/clip_trained.parquet [--image-dir results/evaluate/images_trained] \
         [--clip CLIP_DIR [--clip-text-tower TOWER_DIR]] [--ckpt CKPT_DIR] [--image-root DIR] [--device cpu]
+        [--credentialed-root ROOT ...]
 
 Every rule set scores captioning and image generation the same way, so these similarities are
 computed once per model here (not once per rule set) and `medmax score --clip-scores` reads them.
@@ -22,22 +23,32 @@ The artifact `clip_scores` has one row per captioning / image-generation / mm_ou
 Footer params carry `predictions_fingerprint`: score pairs each artifact with its predictions
 file by it. Without --clip the rows say "not scored" (as score did without --clip); without
 --ckpt no image is decoded.
+
+Image paths are read as generate reads them: relative to --image-root (the working folder without
+one), never absolute, never through '..' or a symlink out of it. The artifact and the PNG folder
+(its medmax_provenance.json) are credentialed when the predictions are, or when a row's image lies
+under a --credentialed-root (real paths compared, symlinks followed). Progress lines go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
 
-from medmax_pipeline.core.artifacts import write_artifact
+from medmax_pipeline.core.artifacts import describe_input, write_artifact, write_provenance
+from medmax_pipeline.core.paths import MissingRootError, PathEscapeError, confined_path, resolve_roots
+from medmax_pipeline.core.progress import Progress
 from medmax_pipeline.stages.evaluate.predictions import (
     CAPTIONING,
     IMAGE_GENERATION,
     MM_OUT,
     ScoreError,
+    credentialed_image_rows,
+    marked_input,
     predictions_fingerprint,
     read_predictions,
     read_rows_by_index,
@@ -91,11 +102,16 @@ def _result(row: int, source_row: Mapping[str, Any], *, unjudged: bool, score: f
 
 
 def open_image(root: str | Path | None, rel: str | None, where: str):
+    """The RGB image `rel` names, confined to `root` (the working folder when None) as generate
+    confines eval images: no absolute path, no '..', no symlink out of the root."""
     from PIL import Image
 
     if not rel:
         raise ScoreError(f"{where}: image_path is empty")
-    path = Path(root or ".") / rel
+    try:
+        path = confined_path(root or ".", rel)
+    except PathEscapeError as exc:
+        raise ScoreError(f"{where}: image_path {exc} (image paths must stay inside --image-root {root or '.'})") from None
     if not path.is_file():
         raise ScoreError(f"{where}: image {path} does not exist (check --image-root)")
     try:
@@ -122,13 +138,15 @@ def _decode_image(vqgan: Any, codes: list[int]):
 
 def clip_score_rows(rows: Sequence[Mapping[str, Any]], clip: Any = None, vqgan: Any = None,
                     image_root: str | Path | None = None, source: str = "predictions",
-                    image_dir: str | Path | None = None) -> list[dict[str, Any]]:
+                    image_dir: str | Path | None = None, progress: Progress | None = None) -> list[dict[str, Any]]:
     """CLIP_SCORES_SCHEMA rows for the captioning and image-generation rows, in row order.
 
     Captions of one file are embedded in one batch and generated images one at a time, as score
-    always did, so the similarities are the same numbers bit for bit.
+    always did, so the similarities are the same numbers bit for bit. `progress` (when given)
+    counts the rows as they are done.
     """
     captions, generations, mm_outs = clip_items(rows)
+    tick = progress.update if progress is not None else (lambda rows, amount: None)
     out: dict[int, dict[str, Any]] = {}
     if clip is None:
         for i in captions:
@@ -138,6 +156,7 @@ def clip_score_rows(rows: Sequence[Mapping[str, Any]], clip: Any = None, vqgan: 
         sims = clip.image_text_similarity(images, [rows[i]["prediction"] or "" for i in captions])
         for i, s in zip(captions, sims):
             out[i] = _result(i, rows[i], unjudged=False, score=float(s), note="CLIP cosine(image, generated caption)")
+    tick(len(captions), len(captions))
     if image_dir is not None:
         Path(image_dir).mkdir(parents=True, exist_ok=True)
     for i in generations:
@@ -163,8 +182,10 @@ def clip_score_rows(rows: Sequence[Mapping[str, Any]], clip: Any = None, vqgan: 
                 ref = float(clip.image_image_similarity([image], [ref_image])[0])
                 note += "; score_ref_image = CLIP cosine(generated, reference image)"
             out[i] = _result(i, rows[i], unjudged=False, score=sim, score_ref_image=ref, note=note, generated_image=png)
+        tick(1, 1)
     for i in mm_outs:
         out[i] = _mm_out_image_result(i, rows[i], clip, vqgan, image_root, f"{source} row {i}", image_dir)
+        tick(1, 1)
     return [out[i] for i in sorted(out)]
 
 
@@ -212,21 +233,38 @@ def load_models(clip_dir: str | Path | None, ckpt_dir: str | Path | None, device
 def write_clip_scores(predictions: str | Path, output: str | Path, clip_dir: str | Path | None = None,
                       ckpt_dir: str | Path | None = None, image_root: str | Path | None = None,
                       image_dir: str | Path | None = None, device: str = "cpu",
-                      clip_text_tower: str | Path | None = None) -> Path:
-    """Score one predictions file's captioning / image-generation rows; write the clip_scores artifact."""
+                      clip_text_tower: str | Path | None = None, credentialed_roots: Sequence[str | Path] = (),
+                      progress_stream: Any = None) -> Path:
+    """Score one predictions file's captioning / image-generation rows; write the clip_scores artifact
+    (and a provenance record into image_dir, so the PNGs carry the predictions' credential)."""
     if clip_text_tower is not None and clip_dir is None:
         raise ScoreError("--clip-text-tower is the text tower of --clip; give --clip too")
+    try:
+        roots = resolve_roots(credentialed_roots)
+    except MissingRootError as exc:
+        raise ScoreError(str(exc)) from None
     rows = read_predictions(predictions).to_pylist()
+    credentialed_rows = credentialed_image_rows([r["image_path"] for r in rows], image_root, roots)
+    inputs = [marked_input(predictions, bool(credentialed_rows))]
+    inputs += [describe_input(p) for p in (clip_dir, clip_text_tower, ckpt_dir) if p is not None]
     clip, vqgan = load_models(clip_dir, ckpt_dir, device, clip_text_tower)
-    results = clip_score_rows(rows, clip, vqgan, image_root, str(predictions), image_dir)
+    total = sum(map(len, clip_items(rows)))
+    stream = progress_stream if progress_stream is not None else sys.stderr
+    print(f"clip-scores: {total} of {len(rows)} rows to score ({predictions})", file=stream, flush=True)
+    progress = Progress(total, stream=stream, label="clip-scores", items="rows", unit="rows")
+    try:
+        results = clip_score_rows(rows, clip, vqgan, image_root, str(predictions), image_dir, progress)
+    finally:
+        progress.close()
+    if image_dir is not None:
+        write_provenance(image_dir, "generated_images", inputs=inputs, params={"predictions_rows": len(rows)})
     table = pa.Table.from_pylist(results, schema=CLIP_SCORES_SCHEMA)
     params = {"predictions_fingerprint": predictions_fingerprint(predictions), "predictions_rows": len(rows),
               "clip": str(clip_dir) if clip_dir else None,
               "clip_text_tower": str(clip_text_tower) if clip_text_tower else None,
               "ckpt": str(ckpt_dir) if ckpt_dir else None,
               "image_root": str(image_root) if image_root else None, "image_dir": str(image_dir) if image_dir else None,
-              "device": device}
-    inputs = [p for p in (predictions, clip_dir, clip_text_tower, ckpt_dir) if p is not None]
+              "device": device, "credentialed_image_rows": len(credentialed_rows)}
     write_artifact(table, output, artifact=ARTIFACT, inputs=inputs, params=params)
     return Path(output)
 
@@ -267,8 +305,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip", help="local BiomedCLIP folder in hub layout (open_clip_config.json, weights, tokenizer files)")
     parser.add_argument("--clip-text-tower", help="folder with the config.json of the CLIP's HF text tower (BiomedBERT)")
     parser.add_argument("--ckpt", help="checkpoint folder whose VQGAN decodes generated image tokens")
-    parser.add_argument("--image-root", help="root that image_path values are relative to")
+    parser.add_argument("--image-root", help="root that image_path values are relative to (paths may not leave it)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--credentialed-root", action="append", default=[], metavar="ROOT",
+                        help="a credentialed image root (repeatable): a row whose image lies under it (symlinks "
+                             "followed) makes the scores and PNGs credentialed")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -277,9 +318,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         path = write_clip_scores(args.predictions, args.output, args.clip, args.ckpt, args.image_root, args.image_dir,
-                                 args.device, args.clip_text_tower)
+                                 args.device, args.clip_text_tower, args.credentialed_root)
     except (ScoreError, ClipLoadError, VQGANLoadError) as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {path}")
     return 0

@@ -3,7 +3,7 @@
     medmax generate --eval-set eval.jsonl --image-root eval/images --ckpt CKPT_DIR \
         --base-model HF_DIR [--adapter ADAPTER_DIR] --model-name trained --output predictions.parquet \
         [--decoding medmax|greedy] [--batch-size 8] [--max-items N] [--device cpu]
-        [--prompt-style auto|finetuned|baseline] [--max-new-tokens KEY=N ...]
+        [--prompt-style auto|finetuned|baseline] [--max-new-tokens KEY=N ...] [--credentialed-root ROOT ...]
 
 --prompt-style auto picks finetuned (the public "sft" prompt processor) when --adapter is given and
 baseline (the public "chameleon" processor) otherwise.
@@ -47,7 +47,9 @@ Artifact `predictions`: task_name, question_type, prompt, answer, image_path, mo
 prediction_first_token (decoded first generated token; the medmax rule reads it),
 generated_image_tokens (list<int32>: the 1024 generated image tokens as vocabulary ids, code + 4,
 without the 8197/8196 markers; mm_out: its first image; empty when none). Its credential follows
-the inputs: an adapter folder whose provenance record is credentialed makes it credentialed.
+the inputs: an adapter folder whose provenance record is credentialed makes it credentialed, and so
+does a row whose image (input or reference) lies under a --credentialed-root (real paths compared,
+symlinks followed): the row holds that image's path and what the model said about the image.
 """
 
 from __future__ import annotations
@@ -57,7 +59,6 @@ import hashlib
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -66,9 +67,12 @@ import pyarrow as pa
 
 from medmax_pipeline.core import constants as C
 from medmax_pipeline.core.artifacts import write_artifact
-from medmax_pipeline.core.paths import PathEscapeError, confined_path
+from medmax_pipeline.core.paths import MissingRootError, PathEscapeError, confined_path, resolve_roots
+from medmax_pipeline.core.progress import PROGRESS_INTERVAL_S, Progress, format_progress  # noqa: F401 (format_progress: re-exported)
+from medmax_pipeline.core.rows import lone_surrogate_problem as unicode_problem
 from medmax_pipeline.core.sequences import image_block
 from medmax_pipeline.core.text_tokenizer import decode_text, special_token_ids
+from medmax_pipeline.stages.evaluate.predictions import credentialed_image_rows, marked_input
 
 EVAL_COLUMNS = ("task_name", "question_type", "prompt", "answer", "image_path")
 PREDICTIONS_SCHEMA = pa.schema([
@@ -105,7 +109,6 @@ DETAILED_DESCRIPTION_PROMPT = "Analyze the image in a comprehensive and detailed
 MM_OUT_BASELINE_SUFFIX = " Answer the question with one picture."
 IMAGE_PLACEHOLDER = "<image>"
 IMAGE_GENERATION_ROWS_PER_SUBSET = 100
-PROGRESS_INTERVAL_S = 60.0
 
 BASELINE_TEMPLATES = {
     "closed": "Answer the question based on this image and respond 'yes' or 'no'.\n",
@@ -124,34 +127,51 @@ class GenerateError(ValueError):
 
 
 def read_eval_set(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of medmax_eval_data (jsonl or parquet) with the five contract columns."""
+    """Rows of medmax_eval_data (jsonl or parquet) with the five contract columns. A bad row
+    (invalid JSON or UTF-8, a lone surrogate, a missing or non-text column) is an error naming
+    the file and its line (jsonl) or row (parquet)."""
     path = Path(path)
     if not path.is_file():
         raise GenerateError(f"evaluation set {path} does not exist")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(path).to_pylist()
+        try:
+            table = pq.read_table(path)
+            rows = table.to_pylist()
+        except (pa.ArrowException, UnicodeDecodeError) as exc:
+            raise GenerateError(f"{path}: unreadable parquet evaluation set: {exc}") from exc
+        places = [f"{path} row {i}" for i in range(len(rows))]
     else:
-        rows = []
-        with open(path) as f:
-            for lineno, line in enumerate(f, 1):
+        rows, places = [], []
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                where = f"{path} line {lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise GenerateError(f"{where}: not valid UTF-8 (byte {exc.start})") from None
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise GenerateError(f"{path} line {lineno}: not valid JSON: {exc}") from exc
+                    raise GenerateError(f"{where}: not valid JSON: {exc}") from exc
                 if not isinstance(row, dict):
-                    raise GenerateError(f"{path} line {lineno}: expected a JSON object")
+                    raise GenerateError(f"{where}: expected a JSON object")
                 rows.append(row)
-    for i, row in enumerate(rows):
+                places.append(where)
+    for where, row in zip(places, rows):
         missing = [c for c in ("task_name", "question_type", "prompt") if not isinstance(row.get(c), str)]
         if missing:
-            raise GenerateError(f"{path} row {i}: missing or non-text {missing}")
+            raise GenerateError(f"{where}: missing or non-text {missing}")
         for c in ("answer", "image_path"):
             if row.get(c) is not None and not isinstance(row[c], str):
-                raise GenerateError(f"{path} row {i}: {c} must be text or null, got {type(row[c]).__name__}")
+                raise GenerateError(f"{where}: {c} must be text or null, got {type(row[c]).__name__}")
+        for c in EVAL_COLUMNS:
+            problem = unicode_problem(c, row.get(c))
+            if problem:
+                raise GenerateError(f"{where}: {problem}")
     return [{c: row.get(c) for c in EVAL_COLUMNS} for row in rows]
 
 
@@ -303,63 +323,6 @@ def split_interleaved(ids: Sequence[int]) -> tuple[list[list[int]], list[list[in
     if current:
         (images if in_image else texts).append(current)
     return [t[: t.index(C.EOS_ID)] if C.EOS_ID in t else t for t in texts], images
-
-
-def format_progress(rows_done: int, rows_total: int, tokens: int, elapsed_s: float, rows_this_run: int | None = None) -> str:
-    """One progress line: rows done/total, generated tokens per second, ETA. Rate and ETA come from
-    the `rows_this_run` rows generated since this run started (default: all; resumed rows cost nothing)."""
-    rows_this_run = rows_done if rows_this_run is None else rows_this_run
-    rate = tokens / elapsed_s if elapsed_s > 0 else 0.0
-    pct = 100.0 * rows_done / rows_total if rows_total else 100.0
-    eta = eta_text(rows_done, rows_total, rows_this_run, elapsed_s)
-    return f"generate: rows {rows_done}/{rows_total} ({pct:.1f}%), {rate:.1f} tokens/s, ETA {eta}"
-
-
-def eta_text(done: int, total: int, done_this_run: int, elapsed_s: float) -> str:
-    """'1h02m05s' left at this run's pace (items done before it, e.g. resumed, cost nothing)."""
-    if done >= total:
-        return "0h00m00s"
-    if done_this_run <= 0 or elapsed_s <= 0:
-        return "unknown"
-    eta_s = int(elapsed_s * (total - done) / done_this_run)
-    return f"{eta_s // 3600}h{eta_s % 3600 // 60:02d}m{eta_s % 60:02d}s"
-
-
-class Progress:
-    """tqdm on a terminal; otherwise a format_progress line at most every `interval_s` seconds (and at the end).
-
-    Other evaluate commands (judge) reuse it with their own `name`, `unit` and `describe(progress,
-    elapsed_s)` line."""
-
-    def __init__(self, total: int, done: int = 0, interval_s: float = PROGRESS_INTERVAL_S, stream: Any = None,
-                 clock: Callable[[], float] = time.monotonic, name: str = "generate", unit: str = "row",
-                 describe: Callable[["Progress", float], str] | None = None):
-        self.total, self.done, self.tokens = total, done, 0
-        self.stream = stream if stream is not None else sys.stderr
-        self.interval_s, self.clock = interval_s, clock
-        self.start = self.last = clock()
-        self.start_done = done
-        self.describe = describe or (lambda p, elapsed: format_progress(p.done, p.total, p.tokens, elapsed, p.done - p.start_done))
-        self.bar = None
-        if getattr(self.stream, "isatty", lambda: False)():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=done, desc=name, unit=unit, file=self.stream)
-
-    def update(self, rows: int, tokens: int = 0) -> None:
-        self.done += rows
-        self.tokens += tokens
-        if self.bar is not None:
-            self.bar.update(rows)
-            return
-        now = self.clock()
-        if now - self.last >= self.interval_s or self.done >= self.total:
-            self.last = now
-            print(self.describe(self, now - self.start), file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def split_generated(ids: Sequence[int], image_generation: bool) -> tuple[list[int], list[int]]:
@@ -684,12 +647,15 @@ def _fingerprint(parts: Mapping[str, Any]) -> str:
     return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
 
 
-def lineage_inputs(eval_set: Path, tokenizer_dir: Path, base_model: Path, adapter: Path | None) -> list[dict[str, Any]]:
+def lineage_inputs(eval_set: Path, tokenizer_dir: Path, base_model: Path, adapter: Path | None,
+                   eval_set_credentialed: bool = False) -> list[dict[str, Any]]:
     """Lineage entries of generate's inputs, each through describe_input: a model or adapter folder
-    whose provenance record is credentialed makes the predictions credentialed."""
+    whose provenance record is credentialed makes the predictions credentialed, and so does an
+    evaluation set with an image under a credentialed root (`eval_set_credentialed`)."""
     from medmax_pipeline.core.artifacts import describe_input
 
-    return [describe_input(p) for p in [eval_set, tokenizer_dir, base_model] + ([adapter] if adapter else [])]
+    return [marked_input(eval_set, eval_set_credentialed)] + [
+        describe_input(p) for p in [tokenizer_dir, base_model] + ([adapter] if adapter else [])]
 
 
 def generate_predictions(
@@ -708,16 +674,22 @@ def generate_predictions(
     on_batch: Callable[[int], None] | None = None,
     decoding: str = "medmax",
     image_generation_rows: int | None = IMAGE_GENERATION_ROWS_PER_SUBSET,
+    credentialed_roots: Sequence[str | Path] = (),
 ) -> Path:
     """Generate predictions for an evaluation set and write the `predictions` artifact.
 
     image_generation_rows: medmax keeps the first N image generation rows per subset (None: all);
-    ignored by greedy, which generates every row as before."""
+    ignored by greedy, which generates every row as before. credentialed_roots: a row whose image
+    lies under one of them (symlinks followed) makes the predictions credentialed."""
     from medmax_pipeline.models.chameleon import load_model_for_generation
     from medmax_pipeline.core.text_tokenizer import MODIFIED_TOKENIZER_FILE, TOKENIZER_FILE, check_tokenizer_layout, encode_texts, load_tokenizer
     from medmax_pipeline.models.vqgan import load_vqgan
 
     eval_set, image_root, ckpt, output = Path(eval_set), Path(image_root), Path(ckpt), Path(output)
+    try:
+        roots = resolve_roots(credentialed_roots)
+    except MissingRootError as exc:
+        raise GenerateError(str(exc)) from None
     if decoding not in DECODINGS:
         raise GenerateError(f"unknown decoding {decoding!r}; expected one of {', '.join(DECODINGS)}")
     style = ("finetuned" if adapter else "baseline") if prompt_style == "auto" else prompt_style
@@ -730,6 +702,7 @@ def generate_predictions(
         selected = len(rows)
     if max_items is not None:
         rows = rows[:max_items]
+    credentialed_rows = credentialed_image_rows([r["image_path"] for r in rows], image_root, roots)
     # The modified tokenizer checks the layout (<image> at 8711); medmax encodes prompts with the
     # plain one, as the public load_chameleon did (a literal "<image>" there is text, not 8711).
     modified_path = ckpt / "tokenizer" / MODIFIED_TOKENIZER_FILE
@@ -745,7 +718,8 @@ def generate_predictions(
     settings = GenerationSettings(batch_size=batch_size, budgets=budgets, prompt_style=style,
                                   device=str(next(model.parameters()).device), decoding=decoding)
     params: dict[str, Any] = {"model_name": model_name, "prompt_style": style, "batch_size": batch_size, "max_items": max_items,
-                              "budgets": settings.all_budgets(), "decoding": decoding, "device": device}
+                              "budgets": settings.all_budgets(), "decoding": decoding, "device": device,
+                              "credentialed_image_rows": len(credentialed_rows)}
     if decoding == "medmax":
         from dataclasses import asdict
 
@@ -756,7 +730,8 @@ def generate_predictions(
         params.update({"decoding_options": asdict(settings.options), "prompt_tokenizer": TOKENIZER_FILE,
                        "image_generation_rows_per_subset": image_generation_rows, "rows_after_selection": selected})
     # Lineage entries are computed once: hashing a 7B model folder takes a while.
-    inputs = lineage_inputs(eval_set, ckpt / "tokenizer", Path(base_model), Path(adapter) if adapter else None)
+    inputs = lineage_inputs(eval_set, ckpt / "tokenizer", Path(base_model), Path(adapter) if adapter else None,
+                            eval_set_credentialed=bool(credentialed_rows))
     fingerprint = _fingerprint({**params, "prompts": _fingerprint({"p": prompts}),
                                 "inputs": [entry["fingerprint"] for entry in inputs[2:]]})
     partial = _partial_path(output)
@@ -821,6 +796,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="medmax: image generation rows kept per subset (the public code scored the first 100); 0 keeps all")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
     parser.add_argument("--prompt-style", choices=("auto", "finetuned", "baseline"), default="auto")
+    parser.add_argument("--credentialed-root", action="append", default=[], metavar="ROOT",
+                        help="a credentialed image root (repeatable): a row whose image lies under it (symlinks "
+                             "followed) makes the predictions credentialed")
     parser.add_argument("--max-new-tokens", nargs="*", metavar="KEY=N",
                         help=f"override new-token budgets; keys {sorted(DEFAULT_MAX_NEW_TOKENS)}")
 
@@ -831,10 +809,10 @@ def run(args: argparse.Namespace) -> int:
             args.eval_set, args.image_root, args.ckpt, args.base_model, args.model_name, args.output,
             adapter=args.adapter, batch_size=args.batch_size, max_items=args.max_items, device=args.device,
             prompt_style=args.prompt_style, budgets=_parse_budgets(args.max_new_tokens), decoding=args.decoding,
-            image_generation_rows=args.image_generation_rows or None,
+            image_generation_rows=args.image_generation_rows or None, credentialed_roots=args.credentialed_root,
         )
     except GenerateError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {out}")
     return 0

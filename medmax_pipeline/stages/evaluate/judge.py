@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-from medmax_pipeline.stages.evaluate.generate import PROGRESS_INTERVAL_S, Progress, eta_text
+from medmax_pipeline.core.progress import PROGRESS_INTERVAL_S, Progress, eta_text
 
 Messages = Sequence[dict[str, str]]
 
@@ -434,7 +434,7 @@ class LLMJudge:
         failures: Counter[str] = Counter()
         real_example: list[str] = []  # the first reason other than "not asked", for the error line
         progress = Progress(len(unique), done=cached, interval_s=self.progress_interval_s, stream=self.progress_stream,
-                            name="judge", unit="request",
+                            label="judge", items="requests", unit="requests",
                             describe=lambda p, elapsed: judge_progress_line(p.done, p.total, sum(failures.values()),
                                                                             p.done - p.start_done, elapsed))
         replies: dict[int, JudgeReply] = {}

@@ -18,12 +18,13 @@ from anywhere, e.g. GPT-4o outputs):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from medmax_pipeline.core.artifacts import ArtifactError, describe_input, is_artifact, read_artifact, read_meta
+from medmax_pipeline.core.paths import image_under_roots
 from medmax_pipeline.stages.evaluate.judge_protocols import MM_OUT as PROTOCOL_MM_OUT
 from medmax_pipeline.stages.evaluate.judge_protocols import OPEN_VQA
 from medmax_pipeline.stages.evaluate.judge_protocols import VISUAL_CHAT as PROTOCOL_VISUAL_CHAT
@@ -99,6 +100,22 @@ def predictions_fingerprint(path: str | Path) -> str:
     Per-model artifacts record it, and `medmax score` pairs them with predictions files by it.
     """
     return describe_input(path)["fingerprint"]
+
+
+def credentialed_image_rows(image_paths: Sequence[str | None], image_root: str | Path | None,
+                            roots: Sequence[Path]) -> list[int]:
+    """Indices of the rows whose image (input or reference) lies under one of the resolved
+    credentialed `roots`, by real path (symlinks followed) or spelled path. Such a row, and all
+    computed from it, is credentialed: its image path and what the model said about the image."""
+    return [i for i, rel in enumerate(image_paths) if image_under_roots(image_root, rel, roots)]
+
+
+def marked_input(path: str | Path, credentialed: bool) -> dict[str, Any]:
+    """The lineage entry of an input (describe_input), marked credentialed when `credentialed`:
+    an evaluation set or predictions file naming credentialed images is a credentialed input,
+    so the artifact written from it is credentialed (artifacts.py's credential rule)."""
+    entry = describe_input(path)
+    return {**entry, "credential": "credentialed"} if credentialed else entry
 
 
 def scorer_of(task: str | None, question_type: str | None) -> str:

@@ -12,9 +12,19 @@ Writes into the output folder (always the same names, so Snakemake can list them
                        captioning / generation similarity, visual chat and mm_out relative scores)
     family_scores.png  the non-VQA families as bars, base vs trained
     gallery.png        a few generated images per model (the PNGs clip_scores decoded)
-Only figures and tables: no artifact, no absolute path (image names are shown without folders).
     coverage.html      the dataset coverage table, or a note that no coverage artifact was given
-No external JS or CSS: inline styles only.
+    medmax_provenance.json   what the report was made from and its credential: credentialed when
+                       any input is (a score summary, the train metrics, the coverage, a PNG folder
+                       of clip_scores); the tables then say so at the top
+Only figures and tables: no artifact, no absolute path (image names are shown without folders, a
+missing input by its file name). No external JS or CSS: inline styles only.
+
+Snakemake's own report (`snakemake --report`) lists every rule's inputs and outputs and the params
+of the jobs that made its files: absolute paths of the results folder, the configured inputs (the
+credentialed image roots included), the interpreter and Snakemake's source cache. The workflow
+passes the written report through scrub_report_file, which puts a placeholder (${results_dir},
+${images.credentialed[0].root}, ${python}, ...) in place of each of these paths
+(machine_path_placeholders).
 """
 
 from __future__ import annotations
@@ -22,10 +32,15 @@ from __future__ import annotations
 import argparse
 import html
 import math
+import os
+import re
+import sys
+import urllib.parse
+import zipfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
-from medmax_pipeline.core.artifacts import ArtifactError, read_artifact
+from medmax_pipeline.core.artifacts import ArtifactError, describe_input, read_artifact, write_provenance
 from medmax_pipeline.core.plots import PlotError, plot_loss
 from medmax_pipeline.stages.evaluate.scoring_rules import VQA_TASKS
 
@@ -46,6 +61,10 @@ def _fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.{digits}f}"
     return str(value)
+
+
+CREDENTIALED_NOTE = ("Computed from credentialed data (an input of this report is credentialed): keep it on the "
+                     "machine that holds the data; do not share it.")
 
 
 def html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], caption: str, note: str = "") -> str:
@@ -213,6 +232,14 @@ def make_report(summary: Sequence[str | Path], output_dir: str | Path, train_met
     """Write the figures and tables; returns their paths."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    coverage_paths = [] if coverage is None else [coverage] if isinstance(coverage, (str, Path)) else list(coverage)
+    sources = [*summary, *([train_metrics] if train_metrics is not None else []), *coverage_paths, *(d for _, d in images)]
+    try:
+        entries = [describe_input(p) for p in sources if Path(p).exists()]
+    except ArtifactError as exc:
+        raise ReportError(str(exc)) from exc
+    credentialed = any(e["credential"] == "credentialed" for e in entries)
+    warning = CREDENTIALED_NOTE + " " if credentialed else ""
     rows: list[dict[str, Any]] = []
     for path in summary:
         try:
@@ -236,7 +263,7 @@ def make_report(summary: Sequence[str | Path], output_dir: str | Path, train_met
     ordered = sorted(rows, key=lambda r: (r["rule_set"], r["task_name"] == "vqa_average", r["task_name"], r["question_type"], r["model"]))
     (out / "summary.html").write_text(html_table(
         ordered, SUMMARY_COLUMNS, "Evaluation summary",
-        "Values are fractions: accuracy for closed/mcq, judge accuracy or token recall for open questions "
+        warning + "Values are fractions: accuracy for closed/mcq, judge accuracy or token recall for open questions "
         "(see metric), CLIP cosine for captioning / image generation, relative score s2/s1 (x100 in the "
         "paper) for visual chat and mm_out text. Unjudged items count as wrong in accuracy; accuracy_judged "
         "leaves them out (as the public code did). A metric ending in _stand_in (or _with_stand_ins) was "
@@ -246,15 +273,14 @@ def make_report(summary: Sequence[str | Path], output_dir: str | Path, train_met
     families = family_rows(rows)
     (out / "families.html").write_text(html_table(
         families, FAMILY_COLUMNS, "Base vs trained, every task family",
-        "VQA per rule set; the other families score alike under every rule set (rule_set 'any').",
+        warning + "VQA per rule set; the other families score alike under every rule set (rule_set 'any').",
     ))
     written.append(out / "families.html")
     plot_family_scores(families, out / "family_scores.png")
     written.append(out / "family_scores.png")
     plot_gallery([(m, Path(d)) for m, d in images], out / "gallery.png")
     written.append(out / "gallery.png")
-    coverage_paths = [] if coverage is None else [coverage] if isinstance(coverage, (str, Path)) else list(coverage)
-    missing = [str(p) for p in coverage_paths if not Path(p).exists()]
+    missing = [Path(p).name for p in coverage_paths if not Path(p).exists()]
     if coverage_paths and not missing:
         cov: list[dict[str, Any]] = []
         for path in coverage_paths:  # one coverage artifact per split
@@ -263,13 +289,115 @@ def make_report(summary: Sequence[str | Path], output_dir: str | Path, train_met
             except ArtifactError as exc:
                 raise ReportError(str(exc)) from exc
         columns = [c for c in COVERAGE_PREFERRED if cov and c in cov[0]] + [c for c in (cov[0] if cov else {}) if c not in COVERAGE_PREFERRED]
-        page = html_table(cov, columns, "Dataset coverage", "" if cov else "the coverage artifact has no rows")
+        page = html_table(cov, columns, "Dataset coverage", warning + ("" if cov else "the coverage artifact has no rows"))
     else:
         why = "no coverage artifact was given" if not coverage_paths else f"coverage artifact {', '.join(missing)} does not exist"
-        page = html_table([], ["note"], "Dataset coverage", f"Coverage not available: {why}.")
+        page = html_table([], ["note"], "Dataset coverage", f"{warning}Coverage not available: {why}.")
     (out / "coverage.html").write_text(page)
     written.append(out / "coverage.html")
+    write_provenance(out, "report", inputs=entries)
     return written
+
+
+# ----------------------------------------------------------------------------------------------
+# Machine paths out of Snakemake's report
+# ----------------------------------------------------------------------------------------------
+
+
+def _config_strings(value: Any, key: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted key, value) of every string in a nested config (lists as key[i])."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from _config_strings(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _config_strings(v, f"{key}[{i}]")
+    elif isinstance(value, str):
+        yield key, value
+
+
+def machine_path_placeholders(config: Mapping[str, Any], workdir: str | Path, named: Mapping[str, str | Path] = {}) -> dict[str, str]:
+    """Absolute path -> placeholder for every machine path a report could show: each config value
+    that names a path (one with a '/' or a leading '~': absolute, or relative to `workdir`; its real
+    path too) becomes ${its.key}, and
+    each of `named` (placeholder -> path: the interpreter, the workflow folder, ...) its placeholder.
+    Placeholders look like shell variables: no '<' that an HTML view would take for a tag. The file
+    system root alone is never replaced."""
+    out: dict[str, str] = {}
+
+    def add(path: str | Path, placeholder: str) -> None:
+        path = os.path.expanduser(str(path))
+        if "\x00" in path or "://" in path:  # not a file path (a URL: the judge's base_url)
+            return
+        absolute = os.path.normpath(os.path.join(str(workdir), path))
+        for variant in (absolute, os.path.realpath(absolute)):
+            if variant != os.sep:
+                out.setdefault(variant, placeholder)
+
+    for key, value in _config_strings(config):
+        if os.sep in value or value.startswith("~"):
+            add(value, "${" + key + "}")
+    for placeholder, path in named.items():
+        add(path, placeholder)
+    return out
+
+
+def scrub_machine_paths(text: str, placeholders: Mapping[str, str]) -> str:
+    """`text` with each path of `placeholders` (as it is, HTML-escaped or URL-quoted) replaced by its
+    placeholder, longest first, only where it is a whole path or a path's leading part."""
+    variants: dict[str, str] = {}
+    for path, placeholder in placeholders.items():
+        for spelled in (path, html.escape(path), urllib.parse.quote(path), path.replace("\\", "\\\\")):
+            variants.setdefault(spelled, placeholder)
+    for spelled in sorted(variants, key=len, reverse=True):
+        pattern = rf"(?<![\w.\-/%]){re.escape(spelled)}(?![\w.\-])"
+        text = re.sub(pattern, lambda m, p=variants[spelled]: p, text)
+    return text
+
+
+def scrub_report_file(path: str | Path, placeholders: Mapping[str, str]) -> None:
+    """Scrub Snakemake's report in place: the .html itself, or the report.html inside a .zip report
+    (its other members are result files, written by the stages without machine paths)."""
+    path = Path(path)
+    if path.suffix != ".zip":
+        path.write_text(scrub_machine_paths(path.read_text(encoding="utf-8"), placeholders), encoding="utf-8")
+        return
+    tmp = path.with_name(f".{path.name}.scrub.tmp")
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("/report.html"):
+                data = scrub_machine_paths(data.decode("utf-8"), placeholders).encode("utf-8")
+            dst.writestr(info, data)
+    os.replace(tmp, path)
+
+
+def scrub_reports_of(workflow: Any, config: Mapping[str, Any], results_dir: str) -> None:
+    """Make a Snakefile's `workflow` scrub each report it writes (`snakemake --report FILE`): its
+    create_report is wrapped, so this runs only when a report is made. The paths: every path in the
+    config, the results folder, the interpreter and its environment, the workflow and working
+    folders, the home folder, Snakemake's source cache (where it keeps copies of workflow files)."""
+    create_report = workflow.create_report
+
+    def create_report_without_machine_paths(*args: Any, **kwargs: Any) -> Any:
+        done = create_report(*args, **kwargs)
+        settings = kwargs.get("report_settings", args[1] if len(args) > 1 else None)
+        if getattr(settings, "path", None) is not None:
+            cache = workflow.sourcecache
+            named = {
+                "${results_dir}": results_dir,  # a plain folder name ("results") too
+                "${python}": sys.executable,
+                "${python_prefix}": sys.prefix,
+                "${workflow}": workflow.basedir,
+                "${workdir}": os.getcwd(),
+                "${home}": Path.home(),
+                "${snakemake_source_cache}": Path(cache.runtime_cache_path) / "file",
+                "${snakemake_cache}": cache.cache_path,
+            }
+            scrub_report_file(settings.path, machine_path_placeholders(config, os.getcwd(), named))
+        return done
+
+    workflow.create_report = create_report_without_machine_paths
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -290,7 +418,7 @@ def run(args: argparse.Namespace) -> int:
             images.append((model, folder))
         written = make_report(args.summary, args.output_dir, args.train_metrics, args.coverage, images)
     except ReportError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

@@ -3,6 +3,7 @@
     medmax score --predictions base.parquet trained.parquet --output results/scores --rules medmax \
         [--clip-scores clip_base.parquet clip_trained.parquet] [--judge-replies judge_base.parquet ...] \
         [--judge-config judge.json] [--clip CLIP_DIR] [--ckpt CKPT_DIR] [--image-root DIR] [--seed 0]
+        [--credentialed-root ROOT ...]
 
 Rule sets (--rules; scoring_rules.py has the details), each a separate output folder so a number
 is always reported beside the rule that made it:
@@ -37,6 +38,11 @@ Outputs (both through artifacts.py):
                                bootstrap 95% interval, metric, rule_set; plus one `vqa_average`
                                row per model: the unweighted mean over the 12 VQA tasks.
 Values are fractions in [0, 1] (the paper prints percentages).
+
+Both are credentialed when an input is (predictions, clip_scores, judge_replies artifacts) or when
+a row's image lies under a --credentialed-root (real paths compared, symlinks followed; relative
+paths under --image-root, else the working folder). Images read here are confined as generate
+confines them (clip_scores.open_image).
 """
 
 from __future__ import annotations
@@ -45,13 +51,15 @@ import argparse
 import hashlib
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from medmax_pipeline.core.artifacts import write_artifact
+from medmax_pipeline.core.artifacts import describe_input, write_artifact
+from medmax_pipeline.core.paths import MissingRootError, resolve_roots
 from medmax_pipeline.stages.evaluate.clip_scores import (
     check_clip_scores,
     clip_score_rows,
@@ -75,7 +83,9 @@ from medmax_pipeline.stages.evaluate.predictions import (
     VISUAL_CHAT,
     VQA,
     ScoreError,
+    credentialed_image_rows,
     is_judged,
+    marked_input,
     predictions_fingerprint,
     read_predictions,
     scorer_of,
@@ -471,13 +481,19 @@ def score_predictions(
     clip_scores: Sequence[str | Path] = (),
     judge_replies: Sequence[str | Path] = (),
     clip_text_tower: str | Path | None = None,
+    credentialed_roots: Sequence[str | Path] = (),
 ) -> tuple[Path, Path]:
     """Score predictions files; write DIR/scores.parquet and DIR/score_summary.parquet.
 
     clip_scores / judge_replies: per-model artifacts of `medmax clip-scores` / `medmax judge`
     (one per predictions file); otherwise clip_dir (+ ckpt_dir) and judge_config compute the
-    same results in this process.
+    same results in this process. credentialed_roots: a predictions file with a row whose image
+    lies under one of them is a credentialed input.
     """
+    try:
+        roots = resolve_roots(credentialed_roots)
+    except MissingRootError as exc:
+        raise ScoreError(str(exc)) from None
     if rules not in RULE_SETS:
         raise ScoreError(f"unknown rule set {rules!r}; expected one of {RULE_SETS}")
     if clip_scores and (clip_dir is not None or ckpt_dir is not None):
@@ -495,10 +511,12 @@ def score_predictions(
     clip, vqgan = load_models(clip_dir, ckpt_dir if clip_dir is not None else None, device, clip_text_tower)
     clip_pairs = pair_with_predictions(predictions, clip_scores, read_clip_scores, "--clip-scores") if clip_scores else []
     judge_pairs = pair_with_predictions(predictions, judge_replies, read_judge_replies, "--judge-replies") if judge_replies else []
-    tables = []
+    tables, prediction_inputs = [], []
     for k, path in enumerate(predictions):
         table = read_predictions(path)
         rows = table.to_pylist()
+        credentialed = bool(credentialed_image_rows([r["image_path"] for r in rows], image_root, roots))
+        prediction_inputs.append(marked_input(path, credentialed))
         clip_results = judge_records = None
         if clip_pairs:
             artifact, clip_results, _ = clip_pairs[k]
@@ -529,8 +547,8 @@ def score_predictions(
                                  for key in judge_params[0].get("judge_stats", {})}
     extra_inputs = [p for p in (judge_config, clip_dir, clip_text_tower, ckpt_dir) if p is not None]
     scores_path = output_dir / "scores.parquet"
-    write_artifact(scores, scores_path, artifact="scores", inputs=[*predictions, *clip_scores, *judge_replies, *extra_inputs],
-                   params=params)
+    inputs = [*prediction_inputs, *(describe_input(p) for p in [*clip_scores, *judge_replies, *extra_inputs])]
+    write_artifact(scores, scores_path, artifact="scores", inputs=inputs, params=params)
     summary = summarize(scores.to_pylist(), n_bootstrap=n_bootstrap, seed=seed)
     summary_table = pa.Table.from_pylist(summary, schema=SUMMARY_SCHEMA)
     summary_path = output_dir / "score_summary.parquet"
@@ -550,7 +568,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip", help="local BiomedCLIP folder in hub layout (open_clip_config.json, weights, tokenizer files)")
     parser.add_argument("--clip-text-tower", help="folder with the config.json of the CLIP's HF text tower (BiomedBERT)")
     parser.add_argument("--ckpt", help="checkpoint folder whose VQGAN decodes generated image tokens")
-    parser.add_argument("--image-root", help="root that image_path values are relative to")
+    parser.add_argument("--image-root", help="root that image_path values are relative to (paths may not leave it)")
+    parser.add_argument("--credentialed-root", action="append", default=[], metavar="ROOT",
+                        help="a credentialed image root (repeatable): a row whose image lies under it (symlinks "
+                             "followed) makes the scores credentialed")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     parser.add_argument("--device", default="cpu")
@@ -567,9 +588,10 @@ def run(args: argparse.Namespace) -> int:
         scores_path, summary_path = score_predictions(
             args.predictions, args.output, args.rules, args.judge_config, args.clip, args.ckpt, args.image_root,
             args.seed, args.n_bootstrap, args.device, args.clip_scores, args.judge_replies, args.clip_text_tower,
+            args.credentialed_root,
         )
     except errors as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {scores_path} and {summary_path}")
     return 0
