@@ -61,3 +61,21 @@ def test_relative_imports_are_checked_too(tmp_path: Path) -> None:
     (package / "stages/train/recipe.py").write_text("from ..assemble import stage\nfrom . import data\n")
     (package / "stages/train/data.py").write_text("")
     assert imports_of(package / "stages/train/recipe.py", package) == ["stages.assemble", "stages.assemble.stage", "stages.train", "stages.train.data"]
+
+
+def test_cli_owns_the_error_boundary() -> None:
+    """Issue 21 item 5: a stage raises; cli.main prints the one `error:` line (on stderr) and sets
+    the exit code. No stage, model or the demo prints an `error:` line of its own."""
+    printers = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).as_posix()
+        if rel in ("cli.py", "core/termination.py", "core/inspection.py"):
+            continue  # the boundary itself, its signal line, and inspect's per-file lines
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print" and node.args:
+                first = node.args[0]
+                text = first.value if isinstance(first, ast.Constant) else (
+                    first.values[0].value if isinstance(first, ast.JoinedStr) and first.values and isinstance(first.values[0], ast.Constant) else "")
+                if isinstance(text, str) and "error:" in text:
+                    printers.append(f"{rel}:{node.lineno}")
+    assert printers == []

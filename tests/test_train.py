@@ -287,7 +287,7 @@ def test_cli_reports_bad_base_model_in_one_line(base_dir: Path, tmp_path: Path, 
     code = main(["train", "--dataset", str(dataset), "--base-model", str(base_dir), "--output", str(tmp_path / "out"), "--tokenizer", str(tokenizer), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "medmax train: error: base model:" in err and "disagree at 2 id(s)" in err
+    assert "error: base model:" in err and "disagree at 2 id(s)" in err
     assert not (tmp_path / "out" / "adapter").exists()
 
 

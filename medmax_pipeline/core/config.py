@@ -395,10 +395,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        load_config(args.config, args.schema, configfiles=args.configfiles)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    load_config(args.config, args.schema, configfiles=args.configfiles)
     print(f"{' + '.join(map(str, merged_files(args.config, args.configfiles)))}: valid")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from medmax_pipeline.core.artifacts import STALE, ArtifactError, check_meta, format_meta, lineage_tree, read_meta
 
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
                     print(f"warning: {len(stale)} input(s) changed since {path} was written (stale): {', '.join(stale)}")
                     status = 1
         except ArtifactError as exc:
-            print(f"error: {exc}")
+            print(f"error: {exc}", file=sys.stderr)
             status = 1
         print()
     return status

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +54,6 @@ from medmax_pipeline.core.image_keys import (
     PUBLIC_ROOT_NAME,
     TEMPLATE_PRESETS,
     CredentialedSource,
-    CredentialedSpecError,
     image_key_for_row,
     parse_credentialed_specs,
 )
@@ -392,13 +390,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        row_files = [parse_rows_spec(s) for s in args.rows]
-        credentialed = list(parse_credentialed_specs(args.credentialed).values())
-        result = collect(row_files, args.public_root, args.output_dir, credentialed, args.include_public)
-    except (CollectError, CredentialedSpecError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    row_files = [parse_rows_spec(s) for s in args.rows]
+    credentialed = list(parse_credentialed_specs(args.credentialed).values())
+    result = collect(row_files, args.public_root, args.output_dir, credentialed, args.include_public)
     print(f"{result.image_paths.path}: {result.n_images} distinct image(s), {result.image_paths.credential}")
     print(f"{result.problems.path}: {result.n_problems} problem(s), {result.problems.credential}")
     for reason, n in result.problem_counts.items():

@@ -37,7 +37,7 @@ import torch
 import yaml
 
 from medmax_pipeline.core.progress import PROGRESS_INTERVAL_S, Progress
-from medmax_pipeline.core.text_tokenizer import MODIFIED_TOKENIZER_FILE, TOKENIZER_FILE, TokenizerLayoutError, vocabulary_map
+from medmax_pipeline.core.text_tokenizer import MODIFIED_TOKENIZER_FILE, TOKENIZER_FILE, vocabulary_map
 from medmax_pipeline.models import chameleon
 from medmax_pipeline.models import chameleon_original as orig
 from medmax_pipeline.models.vqgan import VQGAN_CKPT, VQGAN_YAML, VQGANLoadError, check_vqgan_params, hf_vq_config
@@ -229,10 +229,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        record = convert_checkpoint(args.checkpoint, args.output, max_shard_bytes=int(args.max_shard_gb * 1024**3))
-    except (ConversionError, orig.OriginalFormatError, FileExistsError, TokenizerLayoutError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    record = convert_checkpoint(args.checkpoint, args.output, max_shard_bytes=int(args.max_shard_gb * 1024**3))
     print(json.dumps({k: record[k] for k in ("tensors", "weight_bytes", "files", "logits_check")}, sort_keys=True))
     return 0

@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from medmax_pipeline.core.text_tokenizer import MODIFIED_TOKENIZER_FILE, TokenizerLayoutError
+from medmax_pipeline.core.text_tokenizer import MODIFIED_TOKENIZER_FILE
 from medmax_pipeline.models import chameleon
 from medmax_pipeline.models import chameleon_original as orig
 
@@ -172,10 +171,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        record = export_model(args.base_model, args.adapter, args.checkpoint, args.output_checkpoint, args.output_hf, args.dtype)
-    except (ExportError, orig.OriginalFormatError, chameleon.ModelLayoutError, FileExistsError, TokenizerLayoutError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    record = export_model(args.base_model, args.adapter, args.checkpoint, args.output_checkpoint, args.output_hf, args.dtype)
     print(json.dumps({k: record[k] for k in ("dtype", "outputs", "logits_check")}, sort_keys=True))
     return 0

@@ -63,10 +63,9 @@ from medmax_pipeline.core.artifacts import (
     write_artifact,
 )
 from medmax_pipeline.core.constants import CODES_PER_IMAGE, NUM_IMAGE_CODES
-from medmax_pipeline.core.output_lock import OutputLockedError, hold_lock
+from medmax_pipeline.core.output_lock import hold_lock
 from medmax_pipeline.core.paths import MissingRootError, is_under_roots, resolve_roots
 from medmax_pipeline.models.image_preprocess import DEFAULT_MAX_PIXELS, HIGH_BIT_DEPTH_MODES
-from medmax_pipeline.models.vqgan import VQGANLoadError
 
 TOKENS_ARTIFACT = "image_tokens"
 CHUNK_ARTIFACT = "image_tokens_chunk"
@@ -110,7 +109,6 @@ class DeviceUnavailableError(RuntimeError):
 
 
 # What run_tokenize / run_gather_tokens report as one `error:` line rather than a traceback.
-ORDINARY_ERRORS = (ValueError, OSError, ArtifactError, VQGANLoadError, OutputLockedError, DeviceUnavailableError)
 
 
 @dataclass(frozen=True)
@@ -771,16 +769,12 @@ def add_tokenize_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_tokenize(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    try:
-        result = tokenize_shard(
-            args.input, args.output, args.ckpt, shard=args.shard, num_shards=args.num_shards, batch_size=args.batch_size,
-            workers=args.workers, device=args.device, precision=args.precision, chunk_size=args.chunk_size,
-            max_pixels=args.max_pixels, keep_chunks=args.keep_chunks, progress=not args.no_progress,
-            credentialed_roots=args.credentialed_root,
-        )
-    except ORDINARY_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    result = tokenize_shard(
+        args.input, args.output, args.ckpt, shard=args.shard, num_shards=args.num_shards, batch_size=args.batch_size,
+        workers=args.workers, device=args.device, precision=args.precision, chunk_size=args.chunk_size,
+        max_pixels=args.max_pixels, keep_chunks=args.keep_chunks, progress=not args.no_progress,
+        credentialed_roots=args.credentialed_root,
+    )
     if result.errors_path is not None:
         elapsed = time.perf_counter() - started
         print(
@@ -799,11 +793,7 @@ def add_gather_tokens_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_gather_tokens(args: argparse.Namespace) -> int:
-    try:
-        tokens, errors = gather_tokens(args.shards, args.num_shards, args.output, args.errors)
-    except ORDINARY_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    tokens, errors = gather_tokens(args.shards, args.num_shards, args.output, args.errors)
     print(f"{args.output}: {tokens} images; {args.errors}: {errors} errors")
     print(high_bit_depth_line(count_high_bit_depth(args.output)))
     return 0

@@ -17,7 +17,6 @@ The block itself and its check live in core/image_blocks.py, shared with assembl
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +24,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from medmax_pipeline.core import constants as C
-from medmax_pipeline.core.artifacts import ArtifactError, ArtifactMeta, ArtifactWriter, iter_artifact_batches, read_meta
+from medmax_pipeline.core.artifacts import ArtifactMeta, ArtifactWriter, iter_artifact_batches, read_meta
 from medmax_pipeline.core.sequences import ImageBlockError, code_problem, image_blocks_array
-from medmax_pipeline.core.text_tokenizer import TokenizerLayoutError, check_tokenizer_layout, load_tokenizer
+from medmax_pipeline.core.text_tokenizer import check_tokenizer_layout, load_tokenizer
 
 IMAGE_BLOCKS_SCHEMA = pa.schema(
     [
@@ -152,10 +151,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        meta = map_vocab(args.tokens, args.tokenizer, args.output, args.batch_size, not args.plain_tokenizer)
-    except (TokenizerLayoutError, ImageBlockError, ArtifactError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    meta = map_vocab(args.tokens, args.tokenizer, args.output, args.batch_size, not args.plain_tokenizer)
     print(f"{meta.path}: {meta.num_rows} image block(s) of {C.IMAGE_BLOCK_LEN} ids, {meta.credential}")
     return 0

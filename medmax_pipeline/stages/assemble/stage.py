@@ -40,7 +40,7 @@ from medmax_pipeline.stages.assemble.coverage import (
     coverage_summary,
 )
 from medmax_pipeline.stages.assemble.copied_text import MIN_RESPONSE_CHARS, credentialed_response_digests, rows_with_credentialed_text
-from medmax_pipeline.stages.assemble.image_lookup import ImageInputError, ImageLookup, load_image_lookup
+from medmax_pipeline.stages.assemble.image_lookup import ImageLookup, load_image_lookup
 from medmax_pipeline.stages.assemble.published_check import (
     PUBLISHED_CHECK_SCHEMA,
     PublishedCheck,
@@ -603,25 +603,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        assemble(
-            args.rows,
-            args.split,
-            args.output_dir,
-            tokenizer_path=args.tokenizer,
-            image_blocks=args.image_blocks,
-            path_problems=args.path_problems,
-            token_errors=args.token_errors,
-            credentialed=args.credentialed,
-            max_length=args.max_length,
-            overflow=args.overflow,
-            max_error_fraction=args.max_error_fraction,
-            max_published_mismatch_fraction=args.max_published_mismatch_fraction,
-            published_max_length=args.published_max_length,
-            batch_size=args.batch_size,
-            workers=args.workers,
-        )
-    except (AssemblyError, ImageInputError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    assemble(
+        args.rows,
+        args.split,
+        args.output_dir,
+        tokenizer_path=args.tokenizer,
+        image_blocks=args.image_blocks,
+        path_problems=args.path_problems,
+        token_errors=args.token_errors,
+        credentialed=args.credentialed,
+        max_length=args.max_length,
+        overflow=args.overflow,
+        max_error_fraction=args.max_error_fraction,
+        max_published_mismatch_fraction=args.max_published_mismatch_fraction,
+        published_max_length=args.published_max_length,
+        batch_size=args.batch_size,
+        workers=args.workers,
+    )
     return 0

@@ -58,7 +58,6 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -804,15 +803,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        out = generate_predictions(
-            args.eval_set, args.image_root, args.ckpt, args.base_model, args.model_name, args.output,
-            adapter=args.adapter, batch_size=args.batch_size, max_items=args.max_items, device=args.device,
-            prompt_style=args.prompt_style, budgets=_parse_budgets(args.max_new_tokens), decoding=args.decoding,
-            image_generation_rows=args.image_generation_rows or None, credentialed_roots=args.credentialed_root,
-        )
-    except GenerateError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    out = generate_predictions(
+        args.eval_set, args.image_root, args.ckpt, args.base_model, args.model_name, args.output,
+        adapter=args.adapter, batch_size=args.batch_size, max_items=args.max_items, device=args.device,
+        prompt_style=args.prompt_style, budgets=_parse_budgets(args.max_new_tokens), decoding=args.decoding,
+        image_generation_rows=args.image_generation_rows or None, credentialed_roots=args.credentialed_root,
+    )
     print(f"wrote {out}")
     return 0

@@ -249,17 +249,13 @@ def judge_config_from_args(args: argparse.Namespace) -> JudgeConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = judge_config_from_args(args)
-        if args.check:
-            check_endpoint(config)
-            print(f"judge endpoint {endpoint_label(config.base_url)} answers")
-            return 0
-        if not args.predictions or not args.output:
-            raise JudgeError("--predictions and --output are required (unless --check)")
-        path = write_judge_replies(args.predictions, args.output, config)
-    except (ScoreError, JudgeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    config = judge_config_from_args(args)
+    if args.check:
+        check_endpoint(config)
+        print(f"judge endpoint {endpoint_label(config.base_url)} answers")
+        return 0
+    if not args.predictions or not args.output:
+        raise JudgeError("--predictions and --output are required (unless --check)")
+    path = write_judge_replies(args.predictions, args.output, config)
     print(f"wrote {path}")
     return 0

@@ -409,16 +409,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        images = []
-        for item in args.images:
-            model, sep, folder = item.partition("=")
-            if not sep:
-                raise ReportError(f"--images {item!r}: expected MODEL=DIR")
-            images.append((model, folder))
-        written = make_report(args.summary, args.output_dir, args.train_metrics, args.coverage, images)
-    except ReportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    images = []
+    for item in args.images:
+        model, sep, folder = item.partition("=")
+        if not sep:
+            raise ReportError(f"--images {item!r}: expected MODEL=DIR")
+        images.append((model, folder))
+    written = make_report(args.summary, args.output_dir, args.train_metrics, args.coverage, images)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

@@ -51,7 +51,6 @@ import argparse
 import hashlib
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -578,20 +577,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    errors: tuple[type[Exception], ...] = (ScoreError,)
-    if args.clip or args.ckpt:  # the model loaders need torch, which the score rule's env lacks
-        from medmax_pipeline.models.clip import ClipLoadError
-        from medmax_pipeline.models.vqgan import VQGANLoadError
-
-        errors += (ClipLoadError, VQGANLoadError)
-    try:
-        scores_path, summary_path = score_predictions(
-            args.predictions, args.output, args.rules, args.judge_config, args.clip, args.ckpt, args.image_root,
-            args.seed, args.n_bootstrap, args.device, args.clip_scores, args.judge_replies, args.clip_text_tower,
-            args.credentialed_root,
-        )
-    except errors as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    scores_path, summary_path = score_predictions(
+        args.predictions, args.output, args.rules, args.judge_config, args.clip, args.ckpt, args.image_root,
+        args.seed, args.n_bootstrap, args.device, args.clip_scores, args.judge_replies, args.clip_text_tower,
+        args.credentialed_root,
+    )
     print(f"wrote {scores_path} and {summary_path}")
     return 0

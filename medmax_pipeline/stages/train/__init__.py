@@ -60,9 +60,7 @@ the command line.
 from __future__ import annotations
 
 import argparse
-import sys
 
-from medmax_pipeline.core.artifacts import ArtifactError
 
 from .config import DEFAULT_TARGET_MODULES, TrainConfig, TrainInputError, add_arguments, config_from_args
 from .data import TokenRows, collate, label_profile, length_grouped_batches, load_token_rows, response_labels, shard_batches, steps_per_epoch
@@ -82,11 +80,5 @@ __all__ = [
 
 
 def run(args: argparse.Namespace) -> int:
-    from medmax_pipeline.models.chameleon import ImageLogitsMaskedError, ModelLayoutError
-
-    try:
-        train(config_from_args(args))
-    except (TrainInputError, ModelLayoutError, ArtifactError, ImageLogitsMaskedError) as exc:
-        print(f"medmax train: error: {exc}", file=sys.stderr)
-        return 2
+    train(config_from_args(args))
     return 0
