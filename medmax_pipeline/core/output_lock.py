@@ -31,6 +31,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from medmax_pipeline.core.ranks import ranks_from_env
+
 # flock errors that mean "this filesystem has no flock", not "someone holds it".
 FLOCK_UNSUPPORTED = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
 FLOCK_HELD = frozenset({errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES})
@@ -202,7 +204,7 @@ def output_paths(command: str, args: argparse.Namespace) -> list[Path]:
 
 
 def is_main_rank() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+    return ranks_from_env().is_main
 
 
 @contextmanager
