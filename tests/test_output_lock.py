@@ -103,6 +103,7 @@ def test_outputs_are_locked_file_by_file_and_only_by_rank_0(tmp_path: Path, monk
         with hold_output_locks("map-vocab", argparse.Namespace(output=tmp_path / "image_blocks.parquet")):
             pass
         monkeypatch.setenv("RANK", "1")  # another rank of a torchrun job: rank 0 holds for it
+        monkeypatch.setenv("WORLD_SIZE", "2")
         with hold_output_locks("gather-tokens", args) as none:
             assert none == []
     assert not list(tmp_path.glob(".*.lock"))
