@@ -13,6 +13,7 @@ from medmax_pipeline.stages.evaluate.generate import (
     DEFAULT_MAX_NEW_TOKENS,
     GenerateError,
     GenerationSettings,
+    GreedyPreset,
     baseline_prompt_text,
     build_prompt_ids,
     left_pad,
@@ -55,10 +56,10 @@ def test_left_pad_and_split():
 def test_plan_batches_groups_by_kind_and_is_stable():
     rows = [{"task_name": t, "question_type": q} for t, q in
             [("slake", "closed"), ("slake", "open"), ("pmc_vqa", "mcq"), ("slake", "closed"), ("image_generation", "pmc_oa")]]
-    batches = plan_batches(rows, 2, DEFAULT_MAX_NEW_TOKENS)
+    batches = plan_batches(rows, 2, DEFAULT_MAX_NEW_TOKENS, GreedyPreset())
     assert sorted(i for b in batches for i in b) == [0, 1, 2, 3, 4]
     assert [0, 2] in batches and [4] in batches  # closed and mcq share the 8-token budget
-    assert batches == plan_batches(rows, 2, DEFAULT_MAX_NEW_TOKENS)
+    assert batches == plan_batches(rows, 2, DEFAULT_MAX_NEW_TOKENS, GreedyPreset())
 
 
 def test_read_eval_set_errors(tmp_path):
@@ -141,8 +142,8 @@ def test_batched_equals_unbatched_and_resume_is_identical(tiny, tmp_path):
     model, tokenizer = tiny
     rows, prompts = _rows_and_prompts(tokenizer)
     budgets = {"closed": 3, "mcq": 3, "open": 4}
-    one = run_generation(rows, prompts, model, tokenizer, GenerationSettings(batch_size=1, budgets=budgets))
-    full = run_generation(rows, prompts, model, tokenizer, GenerationSettings(batch_size=2, budgets=budgets))
+    one = run_generation(rows, prompts, model, tokenizer, GenerationSettings(GreedyPreset(), batch_size=1, budgets=budgets))
+    full = run_generation(rows, prompts, model, tokenizer, GenerationSettings(GreedyPreset(), batch_size=2, budgets=budgets))
     # Left padding with pad id 1 and an attention mask: batching does not change greedy output.
     assert [r["prediction"] for r in full] == [r["prediction"] for r in one]
     assert all(r["image_tokens"] == [] for r in full)
@@ -154,17 +155,17 @@ def test_batched_equals_unbatched_and_resume_is_identical(tiny, tmp_path):
             raise KeyboardInterrupt("simulated kill")
 
     with pytest.raises(KeyboardInterrupt):
-        run_generation(rows, prompts, model, tokenizer, GenerationSettings(batch_size=2, budgets=budgets),
+        run_generation(rows, prompts, model, tokenizer, GenerationSettings(GreedyPreset(), batch_size=2, budgets=budgets),
                        partial, "fp", on_batch=stop_after_first)
     assert len(partial.read_text().splitlines()) == 1 + 2  # header + one batch of two items
     counting = CountingModel(model)
-    resumed = run_generation(rows, prompts, counting, tokenizer, GenerationSettings(batch_size=2, budgets=budgets), partial, "fp")
+    resumed = run_generation(rows, prompts, counting, tokenizer, GenerationSettings(GreedyPreset(), batch_size=2, budgets=budgets), partial, "fp")
     assert resumed == full
-    assert counting.calls == len(plan_batches(rows, 2, {**DEFAULT_MAX_NEW_TOKENS, **budgets})) - 1
+    assert counting.calls == len(plan_batches(rows, 2, {**DEFAULT_MAX_NEW_TOKENS, **budgets}, GreedyPreset())) - 1
     # Another fingerprint: the partial file is not trusted.
     counting.calls = 0
-    run_generation(rows, prompts, counting, tokenizer, GenerationSettings(batch_size=2, budgets=budgets), partial, "other")
-    assert counting.calls == len(plan_batches(rows, 2, {**DEFAULT_MAX_NEW_TOKENS, **budgets}))
+    run_generation(rows, prompts, counting, tokenizer, GenerationSettings(GreedyPreset(), batch_size=2, budgets=budgets), partial, "other")
+    assert counting.calls == len(plan_batches(rows, 2, {**DEFAULT_MAX_NEW_TOKENS, **budgets}, GreedyPreset()))
 
 
 def test_image_generation_emits_only_image_tokens(tiny):
@@ -176,7 +177,7 @@ def test_image_generation_emits_only_image_tokens(tiny):
     prompts = [build_prompt_ids(encode_text(tokenizer, "a lung"), None, "finetuned", image_generation=True)]
     assert DEFAULT_MAX_NEW_TOKENS["image_generation"] == 1024
     # 24 tokens keep the test fast on CPU; the mechanism is the same for 1024.
-    out = run_generation(rows, prompts, model, tokenizer, GenerationSettings(batch_size=1, budgets={"image_generation": 24}))
+    out = run_generation(rows, prompts, model, tokenizer, GenerationSettings(GreedyPreset(), batch_size=1, budgets={"image_generation": 24}))
     tokens = out[0]["image_tokens"]
     assert len(tokens) == 24 and all(C.FIRST_IMAGE_TOKEN_ID <= t <= C.LAST_IMAGE_TOKEN_ID for t in tokens)
     assert out[0]["prediction"] == ""
@@ -274,7 +275,7 @@ def test_image_generation_keeps_the_first_rows_of_each_subset():
 
 def test_medmax_batches_put_each_mm_out_row_alone():
     rows = [_row("mm_out", "mm_out"), _row("mm_out", "mm_out"), _row("slake", "closed"), _row("pmc_vqa", "mcq"), _row("slake", "open")]
-    batches = G.plan_batches(rows, 4, G.MEDMAX_MAX_NEW_TOKENS, "medmax")
+    batches = G.plan_batches(rows, 4, G.MEDMAX_MAX_NEW_TOKENS, G.MedmaxPreset())
     assert [0] in batches and [1] in batches and [2, 3] in batches and [4] in batches  # closed and mcq: 1 token
     assert G.MEDMAX_MAX_NEW_TOKENS["closed"] == G.MEDMAX_MAX_NEW_TOKENS["mcq"] == 1 and G.MEDMAX_MAX_NEW_TOKENS["open"] == 60
 
@@ -302,7 +303,7 @@ def test_interleaved_switches_to_image_mode_and_back(monkeypatch):
     monkeypatch.setattr(G, "medmax_images", fake_images)
     from medmax_pipeline.models.chameleon_decoding import PublicOptions
 
-    settings = G.GenerationSettings(decoding="medmax", options=PublicOptions(), vocab={})
+    settings = G.GenerationSettings(G.MedmaxPreset(options=PublicOptions(), vocab={}))
     out = G.medmax_interleaved(None, [0, 9999, C.SEPARATOR_ID], 16, 3, {"prompt": "p"}, settings)
     assert out == [9000, C.BEGIN_IMAGE_ID, 4, 4, 4, C.END_IMAGE_ID, 9001, C.EOS_ID]
     assert [c[0] for c in calls] == ["text", "image", "text"]
@@ -344,7 +345,7 @@ def test_eval_image_paths_are_confined_to_the_image_root(tmp_path):
     # mm_out reference images are checked too, though they are not encoded.
     with pytest.raises(GenerateError, match="row 0: image_path '../secret.png' has a '..'"):
         G.check_image_paths([_row("mm_out", "mm_out", image="../secret.png")], root, "eval.jsonl")
-    assert G.input_image_paths([_row("mm_out", "mm_out", image="r.png"), _row("slake", "open")], "medmax") == {"a.png": 1}
+    assert G.input_image_paths([_row("mm_out", "mm_out", image="r.png"), _row("slake", "open")], G.MedmaxPreset()) == {"a.png": 1}
 
 
 def test_rows_whose_image_lies_under_a_credentialed_root_by_real_or_spelled_path(tmp_path):
@@ -395,7 +396,7 @@ def test_predictions_of_a_credentialed_adapter_are_credentialed(tmp_path):
 def _medmax_settings(tokenizer, **kw):
     from medmax_pipeline.models.chameleon_decoding import PublicOptions
 
-    return GenerationSettings(decoding="medmax", options=PublicOptions(), vocab=tokenizer.get_vocab(with_added_tokens=True), **kw)
+    return GenerationSettings(G.MedmaxPreset(options=PublicOptions(), vocab=tokenizer.get_vocab(with_added_tokens=True)), **kw)
 
 
 def test_medmax_text_is_text_only_and_within_budget(tiny):
@@ -435,3 +436,51 @@ def test_medmax_image_generation_is_seeded_per_row_and_resumable(tiny, tmp_path)
         run_generation(rows, prompts, model, tokenizer, _medmax_settings(tokenizer, batch_size=2, budgets=budgets), partial, "fp", on_batch=kill)
     resumed = run_generation(rows, prompts, model, tokenizer, _medmax_settings(tokenizer, batch_size=2, budgets=budgets), partial, "fp")
     assert resumed == two
+
+
+def test_the_decoding_preset_is_chosen_once_and_answers_the_per_preset_questions():
+    from medmax_pipeline.models.chameleon_decoding import PublicOptions
+
+    assert G.DECODINGS == ("medmax", "greedy") and G.DEFAULT_DECODING == "medmax"
+    with pytest.raises(GenerateError, match=r"unknown decoding 'beam'; expected one of medmax, greedy"):
+        G.decoding_preset("beam")
+    medmax, greedy = G.decoding_preset("medmax", image_generation_rows=2), G.decoding_preset("greedy")
+    assert isinstance(medmax, G.MedmaxPreset) and isinstance(greedy, G.GreedyPreset)
+    mm_out, chat = _row("mm_out", "mm_out", image="ref.png"), _row("visual_chat", "conversation")
+    gen, vqa = _row("image_generation", "pmc_oa", image=None), _row("slake", "closed")
+    # What the string tests answered before, now each preset's own answer.
+    assert [medmax.generation_kind(r) for r in (mm_out, gen, vqa)] == ["interleaved", "image", "text"]
+    assert [greedy.generation_kind(r) for r in (mm_out, gen, vqa)] == ["text", "image", "text"]
+    assert medmax.batch_key(gen, 5) == ("image", 5) and greedy.batch_key(gen, 5) == (True, 5)
+    assert (medmax.prompt_tokenizer_file, medmax.requires_image_placeholder) == ("text_tokenizer.json", False)
+    assert (greedy.prompt_tokenizer_file, greedy.requires_image_placeholder) == ("text_tokenizer_modified.json", True)
+    assert not medmax.takes_input_image(mm_out) and greedy.takes_input_image(mm_out)
+    assert not medmax.takes_input_image(gen) and not greedy.takes_input_image(gen)
+    assert G.GenerationSettings(medmax).all_budgets()["closed"] == 1 and G.GenerationSettings(greedy).all_budgets()["closed"] == 8
+    assert G.GenerationSettings(greedy, budgets={"closed": 3}).all_budgets()["closed"] == 3
+    assert medmax.prediction(chat, [7], [7], [], lambda ids: " x ") == ("x", [])  # visual chat answers are stripped
+    assert greedy.prediction(chat, [7], [7], [], lambda ids: " x ") == (" x ", [])
+    interleaved = [9000, C.BEGIN_IMAGE_ID, 4, 5, C.END_IMAGE_ID, 9001]
+    assert medmax.prediction(mm_out, interleaved, [], [], lambda ids: str(list(ids))) == ("[9000] [9001]", [4, 5])
+    assert len(medmax.select_rows([gen, gen, gen, vqa])) == 3 and len(greedy.select_rows([gen, gen, gen, vqa])) == 4
+    assert greedy.lineage_params(4) == {}
+    bound = G.MedmaxPreset(image_generation_rows=2, options=PublicOptions())
+    assert bound.lineage_params(4) | {"decoding_options": None} == {
+        "decoding_options": None, "prompt_tokenizer": "text_tokenizer.json", "image_generation_rows_per_subset": 2, "rows_after_selection": 4}
+
+
+def test_run_generation_leaves_the_callers_settings_and_preset_as_they_were(tiny):
+    import dataclasses
+
+    model, tokenizer = tiny
+    rows, prompts = _rows_and_prompts(tokenizer, n=2)
+    settings = GenerationSettings(G.MedmaxPreset(), batch_size=2, budgets={"open": 2})
+    before = repr(settings)
+    out = run_generation(rows, prompts, model, tokenizer, settings)
+    assert len(out) == 2 and repr(settings) == before
+    assert settings.preset.options is None and settings.preset.vocab is None  # the bound copy stayed inside
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.preset.vocab = {}  # type: ignore[misc]
+    # The medmax decoding functions refuse a preset that was never bound to its tokenizer.
+    with pytest.raises(GenerateError, match="MedmaxPreset.with_tokenizer"):
+        G.medmax_text(model, [prompts[0]], 1, settings)

@@ -8,7 +8,10 @@
 --prompt-style auto picks finetuned (the public "sft" prompt processor) when --adapter is given and
 baseline (the public "chameleon" processor) otherwise.
 
-Decoding presets (recorded in the artifact's lineage params, key "decoding"):
+Decoding presets (recorded in the artifact's lineage params, key "decoding"): two implementations
+of one interface (DecodingPreset: MedmaxPreset, GreedyPreset), chosen once from the name by
+decoding_preset(); everything that differs between them (prompt tokenizer, selected rows, prompts,
+budgets, batching, how a batch is generated, the prediction text, lineage params) is the preset's.
 * medmax (default): the public MedMax evaluation (evaluation/*.py, inference/inference_utils.py,
   chameleon/inference/chameleon.py `Options`; MEDMAX-FACTS.md "Evaluation"). Prompts are encoded
   with <ckpt>/tokenizer/text_tokenizer.json, as the public load_chameleon did, each starting with
@@ -58,9 +61,9 @@ import argparse
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence
 
 import pyarrow as pa
 
@@ -70,7 +73,7 @@ from medmax_pipeline.core.paths import MissingRootError, PathEscapeError, confin
 from medmax_pipeline.core.progress import PROGRESS_INTERVAL_S, Progress, format_progress  # noqa: F401 (format_progress: re-exported)
 from medmax_pipeline.core.rows import lone_surrogate_problem as unicode_problem
 from medmax_pipeline.core.sequences import image_block
-from medmax_pipeline.core.text_tokenizer import decode_text, special_token_ids
+from medmax_pipeline.core.text_tokenizer import MODIFIED_TOKENIZER_FILE, TOKENIZER_FILE, decode_text, special_token_ids
 from medmax_pipeline.stages.evaluate.predictions import credentialed_image_rows, marked_input
 
 EVAL_COLUMNS = ("task_name", "question_type", "prompt", "answer", "image_path")
@@ -79,7 +82,6 @@ PREDICTIONS_SCHEMA = pa.schema([
     ("image_path", pa.string()), ("model", pa.string()), ("prediction", pa.string()),
     ("prediction_first_token", pa.string()), ("generated_image_tokens", pa.list_(pa.int32())),
 ])
-DECODINGS = ("medmax", "greedy")
 # Default new-token budgets of the greedy preset by question type / task. closed and mcq: the
 # public code read one token; a few more let the sentence-level rules (strict, llava_med) see a
 # short answer.
@@ -96,7 +98,6 @@ MEDMAX_MAX_NEW_TOKENS: dict[str, int] = {
     "closed": 1, "mcq": 1, "open": 60, "image_captioning": 4096, "visual_chat": 4096, "mm_out": 1024,
     "other": 60, "image_generation": C.CODES_PER_IMAGE,
 }
-BUDGETS_BY_DECODING = {"medmax": MEDMAX_MAX_NEW_TOKENS, "greedy": DEFAULT_MAX_NEW_TOKENS}
 IMAGE_GENERATION = "image_generation"
 CAPTIONING = "image_captioning"
 VISUAL_CHAT = "visual_chat"
@@ -269,18 +270,221 @@ def select_image_generation_rows(rows: Sequence[Mapping[str, Any]], per_subset: 
     return keep
 
 
-def generation_kind(row: Mapping[str, Any], decoding: str) -> str:
-    """text, image (image generation) or interleaved (mm_out under the medmax preset: one row a batch)."""
-    if row["task_name"] == IMAGE_GENERATION:
-        return "image"
-    if decoding == "medmax" and row["task_name"] == MM_OUT:
-        return "interleaved"
-    return "text"
+# ----------------------------------------------------------------------------------------------
+# Decoding presets: chosen once from the --decoding name, then asked (never the name)
+# ----------------------------------------------------------------------------------------------
+
+# (all generated ids, text ids, image ids) of one row of a batch.
+Generated = tuple[list[int], list[int], list[int]]
+
+
+class DecodingPreset(Protocol):
+    """Everything that differs between the decoding presets; the rest of the stage asks the preset."""
+
+    name: str  # recorded in the lineage params as "decoding"
+    prompt_tokenizer_file: str  # in <ckpt>/tokenizer/, encodes the prompts and decodes the predictions
+    requires_image_placeholder: bool  # the prompt tokenizer must map <image> to its own id
+    default_budgets: Mapping[str, int]  # new-token budgets before --max-new-tokens overrides
+
+    def with_tokenizer(self, tokenizer: Any) -> DecodingPreset:
+        """This preset ready to generate with the prompt tokenizer (a new object; self is kept)."""
+
+    def select_rows(self, rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        """The evaluation rows this preset generates, in eval order."""
+
+    def generation_kind(self, row: Mapping[str, Any]) -> str:
+        """text, image (image generation) or interleaved (generated one row a batch)."""
+
+    def batch_key(self, row: Mapping[str, Any], budget: int) -> tuple[Any, int]:
+        """Rows with equal keys may share a batch; batches are formed in sorted key order."""
+
+    def takes_input_image(self, row: Mapping[str, Any]) -> bool:
+        """Whether the row's image_path goes into its prompt (else it is a reference or absent)."""
+
+    def build_prompts(self, rows: Sequence[Mapping[str, Any]], codes: Mapping[str, list[int]], tokenizer: Any, style: str,
+                      encode_texts: Callable[[Any, list[str]], list[list[int]]]) -> list[list[int]]:
+        """Prompt ids of every row (codes: VQGAN codes by image_path)."""
+
+    def generate(self, model: Any, rows: Sequence[Mapping[str, Any]], batch: Sequence[int],
+                 prompts: Sequence[Sequence[int]], settings: GenerationSettings, budgets: Mapping[str, int]) -> list[Generated]:
+        """Generated ids of the rows of one batch."""
+
+    def prediction(self, row: Mapping[str, Any], generated: Sequence[int], text_ids: Sequence[int], image_ids: Sequence[int],
+                   decode: Callable[[Sequence[int]], str]) -> tuple[str, list[int]]:
+        """(prediction text, generated image tokens) of one row."""
+
+    def lineage_params(self, rows_after_selection: int) -> dict[str, Any]:
+        """The preset's own lineage params, beside "decoding"."""
+
+
+def _image_or_text(row: Mapping[str, Any]) -> str:
+    return "image" if row["task_name"] == IMAGE_GENERATION else "text"
+
+
+def _plain_prediction(text_ids: Sequence[int], image_ids: Sequence[int], decode: Callable[[Sequence[int]], str]) -> tuple[str, list[int]]:
+    return decode(text_ids), [int(t) for t in image_ids]
+
+
+@dataclass(frozen=True)
+class GreedyPreset:
+    """The behaviour before the presets: modified tokenizer, the prompt as it is, plain greedy."""
+
+    name: ClassVar[str] = "greedy"
+    prompt_tokenizer_file: ClassVar[str] = MODIFIED_TOKENIZER_FILE
+    requires_image_placeholder: ClassVar[bool] = True
+    default_budgets: ClassVar[Mapping[str, int]] = DEFAULT_MAX_NEW_TOKENS
+
+    def with_tokenizer(self, tokenizer: Any) -> GreedyPreset:
+        return self
+
+    def select_rows(self, rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        return list(rows)
+
+    def generation_kind(self, row: Mapping[str, Any]) -> str:
+        return _image_or_text(row)
+
+    def batch_key(self, row: Mapping[str, Any], budget: int) -> tuple[Any, int]:
+        # The original keys (and so the original batches): (is image generation, budget).
+        return (self.generation_kind(row) == "image", budget)
+
+    def takes_input_image(self, row: Mapping[str, Any]) -> bool:
+        return row["task_name"] != IMAGE_GENERATION
+
+    def build_prompts(self, rows: Sequence[Mapping[str, Any]], codes: Mapping[str, list[int]], tokenizer: Any, style: str,
+                      encode_texts: Callable[[Any, list[str]], list[list[int]]]) -> list[list[int]]:
+        texts = [r["prompt"] if (style == "finetuned" or r["task_name"] == IMAGE_GENERATION) else baseline_prompt_text(r["prompt"], r["question_type"])
+                 for r in rows]
+        prompts = []
+        for r, t in zip(rows, encode_texts(tokenizer, texts)):
+            block = image_block(codes[r["image_path"]]) if self.takes_input_image(r) and r["image_path"] else None
+            prompts.append(build_prompt_ids(t, block, style, image_generation=r["task_name"] == IMAGE_GENERATION))
+        return prompts
+
+    def generate(self, model: Any, rows: Sequence[Mapping[str, Any]], batch: Sequence[int],
+                 prompts: Sequence[Sequence[int]], settings: GenerationSettings, budgets: Mapping[str, int]) -> list[Generated]:
+        image_generation = rows[batch[0]]["task_name"] == IMAGE_GENERATION
+        new = generate_batch(model, [prompts[i] for i in batch], max_new_tokens_for(rows[batch[0]], budgets),
+                             image_generation, settings.device)
+        return [(gen, *split_generated(gen, image_generation)) for gen in new]
+
+    def prediction(self, row: Mapping[str, Any], generated: Sequence[int], text_ids: Sequence[int], image_ids: Sequence[int],
+                   decode: Callable[[Sequence[int]], str]) -> tuple[str, list[int]]:
+        return _plain_prediction(text_ids, image_ids, decode)
+
+    def lineage_params(self, rows_after_selection: int) -> dict[str, Any]:
+        return {}
+
+
+@dataclass(frozen=True)
+class MedmaxPreset:
+    """The public MedMax evaluation (module docstring). options: the public Options
+    (models/chameleon_decoding.PublicOptions); vocab: token name -> id of the prompt tokenizer (its
+    text/image token sets). Both are filled by with_tokenizer when not given."""
+
+    name: ClassVar[str] = "medmax"
+    prompt_tokenizer_file: ClassVar[str] = TOKENIZER_FILE
+    # The plain tokenizer has no <image> id: a literal "<image>" there is text, as in the public load_chameleon.
+    requires_image_placeholder: ClassVar[bool] = False
+    default_budgets: ClassVar[Mapping[str, int]] = MEDMAX_MAX_NEW_TOKENS
+    image_generation_rows: int | None = IMAGE_GENERATION_ROWS_PER_SUBSET  # per subset; None keeps all
+    options: Any = None
+    vocab: Mapping[str, int] | None = None
+
+    def with_tokenizer(self, tokenizer: Any) -> MedmaxPreset:
+        from medmax_pipeline.models.chameleon_decoding import PublicOptions
+
+        return replace(self, options=self.options or PublicOptions(),
+                       vocab=self.vocab or tokenizer.get_vocab(with_added_tokens=True))
+
+    def select_rows(self, rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        return [rows[i] for i in select_image_generation_rows(rows, self.image_generation_rows)]
+
+    def generation_kind(self, row: Mapping[str, Any]) -> str:
+        return "interleaved" if row["task_name"] == MM_OUT else _image_or_text(row)
+
+    def batch_key(self, row: Mapping[str, Any], budget: int) -> tuple[Any, int]:
+        return (self.generation_kind(row), budget)
+
+    def takes_input_image(self, row: Mapping[str, Any]) -> bool:
+        # mm_out's image_path is the reference answer, not an input.
+        return row["task_name"] not in (IMAGE_GENERATION, MM_OUT)
+
+    def build_prompts(self, rows: Sequence[Mapping[str, Any]], codes: Mapping[str, list[int]], tokenizer: Any, style: str,
+                      encode_texts: Callable[[Any, list[str]], list[list[int]]]) -> list[list[int]]:
+        parts = [medmax_prompt_parts(r, style) for r in rows]
+        texts = [value for row_parts in parts for kind, value in row_parts if kind == "text"]
+        encoded = iter(encode_texts(tokenizer, texts))
+        prompts = []
+        for r, row_parts in zip(rows, parts):
+            resolved = [("image", codes[value]) if kind == "image" else ("text", next(encoded)) for kind, value in row_parts]
+            prompts.append(build_medmax_prompt(resolved, style, image_generation=r["task_name"] == IMAGE_GENERATION))
+        return prompts
+
+    def generate(self, model: Any, rows: Sequence[Mapping[str, Any]], batch: Sequence[int],
+                 prompts: Sequence[Sequence[int]], settings: GenerationSettings, budgets: Mapping[str, int]) -> list[Generated]:
+        from medmax_pipeline.models.chameleon_decoding import row_seed
+
+        kind = self.generation_kind(rows[batch[0]])
+        batch_prompts = [prompts[i] for i in batch]
+        if kind == "image":
+            seeds = [row_seed(_bound_medmax(settings).options.seed, seed_identity(rows[i])) for i in batch]
+            out = medmax_images(model, batch_prompts, budgets[IMAGE_GENERATION], seeds, settings)
+            return [(ids, [], split_generated(ids, True)[1]) for ids in out]
+        if kind == "interleaved":
+            i = batch[0]
+            ids = medmax_interleaved(model, prompts[i], max_new_tokens_for(rows[i], budgets), budgets[IMAGE_GENERATION],
+                                     seed_identity(rows[i]), settings)
+            return [(ids, [], [])]  # segments are split by prediction()
+        out = medmax_text(model, batch_prompts, max_new_tokens_for(rows[batch[0]], budgets), settings)
+        return [(ids, split_generated(ids, False)[0], []) for ids in out]
+
+    def prediction(self, row: Mapping[str, Any], generated: Sequence[int], text_ids: Sequence[int], image_ids: Sequence[int],
+                   decode: Callable[[Sequence[int]], str]) -> tuple[str, list[int]]:
+        if row["task_name"] == MM_OUT:
+            texts, images = split_interleaved(generated)
+            # The public code joined the text segments with a space; the first image is scored.
+            return " ".join(decode(t) for t in texts), [int(t) for t in images[0]] if images else []
+        prediction, image = _plain_prediction(text_ids, image_ids, decode)
+        if row["task_name"] == VISUAL_CHAT:
+            prediction = prediction.strip()  # the public visual_chat.py strips the answer
+        return prediction, image
+
+    def lineage_params(self, rows_after_selection: int) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        if self.options is None:
+            raise GenerateError("the medmax preset records its options only once with_tokenizer has filled them")
+        return {"decoding_options": asdict(self.options), "prompt_tokenizer": self.prompt_tokenizer_file,
+                "image_generation_rows_per_subset": self.image_generation_rows, "rows_after_selection": rows_after_selection}
+
+
+PRESETS: dict[str, Callable[..., DecodingPreset]] = {"medmax": MedmaxPreset, "greedy": GreedyPreset}
+DECODINGS = tuple(PRESETS)
+DEFAULT_DECODING = "medmax"  # the one default: the CLI's and the workflow's
+
+
+def decoding_preset(name: str, image_generation_rows: int | None = IMAGE_GENERATION_ROWS_PER_SUBSET) -> DecodingPreset:
+    """The preset named by --decoding, chosen here once. image_generation_rows: medmax keeps the
+    first N image generation rows per subset (None: all); greedy generates every row."""
+    if name == "medmax":
+        return MedmaxPreset(image_generation_rows=image_generation_rows)
+    if name == "greedy":
+        return GreedyPreset()
+    raise GenerateError(f"unknown decoding {name!r}; expected one of {', '.join(DECODINGS)}")
+
+
+def _bound_medmax(settings: GenerationSettings) -> MedmaxPreset:
+    """The medmax preset of settings, with its options and vocabulary (MedmaxPreset.with_tokenizer)."""
+    preset = settings.preset
+    if not isinstance(preset, MedmaxPreset) or preset.options is None or preset.vocab is None:
+        raise GenerateError("medmax decoding needs the medmax preset with its options and vocabulary (MedmaxPreset.with_tokenizer)")
+    return preset
 
 
 def plan_batches(rows: Sequence[Mapping[str, Any]], batch_size: int, budgets: Mapping[str, int],
-                 decoding: str = "greedy") -> list[list[int]]:
-    """Row indices per batch: grouped by generation kind and budget, eval order inside a group.
+                 preset: DecodingPreset) -> list[list[int]]:
+    """Row indices per batch: grouped by the preset's batch key (generation kind and budget), eval
+    order inside a group; an interleaved row is a batch of its own.
 
     Depends only on the rows and these arguments, so a resumed run forms the same batches.
     """
@@ -288,14 +492,11 @@ def plan_batches(rows: Sequence[Mapping[str, Any]], batch_size: int, budgets: Ma
         raise GenerateError("batch size must be at least 1")
     groups: dict[tuple[Any, int], list[int]] = {}
     for i, row in enumerate(rows):
-        kind = generation_kind(row, decoding)
-        # The greedy preset keeps its original keys (and so its batches): (is image generation, budget).
-        key = (kind == "image", max_new_tokens_for(row, budgets)) if decoding == "greedy" else (kind, max_new_tokens_for(row, budgets))
-        groups.setdefault(key, []).append(i)
+        groups.setdefault(preset.batch_key(row, max_new_tokens_for(row, budgets)), []).append(i)
     batches = []
     for key in sorted(groups):
         idx = groups[key]
-        size = 1 if key[0] == "interleaved" else batch_size
+        size = 1 if preset.generation_kind(rows[idx[0]]) == "interleaved" else batch_size
         batches += [idx[j : j + size] for j in range(0, len(idx), size)]
     return batches
 
@@ -384,23 +585,19 @@ def _append_partial(path: Path, fingerprint: str, items: list[dict[str, Any]]) -
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationSettings:
+    preset: DecodingPreset
     batch_size: int = 8
-    budgets: Mapping[str, int] | None = None
+    budgets: Mapping[str, int] | None = None  # overrides of the preset's default budgets
     prompt_style: str = "auto"
     device: str = "cpu"
     vqgan_batch_size: int = 4
-    decoding: str = "greedy"
-    # medmax preset: the public Options (models/chameleon_decoding.PublicOptions) and the token
-    # name -> id map of the tokenizer the prompts were encoded with (its text/image token sets).
-    options: Any = None
-    vocab: Mapping[str, int] | None = None
     progress_interval_s: float = PROGRESS_INTERVAL_S
     progress_stream: Any = None
 
     def all_budgets(self) -> dict[str, int]:
-        return {**BUDGETS_BY_DECODING[self.decoding], **(self.budgets or {})}
+        return {**self.preset.default_budgets, **(self.budgets or {})}
 
 
 def _image_only_processor():
@@ -418,17 +615,12 @@ def _image_only_processor():
     return ImageTokensOnly()
 
 
-def input_image_paths(rows: Sequence[Mapping[str, Any]], decoding: str) -> dict[str, int]:
-    """image_path -> first row index, for the images that go into prompts. medmax: image generation
-    and mm_out rows have no input image (mm_out's image_path is the reference answer); greedy:
-    every row but image generation, as before the presets."""
+def input_image_paths(rows: Sequence[Mapping[str, Any]], preset: DecodingPreset) -> dict[str, int]:
+    """image_path -> first row index, for the images that go into prompts (preset.takes_input_image)."""
     wanted: dict[str, int] = {}
     for i, row in enumerate(rows):
-        if not row["image_path"] or row["task_name"] == IMAGE_GENERATION:
-            continue
-        if decoding == "medmax" and row["task_name"] == MM_OUT:
-            continue
-        wanted.setdefault(row["image_path"], i)
+        if row["image_path"] and preset.takes_input_image(row):
+            wanted.setdefault(row["image_path"], i)
     return wanted
 
 
@@ -443,13 +635,13 @@ def check_image_paths(rows: Sequence[Mapping[str, Any]], image_root: Path, sourc
 
 
 def tokenize_eval_images(rows: Sequence[Mapping[str, Any]], image_root: Path, vqgan: Any, source: str,
-                         batch_size: int = 4, decoding: str = "greedy") -> dict[str, list[int]]:
+                         preset: DecodingPreset, batch_size: int = 4) -> dict[str, list[int]]:
     """VQGAN codes of every distinct input image (input_image_paths), each confined to image_root."""
     from medmax_pipeline.models.image_preprocess import ImageDecodeError
     from medmax_pipeline.models.vqgan import encode_image_files
 
     check_image_paths(rows, image_root, source)
-    wanted = input_image_paths(rows, decoding)
+    wanted = input_image_paths(rows, preset)
     names = list(wanted)
     files = {name: confined_path(image_root, name) for name in names}
     for name in names:
@@ -507,12 +699,13 @@ def medmax_text(model: Any, prompts: Sequence[Sequence[int]], budget: int, setti
     from medmax_pipeline.models.chameleon import set_image_logits
     from medmax_pipeline.models.chameleon_decoding import text_processors
 
-    caps = [max(0, min(budget, settings.options.max_seq_len - len(p))) for p in prompts]
+    medmax = _bound_medmax(settings)
+    caps = [max(0, min(budget, medmax.options.max_seq_len - len(p))) for p in prompts]
     if max(caps) == 0:
         return [[] for _ in prompts]
     set_image_logits(model, False)
     stop = [C.EOS_ID, C.BEGIN_IMAGE_ID] if allow_images else [C.EOS_ID]
-    new = _generate_with(model, prompts, max(caps), text_processors(settings.vocab, settings.options, allow_images),
+    new = _generate_with(model, prompts, max(caps), text_processors(medmax.vocab, medmax.options, allow_images),
                          stop, settings.device)
     # A row's own cap: the public code stopped each prompt at its own length limit.
     return [ids[:cap] for ids, cap in zip(new, caps)]
@@ -525,7 +718,8 @@ def medmax_images(model: Any, prompts: Sequence[Sequence[int]], num_codes: int, 
     from medmax_pipeline.models.chameleon_decoding import image_processors
 
     set_image_logits(model, True)
-    processors = image_processors(model, prompts, settings.vocab, settings.options, seeds)
+    medmax = _bound_medmax(settings)
+    processors = image_processors(model, prompts, medmax.vocab, medmax.options, seeds)
     return _generate_with(model, prompts, num_codes, processors, [C.EOS_ID], settings.device)
 
 
@@ -543,7 +737,7 @@ def medmax_interleaved(model: Any, prompt: Sequence[int], budget: int, num_codes
         generated += text
         if not text or text[-1] != C.BEGIN_IMAGE_ID:
             return generated
-        seed = row_seed(settings.options.seed, {**seed_identity, "image": images})
+        seed = row_seed(_bound_medmax(settings).options.seed, {**seed_identity, "image": images})
         codes = medmax_images(model, [sequence], num_codes, [seed], settings)[0]
         sequence += codes + [C.END_IMAGE_ID]
         generated += codes + [C.END_IMAGE_ID]
@@ -553,27 +747,6 @@ def medmax_interleaved(model: Any, prompt: Sequence[int], budget: int, num_codes
 def seed_identity(row: Mapping[str, Any]) -> dict[str, Any]:
     """What a row's sampling seed is derived from: its content, not its position or batch."""
     return {c: row[c] for c in ("task_name", "question_type", "prompt", "image_path")}
-
-
-def _medmax_batch(model: Any, rows: Sequence[Mapping[str, Any]], batch: Sequence[int], prompts: Sequence[Sequence[int]],
-                  settings: GenerationSettings) -> list[tuple[list[int], list[int], list[int]]]:
-    """(all generated ids, text ids, image ids) per row of a batch under the medmax preset."""
-    from medmax_pipeline.models.chameleon_decoding import row_seed
-
-    budgets = settings.all_budgets()
-    kind = generation_kind(rows[batch[0]], "medmax")
-    batch_prompts = [prompts[i] for i in batch]
-    if kind == "image":
-        seeds = [row_seed(settings.options.seed, seed_identity(rows[i])) for i in batch]
-        out = medmax_images(model, batch_prompts, budgets[IMAGE_GENERATION], seeds, settings)
-        return [(ids, [], split_generated(ids, True)[1]) for ids in out]
-    if kind == "interleaved":
-        i = batch[0]
-        ids = medmax_interleaved(model, prompts[i], max_new_tokens_for(rows[i], budgets), budgets[IMAGE_GENERATION],
-                                 seed_identity(rows[i]), settings)
-        return [(ids, [], [])]  # segments are split by the caller
-    out = medmax_text(model, batch_prompts, max_new_tokens_for(rows[batch[0]], budgets), settings)
-    return [(ids, split_generated(ids, False)[0], []) for ids in out]
 
 
 def run_generation(
@@ -587,23 +760,19 @@ def run_generation(
     on_batch: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Generate for every row (prompt_ids already built); resumes from `partial` when given."""
-    if settings.decoding not in DECODINGS:
-        raise GenerateError(f"unknown decoding {settings.decoding!r}; expected one of {DECODINGS}")
-    if settings.decoding == "medmax" and (settings.options is None or settings.vocab is None):
-        from medmax_pipeline.models.chameleon_decoding import PublicOptions
-
-        settings.options = settings.options or PublicOptions()
-        settings.vocab = settings.vocab or tokenizer.get_vocab(with_added_tokens=True)
+    # A copy with the preset ready for this tokenizer: the caller's settings stay as they were.
+    settings = replace(settings, preset=settings.preset.with_tokenizer(tokenizer))
+    preset = settings.preset
     budgets = settings.all_budgets()
     special = special_token_ids(tokenizer)
     done = load_partial(partial, fingerprint) if partial is not None else {}
     progress = Progress(len(rows), done=len(done), interval_s=settings.progress_interval_s, stream=settings.progress_stream)
     try:
-        for batch_no, batch in enumerate(plan_batches(rows, settings.batch_size, budgets, settings.decoding)):
+        for batch_no, batch in enumerate(plan_batches(rows, settings.batch_size, budgets, preset)):
             if all(i in done for i in batch):
                 continue
-            generated = _generate_rows(model, rows, batch, prompt_ids, settings, budgets)
-            items = [_result_item(i, rows[i], gen, text_ids, image_ids, tokenizer, special, settings.decoding)
+            generated = preset.generate(model, rows, batch, prompt_ids, settings, budgets)
+            items = [_result_item(i, rows[i], gen, text_ids, image_ids, tokenizer, special, preset)
                      for i, (gen, text_ids, image_ids) in zip(batch, generated)]
             if partial is not None:
                 _append_partial(partial, fingerprint, items)
@@ -616,30 +785,13 @@ def run_generation(
     return [done[i] for i in range(len(rows))]
 
 
-def _generate_rows(model: Any, rows: Sequence[Mapping[str, Any]], batch: Sequence[int], prompt_ids: Sequence[Sequence[int]],
-                   settings: GenerationSettings, budgets: Mapping[str, int]) -> list[tuple[list[int], list[int], list[int]]]:
-    if settings.decoding == "medmax":
-        return _medmax_batch(model, rows, batch, prompt_ids, settings)
-    image_generation = rows[batch[0]]["task_name"] == IMAGE_GENERATION
-    new = generate_batch(model, [prompt_ids[i] for i in batch], max_new_tokens_for(rows[batch[0]], budgets),
-                         image_generation, settings.device)
-    return [(gen, *split_generated(gen, image_generation)) for gen in new]
-
-
 def _result_item(index: int, row: Mapping[str, Any], generated: Sequence[int], text_ids: Sequence[int],
-                 image_ids: Sequence[int], tokenizer: Any, special: frozenset[int], decoding: str) -> dict[str, Any]:
+                 image_ids: Sequence[int], tokenizer: Any, special: frozenset[int], preset: DecodingPreset) -> dict[str, Any]:
     """The partial-file item of one row: prediction text, first token, image tokens."""
     image_generation = row["task_name"] == IMAGE_GENERATION
     first = "" if not generated or image_generation else decode_text(tokenizer, generated[:1], special)
-    if decoding == "medmax" and row["task_name"] == MM_OUT:
-        texts, images = split_interleaved(generated)
-        prediction = " ".join(decode_text(tokenizer, t, special) for t in texts)
-        image_ids = images[0] if images else []
-    else:
-        prediction = decode_text(tokenizer, text_ids, special)
-        if decoding == "medmax" and row["task_name"] == VISUAL_CHAT:
-            prediction = prediction.strip()  # the public visual_chat.py strips the answer
-    return {"index": index, "prediction": prediction, "first_token": first, "image_tokens": [int(t) for t in image_ids]}
+    prediction, image_tokens = preset.prediction(row, generated, text_ids, image_ids, lambda ids: decode_text(tokenizer, ids, special))
+    return {"index": index, "prediction": prediction, "first_token": first, "image_tokens": image_tokens}
 
 
 def _fingerprint(parts: Mapping[str, Any]) -> str:
@@ -664,6 +816,7 @@ def generate_predictions(
     base_model: str | Path,
     model_name: str,
     output: str | Path,
+    preset: DecodingPreset,
     adapter: str | Path | None = None,
     batch_size: int = 8,
     max_items: int | None = None,
@@ -671,17 +824,15 @@ def generate_predictions(
     prompt_style: str = "auto",
     budgets: Mapping[str, int] | None = None,
     on_batch: Callable[[int], None] | None = None,
-    decoding: str = "medmax",
-    image_generation_rows: int | None = IMAGE_GENERATION_ROWS_PER_SUBSET,
     credentialed_roots: Sequence[str | Path] = (),
 ) -> Path:
     """Generate predictions for an evaluation set and write the `predictions` artifact.
 
-    image_generation_rows: medmax keeps the first N image generation rows per subset (None: all);
-    ignored by greedy, which generates every row as before. credentialed_roots: a row whose image
-    lies under one of them (symlinks followed) makes the predictions credentialed."""
+    preset: the decoding preset (decoding_preset(name)); its image generation rows per subset
+    included. credentialed_roots: a row whose image lies under one of them (symlinks followed)
+    makes the predictions credentialed."""
     from medmax_pipeline.models.chameleon import load_model_for_generation
-    from medmax_pipeline.core.text_tokenizer import MODIFIED_TOKENIZER_FILE, TOKENIZER_FILE, check_tokenizer_layout, encode_texts, load_tokenizer
+    from medmax_pipeline.core.text_tokenizer import check_tokenizer_layout, encode_texts, load_tokenizer
     from medmax_pipeline.models.vqgan import load_vqgan
 
     eval_set, image_root, ckpt, output = Path(eval_set), Path(image_root), Path(ckpt), Path(output)
@@ -689,45 +840,31 @@ def generate_predictions(
         roots = resolve_roots(credentialed_roots)
     except MissingRootError as exc:
         raise GenerateError(str(exc)) from None
-    if decoding not in DECODINGS:
-        raise GenerateError(f"unknown decoding {decoding!r}; expected one of {', '.join(DECODINGS)}")
     style = ("finetuned" if adapter else "baseline") if prompt_style == "auto" else prompt_style
     if style not in ("finetuned", "baseline"):
         raise GenerateError(f"unknown prompt style {prompt_style!r}; expected auto, finetuned or baseline")
-    rows = read_eval_set(eval_set)
+    rows = preset.select_rows(read_eval_set(eval_set))
     selected = len(rows)
-    if decoding == "medmax":
-        rows = [rows[i] for i in select_image_generation_rows(rows, image_generation_rows)]
-        selected = len(rows)
     if max_items is not None:
         rows = rows[:max_items]
     credentialed_rows = credentialed_image_rows([r["image_path"] for r in rows], image_root, roots)
-    # The modified tokenizer checks the layout (<image> at 8711); medmax encodes prompts with the
-    # plain one, as the public load_chameleon did (a literal "<image>" there is text, not 8711).
+    # The modified tokenizer checks the layout (<image> at 8711), whichever file the preset encodes prompts with.
     modified_path = ckpt / "tokenizer" / MODIFIED_TOKENIZER_FILE
     check_tokenizer_layout(load_tokenizer(modified_path), source=str(modified_path))
-    tok_path = ckpt / "tokenizer" / (TOKENIZER_FILE if decoding == "medmax" else MODIFIED_TOKENIZER_FILE)
+    tok_path = ckpt / "tokenizer" / preset.prompt_tokenizer_file
     tokenizer = load_tokenizer(tok_path)
-    check_tokenizer_layout(tokenizer, require_image_placeholder=decoding != "medmax", source=str(tok_path))
+    check_tokenizer_layout(tokenizer, require_image_placeholder=preset.requires_image_placeholder, source=str(tok_path))
+    preset = preset.with_tokenizer(tokenizer)
     vqgan = load_vqgan(ckpt, device=device)
-    codes = tokenize_eval_images(rows, image_root, vqgan, str(eval_set), decoding=decoding)
+    codes = tokenize_eval_images(rows, image_root, vqgan, str(eval_set), preset)
     del vqgan
-    prompts = build_prompts(rows, codes, tokenizer, style, decoding, encode_texts)
+    prompts = preset.build_prompts(rows, codes, tokenizer, style, encode_texts)
     model = load_model_for_generation(base_model, adapter, allow_image_output=False, device=device, dtype=None, tokenizer=modified_path)
-    settings = GenerationSettings(batch_size=batch_size, budgets=budgets, prompt_style=style,
-                                  device=str(next(model.parameters()).device), decoding=decoding)
+    settings = GenerationSettings(preset, batch_size=batch_size, budgets=budgets, prompt_style=style,
+                                  device=str(next(model.parameters()).device))
     params: dict[str, Any] = {"model_name": model_name, "prompt_style": style, "batch_size": batch_size, "max_items": max_items,
-                              "budgets": settings.all_budgets(), "decoding": decoding, "device": device,
-                              "credentialed_image_rows": len(credentialed_rows)}
-    if decoding == "medmax":
-        from dataclasses import asdict
-
-        from medmax_pipeline.models.chameleon_decoding import PublicOptions
-
-        settings.options = PublicOptions()
-        settings.vocab = tokenizer.get_vocab(with_added_tokens=True)
-        params.update({"decoding_options": asdict(settings.options), "prompt_tokenizer": TOKENIZER_FILE,
-                       "image_generation_rows_per_subset": image_generation_rows, "rows_after_selection": selected})
+                              "budgets": settings.all_budgets(), "decoding": preset.name, "device": device,
+                              "credentialed_image_rows": len(credentialed_rows), **preset.lineage_params(selected)}
     # Lineage entries are computed once: hashing a 7B model folder takes a while.
     inputs = lineage_inputs(eval_set, ckpt / "tokenizer", Path(base_model), Path(adapter) if adapter else None,
                             eval_set_credentialed=bool(credentialed_rows))
@@ -748,27 +885,6 @@ def generate_predictions(
     return output
 
 
-def build_prompts(rows: Sequence[Mapping[str, Any]], codes: Mapping[str, list[int]], tokenizer: Any, style: str,
-                  decoding: str, encode_texts: Callable[[Any, list[str]], list[list[int]]]) -> list[list[int]]:
-    """Prompt ids of every row under a decoding preset (codes: VQGAN codes by image_path)."""
-    if decoding == "greedy":
-        texts = [r["prompt"] if (style == "finetuned" or r["task_name"] == IMAGE_GENERATION) else baseline_prompt_text(r["prompt"], r["question_type"])
-                 for r in rows]
-        prompts = []
-        for r, t in zip(rows, encode_texts(tokenizer, texts)):
-            block = image_block(codes[r["image_path"]]) if r["task_name"] != IMAGE_GENERATION and r["image_path"] else None
-            prompts.append(build_prompt_ids(t, block, style, image_generation=r["task_name"] == IMAGE_GENERATION))
-        return prompts
-    parts = [medmax_prompt_parts(r, style) for r in rows]
-    texts = [value for row_parts in parts for kind, value in row_parts if kind == "text"]
-    encoded = iter(encode_texts(tokenizer, texts))
-    prompts = []
-    for r, row_parts in zip(rows, parts):
-        resolved = [("image", codes[value]) if kind == "image" else ("text", next(encoded)) for kind, value in row_parts]
-        prompts.append(build_medmax_prompt(resolved, style, image_generation=r["task_name"] == IMAGE_GENERATION))
-    return prompts
-
-
 def _parse_budgets(items: Sequence[str] | None) -> dict[str, int]:
     budgets = {}
     for item in items or []:
@@ -787,7 +903,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", help="PEFT adapter folder of the trained model (omit for the base model)")
     parser.add_argument("--model-name", required=True, help="value of the model column (e.g. base, trained)")
     parser.add_argument("--output", required=True, help="predictions.parquet to write")
-    parser.add_argument("--decoding", choices=DECODINGS, default="medmax",
+    parser.add_argument("--decoding", choices=DECODINGS, default=DEFAULT_DECODING,
                         help="medmax: the public MedMax evaluation protocol; greedy: plain greedy everywhere")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-items", type=int, help="only the first N rows (smoke runs)")
@@ -805,9 +921,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     out = generate_predictions(
         args.eval_set, args.image_root, args.ckpt, args.base_model, args.model_name, args.output,
+        preset=decoding_preset(args.decoding, image_generation_rows=args.image_generation_rows or None),
         adapter=args.adapter, batch_size=args.batch_size, max_items=args.max_items, device=args.device,
-        prompt_style=args.prompt_style, budgets=_parse_budgets(args.max_new_tokens), decoding=args.decoding,
-        image_generation_rows=args.image_generation_rows or None, credentialed_roots=args.credentialed_root,
+        prompt_style=args.prompt_style, budgets=_parse_budgets(args.max_new_tokens),
+        credentialed_roots=args.credentialed_root,
     )
     print(f"wrote {out}")
     return 0
