@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +47,7 @@ from typing import Any, Mapping, Sequence
 import pyarrow as pa
 
 from medmax_pipeline.core import constants as C
-from medmax_pipeline.core.artifacts import ArtifactMeta, write_artifact
+from medmax_pipeline.core.artifacts import ArtifactGroup, ArtifactMeta
 from medmax_pipeline.core.image_keys import (
     MAPPING_PREFIX,
     PUBLIC_ROOT_NAME,
@@ -351,23 +350,12 @@ def _source_params(source: CredentialedSource) -> dict[str, Any]:
     return {**params, "template": source.template, "path_template": source.path_template}
 
 
-def write_csv(table: pa.Table, path: str | Path) -> Path:
-    """img_paths.csv: img_path first (the public tokenization script reads it), written atomically.
-
-    Any failure (a full disk) removes the temporary file; open() gives it 0666 less the umask.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(CSV_COLUMNS)
-            writer.writerows(zip(*(table.column(c).to_pylist() for c in CSV_COLUMNS)))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+def write_csv(table: pa.Table, path: str | Path) -> None:
+    """img_paths.csv: img_path first (the public tokenization script reads it)."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        writer.writerows(zip(*(table.column(c).to_pylist() for c in CSV_COLUMNS)))
 
 
 def collect(
@@ -394,11 +382,13 @@ def collect(
     roots = [*([public_root] if include_public else []), *(s.root for s in credentialed)]
     inputs = [file for _, file in row_files] + [Path(root).expanduser() for root in roots if root is not None]
     mappings = [s.mapping.path for s in credentialed if s.mapping is not None]
-    image_meta = write_artifact(image_table, output_dir / IMAGE_PATHS_FILE, artifact="image_paths", inputs=inputs,
-                                credentialed_inputs=mappings, params=params)
-    problem_meta = write_artifact(problem_table, output_dir / PROBLEMS_FILE, artifact="image_path_problems", inputs=inputs,
-                                  credentialed_inputs=mappings, params=params)
-    csv_path = write_csv(image_table, output_dir / CSV_FILE)
+    # The three outputs appear together or not at all: a stale CSV never sits beside new artifacts.
+    with ArtifactGroup() as outputs:
+        image_meta = outputs.write_artifact(image_table, output_dir / IMAGE_PATHS_FILE, artifact="image_paths", inputs=inputs,
+                                            credentialed_inputs=mappings, params=params)
+        problem_meta = outputs.write_artifact(problem_table, output_dir / PROBLEMS_FILE, artifact="image_path_problems",
+                                              inputs=inputs, credentialed_inputs=mappings, params=params)
+        csv_path = outputs.write_file(output_dir / CSV_FILE, lambda tmp: write_csv(image_table, tmp))
     counts = Counter(problem_category(r) for r in problem_table.column("reason").to_pylist())
     return CollectResult(image_meta, problem_meta, csv_path, image_table.num_rows, problem_table.num_rows, dict(sorted(counts.items())))
 

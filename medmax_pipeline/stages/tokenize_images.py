@@ -55,7 +55,7 @@ import pyarrow.compute as pc
 
 from medmax_pipeline.core.artifacts import (
     ArtifactError,
-    ArtifactWriter,
+    ArtifactGroup,
     check_meta,
     describe_input,
     iter_artifact_batches,
@@ -659,10 +659,11 @@ def merge_chunks(
     folders = [describe_input(folder) for folder in folder_inputs]
     csv_inputs = {"inputs": [], "credentialed_inputs": [input_csv]} if credentialed_csv else {"inputs": [input_csv], "credentialed_inputs": []}
     num_tokens = num_errors = 0
-    with ArtifactWriter(
+    # The tokens and the errors of a shard appear together or not at all.
+    with ArtifactGroup() as outputs, outputs.writer(
         tokens_path, TOKENS_SCHEMA, artifact=TOKENS_ARTIFACT, inputs=[*csv_inputs["inputs"], *folders],
         credentialed_inputs=csv_inputs["credentialed_inputs"], params=params,
-    ) as tokens_writer, ArtifactWriter(
+    ) as tokens_writer, outputs.writer(
         errors_path, ERRORS_SCHEMA, artifact=ERRORS_ARTIFACT, inputs=[*csv_inputs["inputs"], *folders],
         credentialed_inputs=csv_inputs["credentialed_inputs"], params=params,
     ) as errors_writer:
@@ -776,13 +777,14 @@ def gather_tokens(shards_dir: str | Path, num_shards: int, output: str | Path, e
     shard_token_files = [p[0] for p in pairs]
     shard_error_files = [p[1] for p in pairs]
     all_inputs = [*shard_token_files, *shard_error_files]
-    with ArtifactWriter(output, TOKENS_SCHEMA, artifact=TOKENS_ARTIFACT, inputs=all_inputs, params=params) as writer:
-        streams = [iter_artifact_batches(p, TOKENS_ARTIFACT, batch_size=4096) for p in shard_token_files]
-        for table in _merge_sorted(streams, TOKENS_SCHEMA):
-            writer.write(table.cast(TOKENS_SCHEMA))
-    errors = pa.concat_tables([read_artifact(p, ERRORS_ARTIFACT).cast(ERRORS_SCHEMA) for p in shard_error_files])
-    errors = errors.sort_by([("img_path", "ascending"), ("image_key", "ascending")])
-    write_artifact(errors, errors_output, artifact=ERRORS_ARTIFACT, inputs=all_inputs, params=params)
+    with ArtifactGroup() as outputs:  # the gathered tokens and errors appear together or not at all
+        with outputs.writer(output, TOKENS_SCHEMA, artifact=TOKENS_ARTIFACT, inputs=all_inputs, params=params) as writer:
+            streams = [iter_artifact_batches(p, TOKENS_ARTIFACT, batch_size=4096) for p in shard_token_files]
+            for table in _merge_sorted(streams, TOKENS_SCHEMA):
+                writer.write(table.cast(TOKENS_SCHEMA))
+        errors = pa.concat_tables([read_artifact(p, ERRORS_ARTIFACT).cast(ERRORS_SCHEMA) for p in shard_error_files])
+        errors = errors.sort_by([("img_path", "ascending"), ("image_key", "ascending")])
+        outputs.write_artifact(errors, errors_output, artifact=ERRORS_ARTIFACT, inputs=all_inputs, params=params)
     assert writer.meta is not None
     return writer.meta.num_rows, errors.num_rows
 
