@@ -279,7 +279,7 @@ def generate_demo(paths: DemoPaths, seed: int = 0, vqgan_channels: int = 32, row
     so the same seed gives the same bytes."""
     import torch
 
-    from medmax_pipeline.models.clip import make_random_biomedclip
+    from medmax_pipeline.demo_models import make_random_biomedclip
     from medmax_pipeline.models.vqgan import encode_image_files
 
     check_demo_targets(paths)
@@ -308,7 +308,8 @@ def _write_checkpoint(paths: DemoPaths, seed: int, vqgan_channels: int) -> tuple
     """The checkpoint folder in the original layout (and the HF base model when asked for);
     returns (the VQGAN, the modified text tokenizer)."""
     from medmax_pipeline.models import chameleon_original
-    from medmax_pipeline.models.vqgan import make_random_vqgan, save_original_checkpoint
+    from medmax_pipeline.demo_models import make_random_vqgan
+    from medmax_pipeline.models.vqgan import save_original_checkpoint
     from medmax_pipeline.stages.convert_checkpoint import convert_checkpoint
 
     tokenizer_dir = paths.checkpoint / "tokenizer"
