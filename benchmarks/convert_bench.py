@@ -40,7 +40,8 @@ def make_checkpoint(root: Path, fields: dict, seed: int = 0) -> None:
 
     from medmax_pipeline.core.text_tokenizer import build_chameleon_tokenizer
     from medmax_pipeline.models import chameleon_original as O
-    from medmax_pipeline.models.vqgan import make_random_vqgan, save_original_checkpoint
+    from medmax_pipeline.demo_models import make_random_vqgan
+    from medmax_pipeline.models.vqgan import save_original_checkpoint
 
     rng = random.Random(seed)
     words = ["lung", "heart", "opacity", "effusion", "normal", "chest", "shows", "the", "no", "yes"]

@@ -24,7 +24,8 @@ from PIL import Image
 from medmax_pipeline.core.artifacts import read_artifact
 from medmax_pipeline.models.image_preprocess import load_image_pixels
 from medmax_pipeline.stages.tokenize_images import prepare_vqgan, tokenize_shard
-from medmax_pipeline.models.vqgan import load_vqgan, make_random_vqgan, save_original_checkpoint
+from medmax_pipeline.demo_models import make_random_vqgan
+from medmax_pipeline.models.vqgan import load_vqgan, save_original_checkpoint
 
 ENCODER_GFLOP_PER_IMAGE = 554.0  # MEDMAX-FACTS, measured with FlopCounterMode at ch 128
 

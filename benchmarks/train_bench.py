@@ -43,7 +43,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medmax_pipeline.core import constants as C  # noqa: E402
-from medmax_pipeline.models.chameleon import allow_image_logits, check_image_logits, tiny_vq_config  # noqa: E402
+from medmax_pipeline.demo_models import tiny_vq_config  # noqa: E402
+from medmax_pipeline.models.chameleon import allow_image_logits, check_image_logits  # noqa: E402
 from medmax_pipeline.core.text_tokenizer import layout_tokens  # noqa: E402
 from medmax_pipeline.stages.train import (  # noqa: E402
     DEFAULT_TARGET_MODULES,

@@ -273,13 +273,14 @@ def _fresh_dir(path: Path) -> Path:
 
 
 def generate_demo(paths: DemoPaths, seed: int = 0, vqgan_channels: int = 32, rows_per_task: int = 4) -> dict[str, int]:
-    """Write the whole demo; returns counts of what was written."""
+    """Write the whole demo; returns counts of what was written.
+
+    The steps draw from one random stream in a fixed order (credentialed ids, rows, the eval set),
+    so the same seed gives the same bytes."""
     import torch
 
-    from medmax_pipeline.models import chameleon_original
-    from medmax_pipeline.models.clip import make_random_biomedclip
-    from medmax_pipeline.models.vqgan import encode_image_files, make_random_vqgan, save_original_checkpoint
-    from medmax_pipeline.stages.convert_checkpoint import convert_checkpoint
+    from medmax_pipeline.demo_models import make_random_biomedclip
+    from medmax_pipeline.models.vqgan import encode_image_files
 
     check_demo_targets(paths)
     rng = random.Random(seed)
@@ -288,7 +289,29 @@ def generate_demo(paths: DemoPaths, seed: int = 0, vqgan_channels: int = 32, row
                    paths.clip_text_tower):
         _fresh_dir(folder)
 
-    # Checkpoint folder, original layout.
+    vqgan, tokenizer = _write_checkpoint(paths, seed, vqgan_channels)
+    public_images = _write_public_images(paths.public_root, seed, rows_per_task)
+    public_codes = encode_image_files(vqgan, public_images)
+    public_blocks = {p.relative_to(paths.public_root).as_posix(): image_block(c) for p, c in zip(public_images, public_codes)}
+    credentialed_ids = _write_credentialed_images(paths.credentialed_root, rng, seed, rows_per_task)
+    split_rows = _build_rows(rng, sorted(public_blocks), credentialed_ids, rows_per_task)
+    _add_published_tokens(split_rows, tokenizer, public_blocks, paths.credentialed_root)
+    counts = _write_row_files(paths, split_rows, sorted(public_blocks))
+    counts.update(_write_eval_set(paths, rng, seed))
+    make_random_biomedclip(paths.clip, paths.clip_text_tower, seed=seed)
+    counts["public_images"] = len(public_images)
+    counts["credentialed_images"] = len(credentialed_ids)
+    return counts
+
+
+def _write_checkpoint(paths: DemoPaths, seed: int, vqgan_channels: int) -> tuple[Any, Any]:
+    """The checkpoint folder in the original layout (and the HF base model when asked for);
+    returns (the VQGAN, the modified text tokenizer)."""
+    from medmax_pipeline.models import chameleon_original
+    from medmax_pipeline.demo_models import make_random_vqgan
+    from medmax_pipeline.models.vqgan import save_original_checkpoint
+    from medmax_pipeline.stages.convert_checkpoint import convert_checkpoint
+
     tokenizer_dir = paths.checkpoint / "tokenizer"
     build_chameleon_tokenizer(tokenizer_dir, corpus_for_tokenizer(random.Random(seed + 1)), text_vocab_size=1500)
     vqgan, vqgan_yaml = make_random_vqgan(ch=vqgan_channels, seed=seed)
@@ -305,21 +328,25 @@ def generate_demo(paths: DemoPaths, seed: int = 0, vqgan_channels: int = 32, row
     del state
     if paths.base_model is not None:
         convert_checkpoint(paths.checkpoint, paths.base_model)
+    return vqgan, tokenizer
 
-    # Public images.
+
+def _write_public_images(public_root: Path, seed: int, rows_per_task: int) -> list[Path]:
+    """Public images of every kind real data has, under their sources' folders."""
     public_images: list[Path] = []
     for i in range(max(len(PUBLIC_IMAGE_KINDS), rows_per_task * 3)):
         kind, fmt, (w, h) = PUBLIC_IMAGE_KINDS[i % len(PUBLIC_IMAGE_KINDS)]
         source = ["slake", "vqa_rad", "pathvqa", "pmc_oa", "quilt"][i % 5]
         spec = ImageSpec(f"{source}/img_{i:03d}.{'jpg' if fmt == 'JPEG' else 'png'}", kind, w, h, fmt)
-        path = paths.public_root / spec.name
+        path = public_root / spec.name
         _write_bytes(path, render_image(spec, seed * 1000 + i))
         public_images.append(path)
-    public_codes = encode_image_files(vqgan, public_images)
-    public_blocks = {p.relative_to(paths.public_root).as_posix(): image_block(c) for p, c in zip(public_images, public_codes)}
+    return public_images
 
-    # Credentialed images, MIMIC-CXR-JPG layout, with broken files.
-    sources = {CREDENTIALED_SOURCE: CredentialedSource(CREDENTIALED_SOURCE, str(paths.credentialed_root), "mimic_cxr_jpg")}
+
+def _write_credentialed_images(credentialed_root: Path, rng: random.Random, seed: int, rows_per_task: int) -> list[dict[str, str]]:
+    """Credentialed images in the MIMIC-CXR-JPG layout, the last four broken or missing; returns
+    each image's ids (subject_id, study_id, dicom_id)."""
     credentialed_ids: list[dict[str, str]] = []
     n_credentialed = rows_per_task * 2 + 4
     for i in range(n_credentialed):
@@ -327,7 +354,7 @@ def generate_demo(paths: DemoPaths, seed: int = 0, vqgan_channels: int = 32, row
         ids = {"subject_id": subject, "study_id": f"5{rng.randrange(10**7):07d}", "dicom_id": f"{rng.getrandbits(64):016x}-{i:02d}"}
         credentialed_ids.append(ids)
         relative = TEMPLATE_PRESETS["mimic_cxr_jpg"].format(**ids)
-        path = paths.credentialed_root / relative
+        path = credentialed_root / relative
         good = render_image(ImageSpec(relative, "radiograph", 512 + 32 * (i % 3), 512 + 16 * (i % 4), "JPEG"), seed * 2000 + i)
         if i == n_credentialed - 1:
             continue  # missing image: its row is reported, never dropped
@@ -339,10 +366,15 @@ def generate_demo(paths: DemoPaths, seed: int = 0, vqgan_channels: int = 32, row
             _write_bytes(path, b"this is a text file, not a JPEG\n")  # text with an image extension
         else:
             _write_bytes(path, good)
+    return credentialed_ids
 
-    # Rows.
+
+def _build_rows(
+    rng: random.Random, public_names: list[str], credentialed_ids: list[dict[str, str]], rows_per_task: int,
+) -> dict[str, list[dict[str, Any]]]:
+    """The rows of each split without tokens: public rows of every task (their images in `_images`),
+    then credentialed Report Understanding and Image Captioning rows over the MIMIC-CXR-JPG images."""
     split_rows: dict[str, list[dict[str, Any]]] = {"train": [], "validation": []}
-    public_names = sorted(public_blocks)
     image_counter = 0
     for split, per_task in (("train", rows_per_task), ("validation", max(1, rows_per_task // 2))):
         for task in TASKS:
@@ -354,26 +386,36 @@ def generate_demo(paths: DemoPaths, seed: int = 0, vqgan_channels: int = 32, row
                     image_counter += 1
                 source = rng.choice(PUBLIC_SOURCES[task])
                 split_rows[split].append({"text": text, "image_path": names[0] if names else None, "_images": names, "task": task, "source": source, "credential": "no"})
-    # Credentialed rows: Report Understanding and Image Captioning over MIMIC-CXR-JPG images.
     for i, ids in enumerate(credentialed_ids):
         split = "validation" if i % 4 == 3 else "train"
         task = "Report Understanding" if i % 2 == 0 else "Image Captioning"
         split_rows[split].append({"text": row_text(task, rng), "tokens": [], "task": task, "source": CREDENTIALED_SOURCE, "credential": "yes", **ids})
+    return split_rows
 
-    # Published tokens of public rows. Rows with several images reuse image_path for the first only,
-    # as medmax_data does; the demo gives its multi-image rows one image.
-    for split, rows in split_rows.items():
+
+def _add_published_tokens(
+    split_rows: dict[str, list[dict[str, Any]]], tokenizer: Any, public_blocks: dict[str, Any], credentialed_root: Path,
+) -> None:
+    """Fill the public rows' tokens as medmax_data publishes them, and check that the template
+    names each credentialed row's image. Rows with several images reuse image_path for the first
+    only, as medmax_data does; the demo gives its multi-image rows one image."""
+    sources = {CREDENTIALED_SOURCE: CredentialedSource(CREDENTIALED_SOURCE, str(credentialed_root), "mimic_cxr_jpg")}
+    for rows in split_rows.values():
         public = [r for r in rows if r["credential"] == "no"]
         for row, text_ids in zip(public, encode_texts(tokenizer, [r["text"] for r in public])):
             images = row.pop("_images")
             assert len(images) == 1, "demo rows hold one image each"
             row["tokens"] = build_sequence(text_ids, public_blocks[images[0]]).tolist()
         for row in rows:
-            if row["credential"] == "yes":  # the template must name each credentialed row's image
+            if row["credential"] == "yes":
                 extra = json.dumps({k: row[k] for k in ("subject_id", "study_id", "dicom_id")})
                 key = image_key_for_row({**row, "extra": extra}, sources)
                 assert key.key is not None, key.problem
 
+
+def _write_row_files(paths: DemoPaths, split_rows: dict[str, list[dict[str, Any]]], public_names: list[str]) -> dict[str, int]:
+    """train.jsonl (with the malformed lines a real download can hold) and validation.jsonl;
+    returns their line counts."""
     counts = {}
     for split, path in (("train", paths.train), ("validation", paths.validation)):
         lines = [json.dumps(r, ensure_ascii=False) for r in split_rows[split]]
@@ -387,11 +429,6 @@ def generate_demo(paths: DemoPaths, seed: int = 0, vqgan_channels: int = 32, row
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(lines) + "\n")
         counts[f"{split}_lines"] = len(lines)
-
-    counts.update(_write_eval_set(paths, rng, seed))
-    make_random_biomedclip(paths.clip, paths.clip_text_tower, seed=seed)
-    counts["public_images"] = len(public_images)
-    counts["credentialed_images"] = n_credentialed
     return counts
 
 

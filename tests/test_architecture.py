@@ -34,6 +34,21 @@ def test_rooms_import_only_what_they_may() -> None:
     assert problems == []
 
 
+def test_the_demos_models_stay_out_of_the_pipeline() -> None:
+    """The demo's and tests' random model factories live in demo_models.py, which core, models and
+    the stages never import (issue 21 item 4)."""
+    import medmax_pipeline.models.chameleon as chameleon
+    import medmax_pipeline.models.clip as clip
+    import medmax_pipeline.models.vqgan as vqgan
+
+    importers = [str(path.relative_to(PACKAGE)) for path in sorted(PACKAGE.rglob("*.py"))
+                 if path.relative_to(PACKAGE).parts[0] in ("core", "models", "stages") and "demo_models" in imports_of(path)]
+    assert importers == []
+    factories = {"build_tiny_chameleon": chameleon, "tiny_vq_config": chameleon, "make_random_vqgan": vqgan,
+                 "random_vqgan": vqgan, "make_random_biomedclip": clip}
+    assert sorted(name for name, module in factories.items() if hasattr(module, name)) == []
+
+
 def test_no_module_or_folder_is_named_like_a_standard_library_module() -> None:
     names = {p.stem for p in PACKAGE.rglob("*.py")} | {p.name for p in PACKAGE.rglob("*") if p.is_dir()}
     assert sorted(n for n in names if n in sys.stdlib_module_names and n != "__init__") == []

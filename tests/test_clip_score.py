@@ -13,8 +13,8 @@ from medmax_pipeline.models.clip import (
     PUBLIC_CONTEXT_LENGTH,
     ClipLoadError,
     load_clip,
-    make_random_biomedclip,
 )
+from medmax_pipeline.demo_models import make_random_biomedclip
 
 
 def _image(seed, size=(48, 40), mode="RGB"):
@@ -160,7 +160,7 @@ def test_captioning_rows_scored_through_score(tmp_path, scorer):
 
 
 def test_image_generation_rows_decoded_and_scored(tmp_path, scorer):
-    from medmax_pipeline.models.vqgan import make_random_vqgan
+    from medmax_pipeline.demo_models import make_random_vqgan
     from medmax_pipeline.stages.evaluate.score import score_rows
 
     vqgan, _ = make_random_vqgan(ch=32, seed=0)

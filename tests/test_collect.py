@@ -196,6 +196,27 @@ def test_outputs_lineage_csv_and_credential(tree: dict) -> None:
     assert result.problem_counts[REASON_MISSING] == 2
 
 
+def test_outputs_appear_all_or_none(tree: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure while writing the last of the three outputs leaves none of the new ones: the
+    previous run's files stay as they were and no temporary is left."""
+    from medmax_pipeline.stages import collect as collect_module
+
+    out = tree["tmp"] / "out"
+    collect(tree["rows"], tree["public"], out, tree["sources"])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["image_path_problems.parquet", "image_paths.parquet", "img_paths.csv"]
+
+    def full_disk(table, path):
+        Path(path).write_text("img_path\n")  # a partial CSV, then the failure
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(collect_module, "write_csv", full_disk)
+    fewer_rows = write_jsonl(tree["tmp"] / "one.jsonl", [public_row("slake/a.jpg")])
+    with pytest.raises(OSError, match="No space left"):
+        collect([("train", fewer_rows)], tree["public"], out, tree["sources"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_public_only_rows_give_a_public_artifact(tree: dict) -> None:
     rows = write_jsonl(tree["tmp"] / "public_only.jsonl", [public_row("slake/a.jpg"), public_row("slake/b.png")])
     result = collect([("train", rows)], tree["public"], tree["tmp"] / "pub", tree["sources"])

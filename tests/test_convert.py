@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from medmax_pipeline.core.text_tokenizer import MODIFIED_TOKENIZER_FILE, build_chameleon_tokenizer, vocabulary_map
 from medmax_pipeline.models import chameleon as H
 from medmax_pipeline.models import chameleon_original as O
-from medmax_pipeline.models.vqgan import make_random_vqgan, save_original_checkpoint
+from medmax_pipeline.demo_models import make_random_vqgan
+from medmax_pipeline.models.vqgan import save_original_checkpoint
 from medmax_pipeline.stages.convert_checkpoint import ConversionError, convert_checkpoint
 from medmax_pipeline.stages.export import original_state_from_hf
 from test_train import child_env

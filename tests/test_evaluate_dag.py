@@ -20,7 +20,7 @@ from PIL import Image
 
 from medmax_pipeline.cli import main
 from medmax_pipeline.core.artifacts import read_artifact, read_meta, write_artifact
-from medmax_pipeline.models.clip import make_random_biomedclip
+from medmax_pipeline.demo_models import make_random_biomedclip
 from medmax_pipeline.stages.evaluate.judge import JudgeError
 from medmax_pipeline.stages.evaluate.judge_replies import (
     add_arguments as add_judge_arguments,

@@ -26,12 +26,14 @@ from safetensors.torch import save_file
 from peft import LoraConfig, get_peft_model
 from medmax_pipeline.core.artifacts import write_artifact
 from medmax_pipeline.core.text_tokenizer import layout_tokens
+from medmax_pipeline.core.output_folder import finish_output_folder, start_output_folder
+from medmax_pipeline.demo_models import build_tiny_chameleon
 from medmax_pipeline.models import chameleon as H
 from medmax_pipeline.stages.train.outputs import merge_adapter
 
 write_artifact(pa.table({"x": [1]}), out / "artifact.parquet", artifact="scores")
 vocab = {name: i for i, name in enumerate(layout_tokens(modified=True))}
-base = H.build_tiny_chameleon(out / "base", vocab, seed=0, hidden_size=32, num_layers=1, num_heads=2)
+base = build_tiny_chameleon(out / "base", vocab, seed=0, hidden_size=32, num_layers=1, num_heads=2)
 model = get_peft_model(H.load_base_model(base), LoraConfig(r=2, target_modules=["q_proj"]))
 model.save_pretrained(str(out / "adapter"))
 merge_adapter(base, out / "adapter", out / "merged_hf")  # train's merged/
@@ -40,10 +42,10 @@ source_tokenizer = out / "source_tokenizer"
 source_tokenizer.mkdir()
 (source_tokenizer / "text_tokenizer.json").write_text("{}")
 os.chmod(source_tokenizer / "text_tokenizer.json", 0o644)
-tmp = H.start_output_folder(out / "exported", "medmax_export.json", "medmax export")
+tmp = start_output_folder(out / "exported", "medmax_export.json", "medmax export")
 save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
 shutil.copytree(source_tokenizer, tmp / "tokenizer")
-H.finish_output_folder(tmp, out / "exported", "medmax_export.json", {})
+finish_output_folder(tmp, out / "exported", "medmax_export.json", {})
 names = ["artifact.parquet", "base/model.safetensors", "merged_hf/model.safetensors", "merged_hf/config.json",
          "exported/model.safetensors", "exported/tokenizer/text_tokenizer.json", "exported/tokenizer"]
 print(json.dumps({n: os.stat(out / n).st_mode & 0o777 for n in names}))

@@ -100,7 +100,8 @@ def test_read_eval_set_names_the_line_of_a_lone_surrogate_or_invalid_utf8(tmp_pa
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from medmax_pipeline.models.chameleon import build_tiny_chameleon, load_model_for_generation
+    from medmax_pipeline.demo_models import build_tiny_chameleon
+    from medmax_pipeline.models.chameleon import load_model_for_generation
     from medmax_pipeline.core.text_tokenizer import build_chameleon_tokenizer, load_tokenizer, vocabulary_map
 
     root = tmp_path_factory.mktemp("tiny")

@@ -10,7 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from medmax_pipeline.core import constants as C
+from medmax_pipeline.core.output_folder import PARTIAL_MARKER, finish_output_folder, start_output_folder
+from medmax_pipeline.demo_models import build_tiny_chameleon
 from medmax_pipeline.models import chameleon as H
+from medmax_pipeline.models.safetensors_stream import WEIGHT_INDEX_FILE, weight_files, write_safetensors_streaming
 from medmax_pipeline.core.text_tokenizer import layout_tokens
 
 TEXT_IDS = list(range(8800, 8864))
@@ -24,7 +27,7 @@ def tiny_vocabulary_map() -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return H.build_tiny_chameleon(tmp_path_factory.mktemp("base"), tiny_vocabulary_map(), seed=0)
+    return build_tiny_chameleon(tmp_path_factory.mktemp("base"), tiny_vocabulary_map(), seed=0)
 
 
 def _image_logits(model: torch.nn.Module) -> torch.Tensor:
@@ -48,8 +51,8 @@ def test_build_tiny_chameleon_writes_a_complete_hf_folder(base_dir: Path, tmp_pa
     assert config["vq_config"]["num_embeddings"] == C.NUM_IMAGE_CODES
     assert (base_dir / "model.safetensors").is_file()
     # Same seed, same weights; another seed, other weights.
-    again = H.build_tiny_chameleon(tmp_path / "again", tiny_vocabulary_map(), seed=0)
-    other = H.build_tiny_chameleon(tmp_path / "other", tiny_vocabulary_map(), seed=1)
+    again = build_tiny_chameleon(tmp_path / "again", tiny_vocabulary_map(), seed=0)
+    other = build_tiny_chameleon(tmp_path / "other", tiny_vocabulary_map(), seed=1)
     w0, w1, w2 = (load_file(str(d / "model.safetensors")) for d in (base_dir, again, other))
     key = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(w0[key], w1[key])
@@ -197,16 +200,16 @@ def test_streaming_safetensors_writer_shards_like_transformers(base_dir: Path, t
     for name in ("config.json", "tokenizer.json"):
         if (base_dir / name).is_file():
             (out / name).write_bytes((base_dir / name).read_bytes())
-    files = H.write_safetensors_streaming(out, plan, max_shard_bytes=2_000_000)
-    assert len(files) > 1 and (out / H.WEIGHT_INDEX_FILE).is_file()
+    files = write_safetensors_streaming(out, plan, max_shard_bytes=2_000_000)
+    assert len(files) > 1 and (out / WEIGHT_INDEX_FILE).is_file()
     assert made == [name for name, *_ in plan]  # each tensor made exactly once, in order
-    assert set(H.weight_files(out)) == set(weights)
+    assert set(weight_files(out)) == set(weights)
     reloaded = H.load_base_model(out).state_dict()
     original = H.load_base_model(base_dir).state_dict()
     assert all(torch.equal(reloaded[k], original[k]) for k in original)
     bad = [("x", torch.float32, (2,), lambda: torch.zeros(3))]
     with pytest.raises(ValueError, match=r"x: made torch.float32 \(3,\), planned torch.float32 \(2,\)"):
-        H.write_safetensors_streaming(tmp_path, bad)
+        write_safetensors_streaming(tmp_path, bad)
 
 
 def test_streamed_logits_equal_the_full_forward(base_dir: Path) -> None:
@@ -221,18 +224,18 @@ def test_streamed_logits_equal_the_full_forward(base_dir: Path) -> None:
 
 def test_output_folders_are_only_replaced_when_ours(tmp_path: Path) -> None:
     final = tmp_path / "out"
-    tmp = H.start_output_folder(final, "made.json", "medmax test")
+    tmp = start_output_folder(final, "made.json", "medmax test")
     (tmp / "a.txt").write_text("1")
-    H.finish_output_folder(tmp, final, "made.json", {"n": 1})
-    assert (final / "a.txt").read_text() == "1" and not (final / H.PARTIAL_MARKER).exists()
-    tmp = H.start_output_folder(final, "made.json", "medmax test")  # ours: may be replaced
-    H.finish_output_folder(tmp, final, "made.json", {"n": 2})
+    finish_output_folder(tmp, final, "made.json", {"n": 1})
+    assert (final / "a.txt").read_text() == "1" and not (final / PARTIAL_MARKER).exists()
+    tmp = start_output_folder(final, "made.json", "medmax test")  # ours: may be replaced
+    finish_output_folder(tmp, final, "made.json", {"n": 2})
     assert not (final / "a.txt").exists() and json.loads((final / "made.json").read_text()) == {"n": 2}
     (tmp_path / "user").mkdir()
     (tmp_path / "user" / "data.txt").write_text("keep")
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
-        H.start_output_folder(tmp_path / "user", "made.json", "medmax test")
+        start_output_folder(tmp_path / "user", "made.json", "medmax test")
     (tmp_path / ".tmp-other").mkdir()
     with pytest.raises(FileExistsError, match="is not a partial output"):
-        H.start_output_folder(tmp_path / "other", "made.json", "medmax test")
+        start_output_folder(tmp_path / "other", "made.json", "medmax test")
     assert (tmp_path / "user" / "data.txt").read_text() == "keep" and (tmp_path / ".tmp-other").is_dir()

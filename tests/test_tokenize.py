@@ -19,8 +19,6 @@ from vqgan_fixtures import write_checkpoint, write_images  # noqa: E402
 from medmax_pipeline.core.artifacts import ArtifactError, read_artifact, read_meta, write_artifact  # noqa: E402
 from medmax_pipeline.models.image_preprocess import load_image_pixels  # noqa: E402
 from medmax_pipeline.stages.tokenize_images import (  # noqa: E402
-    STOP_AFTER_CHUNKS_ENV,
-    STOPPED_EXIT_CODE,
     ImageRow,
     TokenizeInputError,
     chunk_ranges,
@@ -207,8 +205,23 @@ def test_gather_refuses_missing_or_wrong_shards(two_shard_run: dict, tmp_path: P
     assert not (tmp_path / "t.parquet").exists()
 
 
+STOPPED_EXIT_CODE = 75
+# `python -c` program: tokenize shard 0 of 1 of CSV into OUT with CKPT (argv 1..3) as the command
+# below does, and exit STOPPED_EXIT_CODE right after the second chunk file is written.
+KILLED_AFTER_TWO_CHUNKS = f"""
+import os, sys
+from medmax_pipeline.stages.tokenize_images import tokenize_shard
+written = []
+def die_after_two(chunk):
+    written.append(chunk)
+    if len(written) == 2:
+        os._exit({STOPPED_EXIT_CODE})
+tokenize_shard(sys.argv[1], sys.argv[2], sys.argv[3], batch_size=2, workers=1, chunk_size=2, after_chunk=die_after_two)
+"""
+
+
 def test_resume_after_kill_equals_uninterrupted_run(dataset: dict, two_shard_run: dict, tmp_path: Path) -> None:
-    """One shard (N=1) killed after its first chunk, then resumed: the gathered result has the same
+    """One shard (N=1) killed after its second chunk, then resumed: the gathered result has the same
     fingerprints as the uninterrupted two-shard run (so resume and the shard count change nothing)."""
     out = tmp_path / "n1"
     command = [
@@ -216,12 +229,13 @@ def test_resume_after_kill_equals_uninterrupted_run(dataset: dict, two_shard_run
         "--ckpt", str(dataset["ckpt"]), "--shard", "0", "--num-shards", "1", "--batch-size", "2", "--workers", "1",
         "--chunk-size", "2",
     ]
-    env = {**os.environ, STOP_AFTER_CHUNKS_ENV: "2", "PYTHONPATH": str(REPO)}
-    killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # The first run dies (os._exit: no cleanup, as abrupt as a kill) once its second chunk file is written.
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_TWO_CHUNKS, str(dataset["csv"]), str(out), str(dataset["ckpt"])],
+                            env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == STOPPED_EXIT_CODE, killed.stderr[-2000:]
     tokens_path, errors_path, chunk_dir = shard_paths(out, 0, 1)
     assert not tokens_path.exists() and len(list(chunk_dir.glob("chunk-*.parquet"))) == 2
-    env.pop(STOP_AFTER_CHUNKS_ENV)
     resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "3 chunks computed, 2 reused" in resumed.stdout

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from medmax_pipeline.core import artifacts
 from medmax_pipeline.core import constants as C
+from medmax_pipeline.demo_models import build_tiny_chameleon
 from medmax_pipeline.models import chameleon as H
 from medmax_pipeline.core.artifacts import read_artifact, write_artifact
 from medmax_pipeline.core.text_tokenizer import layout_tokens
@@ -53,7 +54,7 @@ def tiny_vocabulary_map() -> dict[str, int]:
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # initializer_range 0.2: logits wide enough for a 64-wide model to fit a few rows in seconds.
-    return H.build_tiny_chameleon(tmp_path_factory.mktemp("base"), tiny_vocabulary_map(), seed=0, initializer_range=0.2)
+    return build_tiny_chameleon(tmp_path_factory.mktemp("base"), tiny_vocabulary_map(), seed=0, initializer_range=0.2)
 
 
 def write_dataset(path: Path, train_rows: Sequence[Sequence[int]], validation_rows: Sequence[Sequence[int]] = ()) -> Path:

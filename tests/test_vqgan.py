@@ -22,10 +22,9 @@ from medmax_pipeline.models.vqgan import (  # noqa: E402
     VQGANLoadError,
     codes_to_pil,
     load_vqgan,
-    make_random_vqgan,
-    random_vqgan,
     save_original_checkpoint,
 )
+from medmax_pipeline.demo_models import make_random_vqgan, random_vqgan  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # Reference: the original Chameleon ImageTokenizer written out plainly, on a raw state dict.

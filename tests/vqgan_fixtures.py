@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from medmax_pipeline.models.vqgan import VQGAN, random_vqgan, real_vqgan_params, save_original_checkpoint, vqgan_yaml_dict
+from medmax_pipeline.demo_models import random_vqgan
+from medmax_pipeline.models.vqgan import VQGAN, real_vqgan_params, save_original_checkpoint, vqgan_yaml_dict
 
 
 def cheap_params(latent: int = 32, attn_resolutions: list[int] | None = None) -> dict[str, Any]:

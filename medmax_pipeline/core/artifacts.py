@@ -41,7 +41,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -461,7 +461,9 @@ class ArtifactWriter:
         self._writer.write_table(table, row_group_size=self.row_group_size)
         self._fingerprinter.update(table)
 
-    def close(self) -> ArtifactMeta:
+    def close(self, publish: bool = True) -> ArtifactMeta:
+        """Write the footer and move the file into place; with publish=False the complete file
+        stays at its temporary path until publish() (ArtifactGroup renames a set together)."""
         if self._writer is None:
             raise ArtifactError(f"writer for {self.path} is already closed")
         credential: Credential = "credentialed" if self.credentialed else "public"
@@ -480,7 +482,8 @@ class ArtifactWriter:
             self._writer.add_key_value_metadata(metadata)
             writer, self._writer = self._writer, None
             writer.close()
-            os.replace(self._tmp_path, self.path)
+            if publish:
+                self.publish()
         except BaseException:
             self._writer = None  # a writer whose close failed is not closed again
             self._tmp_path.unlink(missing_ok=True)
@@ -496,6 +499,10 @@ class ArtifactWriter:
             num_rows=self._fingerprinter.num_rows,
         )
         return self.meta
+
+    def publish(self) -> None:
+        """Rename the closed artifact's temporary file to its path."""
+        os.replace(self._tmp_path, self.path)
 
     def abort(self) -> None:
         """Drop the temporary file. Never raises for the writer's own failure: on a full disk its
@@ -542,6 +549,81 @@ def write_artifact(
         writer.write(table)
     assert writer.meta is not None
     return writer.meta
+
+
+class ArtifactGroup:
+    """Outputs of one stage that appear all or none: each is written completely to its own
+    temporary file, and only when every one is complete are they renamed into place. An exception
+    (or a stop) before that removes every temporary and leaves the previous outputs untouched.
+
+        with ArtifactGroup() as group:
+            meta = group.write_artifact(table, path, artifact=...)
+            with group.writer(path2, schema, artifact=...) as writer:  # streamed
+                writer.write(batch)
+            group.write_file(path3, lambda tmp: tmp.write_text(...))   # a plain file
+    """
+
+    def __init__(self) -> None:
+        self._writers: list[ArtifactWriter] = []  # open or closed-unpublished
+        self._files: list[tuple[Path, Path]] = []  # (temporary, path)
+
+    def writer(self, path: str | Path, schema: pa.Schema, **kwargs: Any) -> "_GroupedWriter":
+        """An ArtifactWriter whose close leaves the file staged until the group publishes it."""
+        writer = _GroupedWriter(path, schema, **kwargs)
+        self._writers.append(writer)
+        return writer
+
+    def write_artifact(self, table: pa.Table, path: str | Path, **kwargs: Any) -> ArtifactMeta:
+        """write_artifact's counterpart: the whole table as one staged artifact."""
+        with self.writer(path, table.schema, **kwargs) as writer:
+            writer.write(table)
+        assert writer.meta is not None
+        return writer.meta
+
+    def write_file(self, path: str | Path, write: Callable[[Path], None]) -> Path:
+        """A plain file: `write` fills the temporary path it is given."""
+        path = Path(path)
+        tmp = unique_temp_path(path)
+        self._files.append((tmp, path))
+        write(tmp)
+        return path
+
+    def publish(self) -> None:
+        for writer in self._writers:
+            if writer.meta is None:
+                raise ArtifactError(f"{writer.path}: its writer was not closed before the group was published")
+        for writer in self._writers:
+            writer.publish()
+        for tmp, path in self._files:
+            os.replace(tmp, path)
+        self._writers, self._files = [], []
+
+    def abort(self) -> None:
+        for writer in self._writers:
+            writer.abort()
+        for tmp, _ in self._files:
+            tmp.unlink(missing_ok=True)
+        self._writers, self._files = [], []
+
+    def __enter__(self) -> "ArtifactGroup":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+            return
+        try:
+            self.publish()
+        except BaseException:
+            self.abort()
+            raise
+
+
+class _GroupedWriter(ArtifactWriter):
+    """An ArtifactWriter of an ArtifactGroup: closing it leaves the file at its temporary path."""
+
+    def close(self, publish: bool = False) -> ArtifactMeta:
+        return super().close(publish=publish)
 
 
 # ----------------------------------------------------------------------------------------------

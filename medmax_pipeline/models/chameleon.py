@@ -1,10 +1,9 @@
-"""HF-format Chameleon / Anole models: tiny random ones for tests, checked loading, image logits.
+"""HF-format Chameleon / Anole models: vocabulary checks, checked loading, image logits.
 
-Three things live here because both training (stage 5) and evaluation (stage 6) need them:
+What lives here because both training (stage 5) and evaluation (stage 6) need it (the demo's
+tiny random model is in demo_models.py, the streaming safetensors writer and reader in
+models/safetensors_stream.py, output-folder transactions in core/output_folder.py):
 
-* `build_tiny_chameleon` writes a random `ChameleonForConditionalGeneration` folder in the same
-  layout as the HF copy of Anole-7B (config.json with `vocabulary_map`, safetensors, a VQ-VAE
-  config), small enough for CPU tests and the demo.
 * `load_base_model` refuses a folder that is not an HF Chameleon model, or whose
   `vocabulary_map` breaks the Chameleon id layout of MEDMAX-FACTS.md, or disagrees with the
   tokenizer the rest of the pipeline used.
@@ -21,12 +20,12 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
 from medmax_pipeline.core import constants as C
-from medmax_pipeline.core.file_modes import honour_umask
+from medmax_pipeline.models.safetensors_stream import read_tensor, weight_files
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json", "processor_config.json", "chat_template.json")
 
@@ -163,78 +162,6 @@ def check_base_model_folder(
 # ----------------------------------------------------------------------------------------------
 # Building and loading
 # ----------------------------------------------------------------------------------------------
-
-
-def tiny_vq_config() -> dict[str, Any]:
-    """A VQ-VAE config with the real code count (8192) and 32x32 grid but few channels (ch 32)."""
-    return {
-        "embed_dim": 8,
-        "num_embeddings": C.NUM_IMAGE_CODES,
-        "double_latent": False,
-        "latent_channels": 8,
-        "resolution": C.IMAGE_SIZE,
-        "in_channels": 3,
-        "base_channels": 32,  # GroupNorm(32 groups) needs a multiple of 32
-        "channel_multiplier": [1, 1, 2, 2, 4],  # 4 downsamplings: 512 / 16 = 32 codes per side
-        "num_res_blocks": 1,
-        "attn_resolutions": [],
-        "dropout": 0.0,
-    }
-
-
-def build_tiny_chameleon(
-    out_dir: str | Path,
-    vocabulary_map: Mapping[str, int],
-    seed: int,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    intermediate_size: int | None = None,
-    vocab_size: int | None = None,
-    max_position_embeddings: int = 4096,
-    tokenizer_json: str | Path | None = None,
-    initializer_range: float = 0.02,
-) -> Path:
-    """Save a random ChameleonForConditionalGeneration in HF layout and return its folder.
-
-    The weights depend only on `seed` and the sizes. vocab_size defaults to the smallest that
-    holds every id of `vocabulary_map`. `tokenizer_json` (a HF tokenizers file) is copied in as
-    tokenizer.json so the folder is as complete as the HF Anole copy. initializer_range is the
-    std of the random weights; with HF's 0.02 a 64-wide model's logits span only about +-1, so
-    tests that need a model able to fit data fast pass a larger one.
-    """
-    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
-
-    vocab = {str(k): int(v) for k, v in vocabulary_map.items()}
-    needed = max(vocab.values()) + 1
-    vocab_size = needed if vocab_size is None else vocab_size
-    check_model_vocabulary(vocab, vocab_size, source="build_tiny_chameleon(vocabulary_map)")
-    config = ChameleonConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size or 2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=max_position_embeddings,
-        bos_token_id=C.BOS_ID,
-        pad_token_id=C.PAD_ID,
-        eos_token_id=C.EOS_ID,
-        vocabulary_map=vocab,
-        vq_config=tiny_vq_config(),
-        tie_word_embeddings=False,
-        initializer_range=initializer_range,
-    )
-    config.architectures = ["ChameleonForConditionalGeneration"]
-    torch.manual_seed(seed)
-    model = ChameleonForConditionalGeneration(config).eval()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    if tokenizer_json is not None:
-        shutil.copyfile(tokenizer_json, out_dir / "tokenizer.json")
-    honour_umask(out_dir)  # safetensors writes 0600
-    return out_dir
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -389,118 +316,6 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path, names: Iterable[str] 
     return copied
 
 
-# ----------------------------------------------------------------------------------------------
-# Streaming safetensors: written and read one tensor at a time
-# ----------------------------------------------------------------------------------------------
-
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
-WEIGHT_INDEX_FILE = "model.safetensors.index.json"
-
-
-def _tensor_bytes(shape: Sequence[int], dtype: torch.dtype) -> int:
-    count = 1
-    for size in shape:
-        count *= int(size)
-    return count * torch.empty((), dtype=dtype).element_size()
-
-
-def write_safetensors_streaming(
-    folder: str | Path,
-    plan: Sequence[tuple[str, torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]],
-    max_shard_bytes: int = 2 * 1024**3,
-    after_write: Callable[[str], None] | None = None,
-) -> list[str]:
-    """Write (name, dtype, shape, make_tensor) entries as HF safetensors shards; return the file names.
-
-    The header of each shard is known from the plan, so every tensor is made, written and
-    dropped before the next one is made: memory holds one tensor, not a shard (`after_write(name)`
-    runs after each, e.g. to let go of its source). Shards are
-    named as transformers names them, with model.safetensors.index.json when there are several.
-    """
-    folder = Path(folder)
-    shards: list[list[tuple[str, torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]]] = [[]]
-    size = 0
-    for entry in plan:
-        nbytes = _tensor_bytes(entry[2], entry[1])
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(entry)
-        size += nbytes
-    names = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map: dict[str, str] = {}
-    total = 0
-    for name, entries in zip(names, shards):
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for tensor_name, dtype, shape, _ in entries:
-            nbytes = _tensor_bytes(shape, dtype)
-            header[tensor_name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-            weight_map[tensor_name] = name
-        total += offset
-        header_bytes = json.dumps(header, separators=(",", ":")).encode()
-        header_bytes += b" " * (-len(header_bytes) % 8)  # safetensors aligns the data start to 8 bytes
-        with open(folder / name, "wb") as out:
-            out.write(len(header_bytes).to_bytes(8, "little"))
-            out.write(header_bytes)
-            for tensor_name, dtype, shape, make in entries:
-                tensor = make()
-                if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-                    raise ValueError(f"{tensor_name}: made {tensor.dtype} {tuple(tensor.shape)}, planned {dtype} {tuple(shape)}")
-                out.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-                del tensor
-                if after_write is not None:
-                    after_write(tensor_name)
-    if len(names) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (folder / WEIGHT_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    return names
-
-
-def weight_files(folder: str | Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file of an HF folder (single file or sharded with an index)."""
-    folder = Path(folder)
-    index = folder / WEIGHT_INDEX_FILE
-    if index.is_file():
-        return {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
-    files: dict[str, Path] = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        files.update({name: path for name in _safetensors_header(path)[0] if name != "__metadata__"})
-    return files
-
-
-def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(size)), 8 + size
-
-
-def read_tensor(files: Mapping[str, Path], name: str, rows: slice | None = None) -> torch.Tensor:
-    """One tensor (or a range of its rows) read from its safetensors file with plain reads.
-
-    Not memory-mapped on purpose: pages of a mapping that was read stay in the process's RSS
-    while it is open, which would add a second copy of the weights to a streamed check.
-    """
-    path = Path(files[name])
-    header, data_start = _safetensors_header(path)
-    entry = header[name]
-    dtype = {v: k for k, v in SAFETENSORS_DTYPES.items()}[entry["dtype"]]
-    shape = list(entry["shape"])
-    begin, end = entry["data_offsets"]
-    if rows is not None:
-        row_bytes = (end - begin) // shape[0] if shape[0] else 0
-        first, last, _ = rows.indices(shape[0])
-        begin, end, shape = begin + first * row_bytes, begin + last * row_bytes, [max(last - first, 0), *shape[1:]]
-    buffer = bytearray(end - begin)
-    with open(path, "rb") as f:
-        f.seek(data_start + begin)
-        f.readinto(buffer)
-    if not buffer:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
-
-
 @torch.no_grad()
 def streamed_logits(folder: str | Path, ids: Sequence[int]) -> torch.Tensor:
     """(T, vocab) fp32 logits of the HF model in `folder`, its decoder layers loaded one at a time.
@@ -546,53 +361,3 @@ def streamed_logits(folder: str | Path, ids: Sequence[int]) -> torch.Tensor:
         for handle in handles:
             handle.remove()
     return chunked_logits(hidden, lambda a, b: read_tensor(files, "lm_head.weight", slice(a, b)), config.vocab_size)
-
-
-# ----------------------------------------------------------------------------------------------
-# Output folders written whole or not at all, never over someone else's files
-# ----------------------------------------------------------------------------------------------
-
-PARTIAL_MARKER = ".medmax-partial"
-
-
-def _ours_or_empty(folder: Path, marker: str) -> bool:
-    return folder.is_dir() and ((folder / marker).is_file() or not any(folder.iterdir()))
-
-
-def start_output_folder(final: str | Path, marker: str, command: str) -> Path:
-    """A fresh temporary folder beside `final` to write into; refuses when `final` is not ours to replace.
-
-    `final` may be absent, empty, or a folder an earlier run of `command` made (it holds
-    `marker`); anything else is someone's data and is left alone. The temporary folder is marked
-    partial so a later run may clear it after a crash, and only such a folder.
-    """
-    final = Path(final)
-    if final.exists() and not _ours_or_empty(final, marker):
-        raise FileExistsError(
-            f"{final} exists and was not written by {command} (it has no {marker}); refusing to overwrite it. "
-            "Choose another output folder or remove it yourself."
-        )
-    tmp = final.with_name(f".tmp-{final.name}")
-    if tmp.exists():
-        if not (tmp / PARTIAL_MARKER).is_file():
-            raise FileExistsError(f"{tmp} exists and is not a partial output of {command}; refusing to remove it")
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    (tmp / PARTIAL_MARKER).touch()
-    return tmp
-
-
-def finish_output_folder(tmp: Path, final: str | Path, marker: str, record: Mapping[str, Any]) -> Path:
-    """Write `marker` (a JSON record of what was made) into `tmp` and move it to `final`."""
-    import os
-
-    final = Path(final)
-    (tmp / marker).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
-    (tmp / PARTIAL_MARKER).unlink()
-    honour_umask(tmp)  # safetensors writes 0600, copytree keeps the source's modes: the umask decides
-    if final.exists():
-        if not _ours_or_empty(final, marker):  # checked again: it may have changed while we worked
-            raise FileExistsError(f"{final} appeared while writing and is not ours; the result is left in {tmp}")
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final

@@ -18,16 +18,15 @@ tower's config.json (its weights come from the CLIP checkpoint), so the loader h
 local text-tower folder in place of the hub id (`evaluate.clip_text_tower`, `--clip-text-tower`).
 The tokenizer is read from the CLIP folder itself, as open_clip's `local-dir:` schema does.
 
-`make_random_biomedclip` writes a tiny random model in the same layout and config structure (a
-timm ViT, a BERT text tower with an MLP projection and CLS pooling), so the demo and the tests run
-the real loading path.
+demo_models.make_random_biomedclip writes a tiny random model in the same layout and config
+structure (a timm ViT, a BERT text tower with an MLP projection and CLS pooling), so the demo and
+the tests run the real loading path.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import string
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -199,60 +198,3 @@ def load_clip(folder: str | Path, text_tower: str | Path | None = None, device: 
         where = f"{folder}" + (f" with text tower {tower}" if tower else "")
         raise ClipLoadError(f"open_clip could not load {where}: {type(exc).__name__}: {exc}") from exc
     return ClipScorer(model, preprocess, tokenizer, folder, device)
-
-
-# ----------------------------------------------------------------------------------------------
-# A tiny random BiomedCLIP (demo and tests)
-# ----------------------------------------------------------------------------------------------
-
-
-def _bert_vocab() -> list[str]:
-    """A WordPiece vocabulary that tokenizes any lower-cased ASCII text without [UNK]s for letters and digits."""
-    pieces = list(string.ascii_lowercase + string.digits + string.punctuation)
-    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *pieces, *("##" + p for p in string.ascii_lowercase + string.digits)]
-
-
-def make_random_biomedclip(folder: str | Path, text_tower: str | Path, seed: int = 0, *, embed_dim: int = 16,
-                           image_size: int = 64, hidden_size: int = 32) -> Path:
-    """Write a tiny random BiomedCLIP: the CLIP folder in hub layout and BiomedBERT's config folder.
-
-    open_clip_config.json has BiomedCLIP's structure and keys, with timm's small test ViT in place of
-    vit_base_patch16_224 and the hub id of BiomedBERT as the text tower, exactly as the real file
-    names it; the text-tower folder holds a tiny BertConfig. The weights are open_clip's own random
-    initialisation under `seed`, saved as open_clip_pytorch_model.bin (byte-identical for a seed).
-    """
-    from transformers import BertConfig
-
-    folder, tower = Path(folder), Path(text_tower)
-    folder.mkdir(parents=True, exist_ok=True)
-    tower.mkdir(parents=True, exist_ok=True)
-    vocab = _bert_vocab()
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": PUBLIC_CONTEXT_LENGTH}, indent=2))
-    (folder / "special_tokens_map.json").write_text(json.dumps(
-        {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}, indent=2))
-    BertConfig(vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2,
-               intermediate_size=2 * hidden_size, max_position_embeddings=PUBLIC_CONTEXT_LENGTH,
-               # BERT's 0.02 leaves a tiny random tower giving nearly one embedding for every text.
-               initializer_range=0.5).save_pretrained(tower)
-    text_cfg = {"hf_model_name": BIOMEDCLIP_TEXT_TOWER, "hf_tokenizer_name": BIOMEDCLIP_TEXT_TOWER, "hf_proj_type": "mlp",
-                "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": PUBLIC_CONTEXT_LENGTH}
-    config = {
-        "model_cfg": {
-            "embed_dim": embed_dim,
-            "vision_cfg": {"timm_model_name": "test_vit", "timm_model_pretrained": False, "timm_pool": "",
-                           "timm_proj": "linear", "image_size": image_size},
-            "text_cfg": text_cfg,
-        },
-        "preprocess_cfg": {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)},
-    }
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=4))
-    for name in WEIGHT_NAMES:  # a stale weight file would be preferred by open_clip
-        (folder / name).unlink(missing_ok=True)
-    open_clip = _open_clip()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = open_clip.create_model(f"local-dir:{folder}", text_cfg=_text_cfg_with_tower(text_cfg, tower))
-    torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
-    return folder

@@ -574,50 +574,6 @@ def real_vqgan_params(ch: int = 128) -> dict[str, Any]:
     }
 
 
-def _calibration_images(generator: torch.Generator, count: int, size: int) -> torch.Tensor:
-    """Smooth random images in [-1, 1]: upsampled noise at several scales, like blobs and gradients."""
-    images = torch.zeros(count, 3, size, size)
-    for cells in (2, 4, 8, 16):
-        noise = torch.rand(count, 3, cells, cells, generator=generator) * 2 - 1
-        images += F.interpolate(noise, size=(size, size), mode="bilinear", align_corners=False)
-    return (images / 2).clamp(-1, 1)
-
-
-def random_vqgan(params: Mapping[str, Any], seed: int) -> VQGAN:
-    """A VQGAN with seeded random weights for any model.params, its codebook spread (see make_random_vqgan)."""
-    params = check_vqgan_params(params)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = VQGAN(params)
-    count, size = 16, 8 * model.downsample_factor  # latents of 8x8 each: cheap, same weights
-    with torch.no_grad():
-        latents = model.encode_latents(_calibration_images(generator, count, size))
-        pool = latents.permute(0, 2, 3, 1).reshape(-1, params["embed_dim"])
-        n = params["n_embed"]
-        first = pool[torch.randint(len(pool), (n,), generator=generator)]
-        second = pool[torch.randint(len(pool), (n,), generator=generator)]
-        mix = torch.rand(n, 1, generator=generator)
-        spread = pool.std(dim=0, keepdim=True)
-        jitter = 0.1 * spread * torch.randn(n, params["embed_dim"], generator=generator)
-        model.quantize.embedding.weight.copy_(mix * first + (1 - mix) * second + jitter)
-    model.source = f"<random seed={seed}>"
-    return model
-
-
-def make_random_vqgan(ch: int, seed: int) -> tuple[VQGAN, dict[str, Any]]:
-    """A random VQGAN with the real layout (only `ch` differs; a multiple of 32) and its vqgan.yaml document.
-
-    Deterministic for a seed. The codebook is spread over the encoder's own outputs: each entry
-    mixes two latent vectors of smooth random images and adds a little noise, so random images
-    hit many codes instead of the few a default init would give.
-    """
-    params = real_vqgan_params(ch)
-    model = random_vqgan(params, seed)
-    model.source = f"<random ch={ch} seed={seed}>"
-    return model, vqgan_yaml_dict(params)
-
-
 def state_dict_for_hf(model: VQGAN, prefix: str = "model.vqmodel.") -> dict[str, torch.Tensor]:
     """The encoder-half tensors under HF ChameleonForConditionalGeneration names (for building HF folders)."""
     return {

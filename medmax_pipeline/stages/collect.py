@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +47,7 @@ from typing import Any, Mapping, Sequence
 import pyarrow as pa
 
 from medmax_pipeline.core import constants as C
-from medmax_pipeline.core.artifacts import ArtifactMeta, write_artifact
+from medmax_pipeline.core.artifacts import ArtifactGroup, ArtifactMeta
 from medmax_pipeline.core.image_keys import (
     MAPPING_PREFIX,
     PUBLIC_ROOT_NAME,
@@ -220,77 +219,107 @@ def build_tables(
     batch_size: int = 8192,
 ) -> tuple[pa.Table, pa.Table]:
     """(image_paths table, problems table) for the given (split, file) row files and roots."""
-    splits = [split for split, _ in row_files]
+    roots = plan_roots([split for split, _ in row_files], public_root, credentialed, include_public)
+    scan = RowScan(roots, {s.source: s for s in credentialed}, include_public)
+    for split, file in row_files:
+        scan.scan_file(split, file, batch_size)
+    return image_paths_table(scan.images), problems_table(scan.problems, [split for split, _ in row_files])
+
+
+def plan_roots(
+    splits: Sequence[str], public_root: str | Path | None, credentialed: Sequence[CredentialedSource], include_public: bool,
+) -> dict[str, Root]:
+    """The image roots by name (each checked to exist and resolved), after refusing a repeated
+    split or source and a source that takes the public root's name."""
     if len(set(splits)) != len(splits):
-        raise CollectError(f"a split is given twice: {splits}")
-    sources = {s.source: s for s in credentialed}
-    if len(sources) != len(credentialed):
-        raise CollectError(f"a credentialed source is given twice: {[s.source for s in credentialed]}")
-    if PUBLIC_ROOT_NAME in sources:
+        raise CollectError(f"a split is given twice: {list(splits)}")
+    names = [s.source for s in credentialed]
+    if len(set(names)) != len(names):
+        raise CollectError(f"a credentialed source is given twice: {names}")
+    if PUBLIC_ROOT_NAME in names:
         raise CollectError(f"a credentialed source may not be called {PUBLIC_ROOT_NAME!r} (the public root's name)")
     roots: dict[str, Root] = {s.source: make_root(s.source, s.root, "yes") for s in credentialed}
     if include_public:
         if public_root is None:
             raise CollectError("--public-root is required unless --no-include-public is given")
         roots[PUBLIC_ROOT_NAME] = make_root(PUBLIC_ROOT_NAME, public_root, "no")
-    credentialed_roots = [r.resolved for r in roots.values() if r.credential == "yes"]
+    return roots
 
-    images: dict[str, _Image] = {}
-    # image key -> resolved path or the reason it failed; each image is resolved once however many rows use it.
-    resolved_cache: dict[str, tuple[str | None, str | None]] = {}
-    problems: list[tuple[Any, ...]] = []
-    split_order = {split: i for i, split in enumerate(splits)}
 
-    def add_problem(file: str, line: int, row_id: str | None, split: str, source: str | None,
+class RowScan:
+    """Reads row files one after the other, collecting the distinct images the rows need and a
+    problem line for each row whose image cannot be named or found."""
+
+    def __init__(self, roots: Mapping[str, Root], sources: Mapping[str, CredentialedSource], include_public: bool) -> None:
+        self.roots = roots
+        self.sources = sources
+        self.include_public = include_public
+        self.credentialed_roots = [r.resolved for r in roots.values() if r.credential == "yes"]
+        self.images: dict[str, _Image] = {}
+        self.problems: list[tuple[Any, ...]] = []
+        # image key -> resolved path or the reason it failed; each image is resolved once however many rows use it.
+        self.resolved_cache: dict[str, tuple[str | None, str | None]] = {}
+
+    def add_problem(self, file: str, line: int, row_id: str | None, split: str, source: str | None,
                     credential: str | None, image_key: str | None, reason: str) -> None:
-        problems.append((file, line, row_id, split, source, credential, image_key, reason))
+        self.problems.append((file, line, row_id, split, source, credential, image_key, reason))
 
-    for split, file in row_files:
-        file_str = str(file)
+    def scan_file(self, split: str, file: str | Path, batch_size: int) -> None:
         for batch, row_problems in read_row_batches(file, split, batch_size=batch_size):
             for p in row_problems:
                 # A malformed row's credential is unknown; its problem line carries no row data.
-                add_problem(p.file, p.line, p.row_id, split, None, None, None, f"{REASON_MALFORMED}: {p.reason}")
+                self.add_problem(p.file, p.line, p.row_id, split, None, None, None, f"{REASON_MALFORMED}: {p.reason}")
             for row in batch.to_pylist():
-                if row["credential"] == "no" and not include_public:
-                    continue
-                if not row_needs_image(row):
-                    if row["credential"] == "no" and C.IMAGE_PLACEHOLDER_TOKEN in row["text"]:
-                        # Its image cannot be named, so it cannot be re-derived: say so rather than skip it.
-                        add_problem(file_str, row["line"], row["row_id"], split, row["source"], "no", None,
-                                    f"{REASON_NO_KEY}: the text holds <image> but image_path is empty")
-                    continue
-                key = image_key_for_row(row, sources)
-                if key.key is None:
-                    if row["credential"] == "yes" and row["source"] not in sources:
-                        reason = (f"{REASON_NO_TEMPLATE}: {row['source']!r} is a credentialed source with no "
-                                  "--credentialed entry (images.credentialed in config.yaml)")
-                    elif (key.problem or "").startswith((REASON_NO_KEY, REASON_NO_MAPPING)):
-                        reason = key.problem
-                    else:  # a template that failed to render
-                        reason = f"{REASON_NO_KEY}: {key.problem}"
-                    add_problem(file_str, row["line"], row["row_id"], split, row["source"], row["credential"], None, reason)
-                    continue
-                root = roots[key.root_name]
-                if key.key not in resolved_cache:
-                    resolved, reason = resolve_inside_root(root.resolved, key.relative_path)
-                    if resolved is not None and root.credential == "no":
-                        inside = next((c for c in credentialed_roots if resolved.is_relative_to(c)), None)
-                        if inside is not None:
-                            resolved, reason = None, f"{REASON_IN_CREDENTIALED}: {key.relative_path!r} resolves into {inside}"
-                    resolved_cache[key.key] = (str(resolved) if resolved is not None else None, reason)
-                img_path, reason = resolved_cache[key.key]
-                if img_path is None:
-                    add_problem(file_str, row["line"], row["row_id"], split, row["source"], row["credential"], key.key, reason or REASON_BAD_PATH)
-                    continue
-                image = images.get(key.key)
-                if image is None:
-                    image = images[key.key] = _Image(img_path, root.name, root.credential)
-                image.sources.add(row["source"])
-                image.n_rows += 1
+                self.scan_row(split, str(file), row)
 
+    def scan_row(self, split: str, file_str: str, row: dict[str, Any]) -> None:
+        if row["credential"] == "no" and not self.include_public:
+            return
+        if not row_needs_image(row):
+            if row["credential"] == "no" and C.IMAGE_PLACEHOLDER_TOKEN in row["text"]:
+                # Its image cannot be named, so it cannot be re-derived: say so rather than skip it.
+                self.add_problem(file_str, row["line"], row["row_id"], split, row["source"], "no", None,
+                                 f"{REASON_NO_KEY}: the text holds <image> but image_path is empty")
+            return
+        key = image_key_for_row(row, self.sources)
+        if key.key is None:
+            if row["credential"] == "yes" and row["source"] not in self.sources:
+                reason = (f"{REASON_NO_TEMPLATE}: {row['source']!r} is a credentialed source with no "
+                          "--credentialed entry (images.credentialed in config.yaml)")
+            elif (key.problem or "").startswith((REASON_NO_KEY, REASON_NO_MAPPING)):
+                reason = key.problem
+            else:  # a template that failed to render
+                reason = f"{REASON_NO_KEY}: {key.problem}"
+            self.add_problem(file_str, row["line"], row["row_id"], split, row["source"], row["credential"], None, reason)
+            return
+        root = self.roots[key.root_name]
+        img_path, reason = self.resolve(root, key.key, key.relative_path)
+        if img_path is None:
+            self.add_problem(file_str, row["line"], row["row_id"], split, row["source"], row["credential"], key.key, reason or REASON_BAD_PATH)
+            return
+        image = self.images.get(key.key)
+        if image is None:
+            image = self.images[key.key] = _Image(img_path, root.name, root.credential)
+        image.sources.add(row["source"])
+        image.n_rows += 1
+
+    def resolve(self, root: Root, key: str, relative_path: str) -> tuple[str | None, str | None]:
+        """(img_path, None) or (None, reason) for an image key, resolved once; a public image that
+        resolves into a credentialed root is refused."""
+        if key not in self.resolved_cache:
+            resolved, reason = resolve_inside_root(root.resolved, relative_path)
+            if resolved is not None and root.credential == "no":
+                inside = next((c for c in self.credentialed_roots if resolved.is_relative_to(c)), None)
+                if inside is not None:
+                    resolved, reason = None, f"{REASON_IN_CREDENTIALED}: {relative_path!r} resolves into {inside}"
+            self.resolved_cache[key] = (str(resolved) if resolved is not None else None, reason)
+        return self.resolved_cache[key]
+
+
+def image_paths_table(images: Mapping[str, _Image]) -> pa.Table:
+    """One row per distinct image key, sorted by key."""
     ordered = sorted(images)
-    image_table = pa.table(
+    return pa.table(
         {
             "image_key": ordered,
             "img_path": [images[k].img_path for k in ordered],
@@ -302,12 +331,14 @@ def build_tables(
         },
         schema=IMAGE_PATHS_SCHEMA,
     )
-    # In file order, then line order (read_row_batches hands a batch's malformed lines over first).
-    problems.sort(key=lambda p: (split_order[p[3]], p[1]))
-    problem_table = pa.table(
-        {name: [p[i] for p in problems] for i, name in enumerate(PROBLEMS_SCHEMA.names)}, schema=PROBLEMS_SCHEMA
-    )
-    return image_table, problem_table
+
+
+def problems_table(problems: Sequence[tuple[Any, ...]], splits: Sequence[str]) -> pa.Table:
+    """The problem lines in file order, then line order (read_row_batches hands a batch's
+    malformed lines over first)."""
+    split_order = {split: i for i, split in enumerate(splits)}
+    ordered = sorted(problems, key=lambda p: (split_order[p[3]], p[1]))
+    return pa.table({name: [p[i] for p in ordered] for i, name in enumerate(PROBLEMS_SCHEMA.names)}, schema=PROBLEMS_SCHEMA)
 
 
 def _source_params(source: CredentialedSource) -> dict[str, Any]:
@@ -319,23 +350,12 @@ def _source_params(source: CredentialedSource) -> dict[str, Any]:
     return {**params, "template": source.template, "path_template": source.path_template}
 
 
-def write_csv(table: pa.Table, path: str | Path) -> Path:
-    """img_paths.csv: img_path first (the public tokenization script reads it), written atomically.
-
-    Any failure (a full disk) removes the temporary file; open() gives it 0666 less the umask.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(CSV_COLUMNS)
-            writer.writerows(zip(*(table.column(c).to_pylist() for c in CSV_COLUMNS)))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+def write_csv(table: pa.Table, path: str | Path) -> None:
+    """img_paths.csv: img_path first (the public tokenization script reads it)."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        writer.writerows(zip(*(table.column(c).to_pylist() for c in CSV_COLUMNS)))
 
 
 def collect(
@@ -362,11 +382,13 @@ def collect(
     roots = [*([public_root] if include_public else []), *(s.root for s in credentialed)]
     inputs = [file for _, file in row_files] + [Path(root).expanduser() for root in roots if root is not None]
     mappings = [s.mapping.path for s in credentialed if s.mapping is not None]
-    image_meta = write_artifact(image_table, output_dir / IMAGE_PATHS_FILE, artifact="image_paths", inputs=inputs,
-                                credentialed_inputs=mappings, params=params)
-    problem_meta = write_artifact(problem_table, output_dir / PROBLEMS_FILE, artifact="image_path_problems", inputs=inputs,
-                                  credentialed_inputs=mappings, params=params)
-    csv_path = write_csv(image_table, output_dir / CSV_FILE)
+    # The three outputs appear together or not at all: a stale CSV never sits beside new artifacts.
+    with ArtifactGroup() as outputs:
+        image_meta = outputs.write_artifact(image_table, output_dir / IMAGE_PATHS_FILE, artifact="image_paths", inputs=inputs,
+                                            credentialed_inputs=mappings, params=params)
+        problem_meta = outputs.write_artifact(problem_table, output_dir / PROBLEMS_FILE, artifact="image_path_problems",
+                                              inputs=inputs, credentialed_inputs=mappings, params=params)
+        csv_path = outputs.write_file(output_dir / CSV_FILE, lambda tmp: write_csv(image_table, tmp))
     counts = Counter(problem_category(r) for r in problem_table.column("reason").to_pylist())
     return CollectResult(image_meta, problem_meta, csv_path, image_table.num_rows, problem_table.num_rows, dict(sorted(counts.items())))
 

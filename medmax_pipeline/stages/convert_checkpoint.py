@@ -36,10 +36,12 @@ from typing import Any
 import torch
 import yaml
 
+from medmax_pipeline.core.output_folder import finish_output_folder, start_output_folder
 from medmax_pipeline.core.progress import PROGRESS_INTERVAL_S, Progress
 from medmax_pipeline.core.text_tokenizer import MODIFIED_TOKENIZER_FILE, TOKENIZER_FILE, vocabulary_map
 from medmax_pipeline.models import chameleon
 from medmax_pipeline.models import chameleon_original as orig
+from medmax_pipeline.models import safetensors_stream
 from medmax_pipeline.models.vqgan import VQGAN_CKPT, VQGAN_YAML, VQGANLoadError, check_vqgan_params, hf_vq_config
 
 MARKER = "medmax_conversion.json"
@@ -181,11 +183,11 @@ def convert_checkpoint(checkpoint: str | Path, output: str | Path, max_shard_byt
     text_dtype = state["tok_embeddings.weight"].dtype if "tok_embeddings.weight" in state else torch.float32
     config.dtype = text_dtype
 
-    tensor_bytes = {name: chameleon._tensor_bytes(shape, dtype) for name, dtype, shape, _ in plan}
+    tensor_bytes = {name: safetensors_stream.tensor_bytes(shape, dtype) for name, dtype, shape, _ in plan}
     _say(stream, f"writing {len(plan)} tensors ({sum(tensor_bytes.values()) / 1e9:.2f} GB) to {output}")
     progress = Progress(len(plan), interval_s=progress_interval_s, stream=stream, label=COMMAND.removeprefix("medmax "),
                         items="tensors", unit="MB")
-    tmp = chameleon.start_output_folder(output, MARKER, COMMAND)
+    tmp = start_output_folder(output, MARKER, COMMAND)
     try:
         config.save_pretrained(str(tmp))
         GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
@@ -195,7 +197,7 @@ def convert_checkpoint(checkpoint: str | Path, output: str | Path, max_shard_byt
             progress.update(1, tensor_bytes[hf_name] / 1e6)
 
         try:
-            files = chameleon.write_safetensors_streaming(tmp, plan, max_shard_bytes=max_shard_bytes, after_write=after_write)
+            files = safetensors_stream.write_safetensors_streaming(tmp, plan, max_shard_bytes=max_shard_bytes, after_write=after_write)
         finally:
             progress.close()
         shutil.copyfile(tokenizer_source, tmp / "tokenizer.json")
@@ -214,11 +216,11 @@ def convert_checkpoint(checkpoint: str | Path, output: str | Path, max_shard_byt
         "tokenizer": tokenizer_source.name,
         "dtype": str(text_dtype).removeprefix("torch."),
         "tensors": len(plan),
-        "weight_bytes": sum(chameleon._tensor_bytes(shape, dtype) for _, dtype, shape, _ in plan),
+        "weight_bytes": sum(safetensors_stream.tensor_bytes(shape, dtype) for _, dtype, shape, _ in plan),
         "files": files,
         "logits_check": {"prompt_ids": ids, "max_abs_diff": worst, "precision": "fp32"},
     }
-    chameleon.finish_output_folder(tmp, output, MARKER, record)
+    finish_output_folder(tmp, output, MARKER, record)
     return record
 
 

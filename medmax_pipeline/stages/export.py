@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from medmax_pipeline.core.output_folder import finish_output_folder, start_output_folder
 from medmax_pipeline.core.text_tokenizer import MODIFIED_TOKENIZER_FILE
 from medmax_pipeline.models import chameleon
 from medmax_pipeline.models import chameleon_original as orig
@@ -104,9 +105,9 @@ def export_model(
     # Everything that can refuse without loading weights comes before the output folders are claimed.
     p = orig.params_from_hf_config(chameleon.check_base_model_folder(base_model, tokenizer), source=str(base_model / "config.json"))
     params_texts = params_files(checkpoint, p)
-    tmp_checkpoint = chameleon.start_output_folder(output_checkpoint, MARKER, COMMAND)
+    tmp_checkpoint = start_output_folder(output_checkpoint, MARKER, COMMAND)
     try:
-        tmp_hf = chameleon.start_output_folder(output_hf, MARKER, COMMAND)
+        tmp_hf = start_output_folder(output_hf, MARKER, COMMAND)
     except FileExistsError:
         shutil.rmtree(tmp_checkpoint)
         raise
@@ -117,8 +118,8 @@ def export_model(
         shutil.rmtree(tmp_hf, ignore_errors=True)
         raise
     record.update({"checkpoint": str(checkpoint) if checkpoint is not None else None, "outputs": {"checkpoint": str(output_checkpoint), "hf": str(output_hf)}})
-    chameleon.finish_output_folder(tmp_hf, output_hf, MARKER, record)
-    chameleon.finish_output_folder(tmp_checkpoint, output_checkpoint, MARKER, record)
+    finish_output_folder(tmp_hf, output_hf, MARKER, record)
+    finish_output_folder(tmp_checkpoint, output_checkpoint, MARKER, record)
     return record
 
 

@@ -36,6 +36,7 @@ Precision: fp32 (default; TF32 explicitly disabled on CUDA so codes are reproduc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import heapq
 import json
@@ -46,7 +47,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -54,7 +55,7 @@ import pyarrow.compute as pc
 
 from medmax_pipeline.core.artifacts import (
     ArtifactError,
-    ArtifactWriter,
+    ArtifactGroup,
     check_meta,
     describe_input,
     iter_artifact_batches,
@@ -73,9 +74,6 @@ ERRORS_ARTIFACT = "image_token_errors"
 SHARDING_RULE = "blake2b-64(img_path utf-8) mod num_shards"
 PRECISIONS = ("fp32", "bf16", "tf32")
 DEVICES = ("cpu", "cuda")
-# Test hook: exit (as if killed) after writing this many chunk files in this process.
-STOP_AFTER_CHUNKS_ENV = "MEDMAX_TOKENIZE_STOP_AFTER_CHUNKS"
-STOPPED_EXIT_CODE = 75
 
 TOKENS_SCHEMA = pa.schema(
     [
@@ -430,6 +428,55 @@ def chunk_table(groups: Sequence[Sequence[ImageRow]], codes: dict[int, np.ndarra
 # ----------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ShardSettings:
+    """How one shard is tokenized (the command-line options of `medmax tokenize`)."""
+
+    shard: int = 0
+    num_shards: int = 1
+    batch_size: int = 8
+    workers: int = 1
+    device: str = "cpu"
+    precision: str = "fp32"
+    chunk_size: int = 64
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    keep_chunks: bool = False
+    progress: bool = True
+    credentialed_roots: tuple[str | Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """What a shard's job is made of: its files, its chunks, which of them this rank computes and
+    which of those are still to do (the others are reused from an earlier run)."""
+
+    tokens_path: Path
+    errors_path: Path
+    chunk_dir: Path
+    files: list[list[ImageRow]]  # the unit of work: one file, whatever number of keys it carries
+    ranges: list[range]  # chunk c covers files ranges[c]
+    base_params: dict[str, Any]
+    mine: list[int]  # the chunks this rank computes
+    pending: list[int]  # the chunks of `mine` without a complete chunk file
+    credentialed_csv: bool  # some row of the whole CSV is credential = yes
+    rank: int
+    world_size: int
+
+    def chunk_params(self, chunk: int) -> dict[str, Any]:
+        """A chunk's identity, stored in its lineage params and compared on resume."""
+        r = self.ranges[chunk]
+        chunk_rows = [row for group in self.files[r.start : r.stop] for row in group]
+        return {**self.base_params, "chunk": chunk, "chunk_rows": [r.start, r.stop], "rows_digest": rows_digest(chunk_rows)}
+
+    @property
+    def reused(self) -> int:
+        return len(self.mine) - len(self.pending)
+
+
+# Called with a chunk's number once its file is written (tests stop a run there, as a kill would).
+AfterChunk = Callable[[int], None]
+
+
 def tokenize_shard(
     input_csv: str | Path,
     output_dir: str | Path,
@@ -445,6 +492,7 @@ def tokenize_shard(
     keep_chunks: bool = False,
     progress: bool = True,
     credentialed_roots: Sequence[str | Path] = (),
+    after_chunk: AfterChunk | None = None,
 ) -> ShardResult:
     """Tokenize one shard of the CSV's images into DIR/shard-I-of-N.parquet and .errors.parquet.
 
@@ -452,81 +500,84 @@ def tokenize_shard(
     Images under one of `credentialed_roots` are credential = yes whatever the CSV says.
     Raises OutputLockedError when another run holds this shard's lock.
     """
+    settings = ShardSettings(
+        shard=shard, num_shards=num_shards, batch_size=batch_size, workers=workers, device=device, precision=precision,
+        chunk_size=chunk_size, max_pixels=max_pixels, keep_chunks=keep_chunks, progress=progress,
+        credentialed_roots=tuple(credentialed_roots),
+    )
     check_shard_arguments(shard, num_shards, batch_size, workers, chunk_size)
     rank, world_size, local_rank = distributed_env()
     # Rank 0 speaks for a torchrun job: the other ranks of the same job must not be refused.
     lock = hold_lock(shard_lock_path(output_dir, shard, num_shards), "medmax tokenize") if rank == 0 else nullcontext()
     with lock:
-        return _tokenize_shard(
-            input_csv, output_dir, ckpt_dir, shard, num_shards, batch_size, workers, device, precision, chunk_size,
-            max_pixels, keep_chunks, progress, credentialed_roots, rank, world_size, local_rank,
-        )
+        all_rows = read_image_list(input_csv, settings.credentialed_roots)
+        model = prepare_vqgan(ckpt_dir, device, precision, local_rank)
+        plan = plan_shard(all_rows, output_dir, settings, model.encoder_fingerprint(), rank, world_size)
+        written = encode_chunks(plan, model, settings, after_chunk)
+        return finish_shard(plan, settings, input_csv, ckpt_dir, written)
 
 
-def _tokenize_shard(
-    input_csv: str | Path, output_dir: str | Path, ckpt_dir: str | Path, shard: int, num_shards: int, batch_size: int,
-    workers: int, device: str, precision: str, chunk_size: int, max_pixels: int, keep_chunks: bool, progress: bool,
-    credentialed_roots: Sequence[str | Path], rank: int, world_size: int, local_rank: int,
-) -> ShardResult:
+def plan_shard(
+    all_rows: Sequence[ImageRow], output_dir: str | Path, settings: ShardSettings, vqgan_fingerprint: str, rank: int, world_size: int,
+) -> ShardPlan:
+    """The shard's files and chunks, and which of this rank's chunks already have a complete file."""
+    tokens_path, errors_path, chunk_dir = shard_paths(output_dir, settings.shard, settings.num_shards)
+    files = group_by_file(shard_rows(all_rows, settings.shard, settings.num_shards))
+    ranges = chunk_ranges(len(files), settings.chunk_size)
+    base_params = {
+        "shard": settings.shard,
+        "num_shards": settings.num_shards,
+        "sharding": SHARDING_RULE,
+        "vqgan_fingerprint": vqgan_fingerprint,
+        "precision": settings.precision,
+        "device": settings.device,
+        "batch_size": settings.batch_size,
+        "max_pixels": settings.max_pixels,
+    }
+    # The credentialed roots are not params: what they change (a row's credential) is in each
+    # chunk's rows_digest and in the data, and the roots' spelling alone should not re-encode.
+    mine = rank_chunks(len(ranges), rank, world_size)
+    plan = ShardPlan(
+        tokens_path, errors_path, chunk_dir, files, ranges, base_params, mine, pending=[],
+        credentialed_csv=any(r.credential == "yes" for r in all_rows), rank=rank, world_size=world_size,
+    )
+    pending = [c for c in mine if not chunk_is_complete(chunk_path(chunk_dir, c), plan.chunk_params(c))]
+    return dataclasses.replace(plan, pending=pending)
+
+
+def encode_chunks(plan: ShardPlan, model: Any, settings: ShardSettings, after_chunk: AfterChunk | None = None) -> int:
+    """Encode the plan's pending chunks, writing each chunk file as soon as its files are done.
+
+    Returns the number of chunk files written."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    tokens_path, errors_path, chunk_dir = shard_paths(output_dir, shard, num_shards)
-    all_rows = read_image_list(input_csv, credentialed_roots)
-    rows = shard_rows(all_rows, shard, num_shards)
-    files = group_by_file(rows)  # the unit of work: one file, whatever number of keys it carries
-    model = prepare_vqgan(ckpt_dir, device, precision, local_rank)
-    vqgan_fingerprint = model.encoder_fingerprint()
-
-    ranges = chunk_ranges(len(files), chunk_size)
-    base_params = {
-        "shard": shard,
-        "num_shards": num_shards,
-        "sharding": SHARDING_RULE,
-        "vqgan_fingerprint": vqgan_fingerprint,
-        "precision": precision,
-        "device": device,
-        "batch_size": batch_size,
-        "max_pixels": max_pixels,
-    }
-    # The credentialed roots are not params: what they change (a row's credential) is in each
-    # chunk's rows_digest and in the data, and the roots' spelling alone should not re-encode.
-
-    def params_of(chunk: int) -> dict[str, Any]:
-        r = ranges[chunk]
-        chunk_rows = [row for group in files[r.start : r.stop] for row in group]
-        return {**base_params, "chunk": chunk, "chunk_rows": [r.start, r.stop], "rows_digest": rows_digest(chunk_rows)}
-
-    chunk_dir.mkdir(parents=True, exist_ok=True)
-    mine = rank_chunks(len(ranges), rank, world_size)
-    pending = [c for c in mine if not chunk_is_complete(chunk_path(chunk_dir, c), params_of(c))]
-    reused = len(mine) - len(pending)
-
-    dataset = ImageFileDataset([group[0] for group in files], max_pixels=max_pixels)
+    plan.chunk_dir.mkdir(parents=True, exist_ok=True)
+    ranges, files = plan.ranges, plan.files
+    dataset = ImageFileDataset([group[0] for group in files], max_pixels=settings.max_pixels)
     batches = [
-        list(range(start, min(start + batch_size, ranges[c].stop)))
-        for c in pending
-        for start in range(ranges[c].start, ranges[c].stop, batch_size)
+        list(range(start, min(start + settings.batch_size, ranges[c].stop)))
+        for c in plan.pending
+        for start in range(ranges[c].start, ranges[c].stop, settings.batch_size)
     ]
     loader = DataLoader(
         dataset,
         batch_sampler=batches,
-        num_workers=workers,
+        num_workers=settings.workers,
         collate_fn=collate_decoded,
-        pin_memory=device == "cuda",
+        pin_memory=settings.device == "cuda",
     )
-    stop_after = int(os.environ.get(STOP_AFTER_CHUNKS_ENV, "0") or 0)
-    total = sum(len(ranges[c]) for c in mine)
-    done_rows = total - sum(len(ranges[c]) for c in pending)
+    total = sum(len(ranges[c]) for c in plan.mine)
+    done_rows = total - sum(len(ranges[c]) for c in plan.pending)
     bar = tqdm(
-        total=total, initial=done_rows, unit="img", file=sys.stderr, disable=not progress,
-        desc=f"{shard_stem(shard, num_shards)}" + (f" rank {rank}/{world_size}" if world_size > 1 else ""),
+        total=total, initial=done_rows, unit="img", file=sys.stderr, disable=not settings.progress,
+        desc=f"{shard_stem(settings.shard, settings.num_shards)}" + (f" rank {plan.rank}/{plan.world_size}" if plan.world_size > 1 else ""),
     )
     codes: dict[int, np.ndarray] = {}
     sizes: dict[int, tuple[int, int, str]] = {}
     reasons: dict[int, str] = {}
-    pending_iter = iter(pending)
+    pending_iter = iter(plan.pending)
     current = next(pending_iter, None)
     written = 0
     with torch.inference_mode():
@@ -543,54 +594,61 @@ def _tokenize_shard(
             while current is not None and all(i in codes or i in reasons for i in ranges[current]):
                 r = ranges[current]
                 table = chunk_table(files[r.start : r.stop], codes, sizes, reasons, r.start)
-                write_artifact(table, chunk_path(chunk_dir, current), artifact=CHUNK_ARTIFACT, params=params_of(current))
+                write_artifact(table, chunk_path(plan.chunk_dir, current), artifact=CHUNK_ARTIFACT, params=plan.chunk_params(current))
                 for i in r:
                     codes.pop(i, None)
                     sizes.pop(i, None)
                     reasons.pop(i, None)
                 written += 1
+                if after_chunk is not None:
+                    after_chunk(current)
                 current = next(pending_iter, None)
-                if stop_after and written >= stop_after:
-                    bar.close()
-                    sys.stderr.write(f"{STOP_AFTER_CHUNKS_ENV}={stop_after}: stopping after {written} chunks\n")
-                    sys.stderr.flush()
-                    os._exit(STOPPED_EXIT_CODE)  # as abrupt as a kill: no cleanup
     bar.close()
     if current is not None:
-        raise RuntimeError(f"{tokens_path}: chunk {current} did not complete (internal error)")
+        raise RuntimeError(f"{plan.tokens_path}: chunk {current} did not complete (internal error)")
+    return written
 
-    if world_size > 1:
+
+def finish_shard(plan: ShardPlan, settings: ShardSettings, input_csv: str | Path, ckpt_dir: str | Path, written: int) -> ShardResult:
+    """Once every rank is done, rank 0 merges the chunk files into the shard's two artifacts and
+    (without --keep-chunks) removes the chunk folder."""
+    if plan.world_size > 1:
         import torch.distributed as dist
 
         if not dist.is_initialized():
             dist.init_process_group(backend="gloo", timeout=timedelta(hours=24))
         dist.barrier()
-        if rank != 0:
+        if plan.rank != 0:
             dist.destroy_process_group()
-            return ShardResult(tokens_path, None, 0, 0, written, reused)
+            return ShardResult(plan.tokens_path, None, 0, 0, written, plan.reused)
 
     num_tokens, num_errors = merge_chunks(
-        chunk_dir, len(ranges), params_of, tokens_path, errors_path, input_csv,
-        [ckpt_dir, *credentialed_roots], base_params, credentialed_csv=any(r.credential == "yes" for r in all_rows),
+        plan.chunk_dir, len(plan.ranges), plan.chunk_params, plan.tokens_path, plan.errors_path, input_csv,
+        [ckpt_dir, *settings.credentialed_roots], plan.base_params, credentialed_csv=plan.credentialed_csv,
     )
-    if world_size > 1:
+    if plan.world_size > 1:
         import torch.distributed as dist
 
         dist.destroy_process_group()
-    if not keep_chunks:
-        for c in range(len(ranges)):
-            chunk_path(chunk_dir, c).unlink(missing_ok=True)
-        for stale in chunk_dir.glob(".chunk-*.tmp"):  # left by a job killed while writing a chunk
-            stale.unlink(missing_ok=True)
-        try:
-            chunk_dir.rmdir()
-        except OSError:
-            pass
-    return ShardResult(tokens_path, errors_path, num_tokens, num_errors, written, reused)
+    if not settings.keep_chunks:
+        remove_chunks(plan.chunk_dir, len(plan.ranges))
+    return ShardResult(plan.tokens_path, plan.errors_path, num_tokens, num_errors, written, plan.reused)
+
+
+def remove_chunks(chunk_dir: Path, num_chunks: int) -> None:
+    """The chunk files, a killed job's chunk temporaries, and the folder once empty."""
+    for c in range(num_chunks):
+        chunk_path(chunk_dir, c).unlink(missing_ok=True)
+    for stale in chunk_dir.glob(".chunk-*.tmp"):  # left by a job killed while writing a chunk
+        stale.unlink(missing_ok=True)
+    try:
+        chunk_dir.rmdir()
+    except OSError:
+        pass
 
 
 def merge_chunks(
-    chunk_dir: Path, num_chunks: int, params_of: Any, tokens_path: Path, errors_path: Path, input_csv: str | Path,
+    chunk_dir: Path, num_chunks: int, params_of: Callable[[int], dict[str, Any]], tokens_path: Path, errors_path: Path, input_csv: str | Path,
     folder_inputs: Sequence[str | Path], params: dict[str, Any], credentialed_csv: bool,
 ) -> tuple[int, int]:
     """Write the shard's tokens and errors artifacts from its complete chunk files, in order."""
@@ -601,10 +659,11 @@ def merge_chunks(
     folders = [describe_input(folder) for folder in folder_inputs]
     csv_inputs = {"inputs": [], "credentialed_inputs": [input_csv]} if credentialed_csv else {"inputs": [input_csv], "credentialed_inputs": []}
     num_tokens = num_errors = 0
-    with ArtifactWriter(
+    # The tokens and the errors of a shard appear together or not at all.
+    with ArtifactGroup() as outputs, outputs.writer(
         tokens_path, TOKENS_SCHEMA, artifact=TOKENS_ARTIFACT, inputs=[*csv_inputs["inputs"], *folders],
         credentialed_inputs=csv_inputs["credentialed_inputs"], params=params,
-    ) as tokens_writer, ArtifactWriter(
+    ) as tokens_writer, outputs.writer(
         errors_path, ERRORS_SCHEMA, artifact=ERRORS_ARTIFACT, inputs=[*csv_inputs["inputs"], *folders],
         credentialed_inputs=csv_inputs["credentialed_inputs"], params=params,
     ) as errors_writer:
@@ -718,13 +777,14 @@ def gather_tokens(shards_dir: str | Path, num_shards: int, output: str | Path, e
     shard_token_files = [p[0] for p in pairs]
     shard_error_files = [p[1] for p in pairs]
     all_inputs = [*shard_token_files, *shard_error_files]
-    with ArtifactWriter(output, TOKENS_SCHEMA, artifact=TOKENS_ARTIFACT, inputs=all_inputs, params=params) as writer:
-        streams = [iter_artifact_batches(p, TOKENS_ARTIFACT, batch_size=4096) for p in shard_token_files]
-        for table in _merge_sorted(streams, TOKENS_SCHEMA):
-            writer.write(table.cast(TOKENS_SCHEMA))
-    errors = pa.concat_tables([read_artifact(p, ERRORS_ARTIFACT).cast(ERRORS_SCHEMA) for p in shard_error_files])
-    errors = errors.sort_by([("img_path", "ascending"), ("image_key", "ascending")])
-    write_artifact(errors, errors_output, artifact=ERRORS_ARTIFACT, inputs=all_inputs, params=params)
+    with ArtifactGroup() as outputs:  # the gathered tokens and errors appear together or not at all
+        with outputs.writer(output, TOKENS_SCHEMA, artifact=TOKENS_ARTIFACT, inputs=all_inputs, params=params) as writer:
+            streams = [iter_artifact_batches(p, TOKENS_ARTIFACT, batch_size=4096) for p in shard_token_files]
+            for table in _merge_sorted(streams, TOKENS_SCHEMA):
+                writer.write(table.cast(TOKENS_SCHEMA))
+        errors = pa.concat_tables([read_artifact(p, ERRORS_ARTIFACT).cast(ERRORS_SCHEMA) for p in shard_error_files])
+        errors = errors.sort_by([("img_path", "ascending"), ("image_key", "ascending")])
+        outputs.write_artifact(errors, errors_output, artifact=ERRORS_ARTIFACT, inputs=all_inputs, params=params)
     assert writer.meta is not None
     return writer.meta.num_rows, errors.num_rows
 
