@@ -40,7 +40,6 @@ import dataclasses
 import hashlib
 import heapq
 import json
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -65,6 +64,7 @@ from medmax_pipeline.core.artifacts import (
 )
 from medmax_pipeline.core.constants import CODES_PER_IMAGE, NUM_IMAGE_CODES
 from medmax_pipeline.core.output_lock import hold_lock
+from medmax_pipeline.core.ranks import ranks_from_env
 from medmax_pipeline.core.paths import MissingRootError, is_under_roots, resolve_roots
 from medmax_pipeline.models.image_preprocess import DEFAULT_MAX_PIXELS, HIGH_BIT_DEPTH_MODES
 
@@ -323,16 +323,6 @@ def set_cuda_precision(precision: str) -> None:
     torch.backends.cudnn.deterministic = True
 
 
-def distributed_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) outside torchrun."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
-    if not 0 <= rank < world_size:
-        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
-    return rank, world_size, local_rank
-
-
 def prepare_vqgan(ckpt_dir: str | Path, device: str, precision: str, local_rank: int = 0) -> Any:
     import torch
 
@@ -506,7 +496,8 @@ def tokenize_shard(
         credentialed_roots=tuple(credentialed_roots),
     )
     check_shard_arguments(shard, num_shards, batch_size, workers, chunk_size)
-    rank, world_size, local_rank = distributed_env()
+    ranks = ranks_from_env()  # torchrun's RANK / WORLD_SIZE / LOCAL_RANK, core/ranks
+    rank, world_size, local_rank = ranks.rank, ranks.world_size, ranks.local_rank
     # Rank 0 speaks for a torchrun job: the other ranks of the same job must not be refused.
     lock = hold_lock(shard_lock_path(output_dir, shard, num_shards), "medmax tokenize") if rank == 0 else nullcontext()
     with lock:
