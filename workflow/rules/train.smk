@@ -3,6 +3,8 @@
 # N > 0 runs torchrun over N GPUs (NCCL, bf16). Checkpoints go to train/checkpoints/<run id>
 # (a hash of the settings): a rerun with changed settings starts its own, a killed run resumes.
 
+from medmax_pipeline.stages.train.config import workflow_arguments as train_workflow_arguments
+
 TRAIN = config["train"]
 
 
@@ -24,19 +26,9 @@ rule train:
         code=code_version("stages/train"),
         output_dir=lambda wildcards, output: Path(output.metrics).parent,
         launcher=train_launcher(),
-        target_modules=",".join(TRAIN["target_modules"]),
-        max_steps=f"--max-steps {TRAIN['max_steps']}" if TRAIN["max_steps"] else "",
-        merge="--merge" if TRAIN["merge"] else "",
-        recipe=(
-            f"--lora-r {TRAIN['lora_r']} --lora-alpha {TRAIN['lora_alpha']} --lora-dropout {TRAIN['lora_dropout']}"
-            f" --lr {TRAIN['learning_rate']} --scheduler {TRAIN['scheduler']} --warmup-ratio {TRAIN['warmup_ratio']}"
-            f" --epochs {TRAIN['epochs']} --batch-size {TRAIN['batch_size']} --grad-accum {TRAIN['grad_accum']}"
-            f" --max-length {TRAIN['max_length']} --precision {TRAIN['precision']}"
-            f" --save-every {TRAIN['save_every']} --seed {TRAIN['seed']}"
-            f" --loss-mask {TRAIN['loss_mask']} --loss-normalization {TRAIN['loss_normalization']}"
-            f" --max-masked-fraction {TRAIN['max_masked_fraction']} --max-dropped-fraction {TRAIN['max_dropped_fraction']}"
-            f" --log-interval {TRAIN['log_interval']}"
-        ),
+        # Every train: key that is a training setting becomes its option, from the one definition
+        # of the settings (stages/train/config.py: TrainConfig's Settings); resources stay below.
+        options=shlex.join(train_workflow_arguments(TRAIN)),
     threads: 2
     resources:
         gpu=TRAIN["gpus"],
@@ -49,6 +41,6 @@ rule train:
     shell:
         "{params.launcher} train --dataset {input.dataset:q} --eval-dataset {input.eval_dataset:q}"
         " --separator-stats {input.separator_stats:q} --base-model {input.base_model:q} --output {params.output_dir:q}"
-        " {params.recipe} --target-modules {params.target_modules} --deepspeed {input.deepspeed:q} {params.max_steps} {params.merge}"
+        " {params.options} --deepspeed {input.deepspeed:q}"
         " --no-progress"
         " >> {log:q} 2>&1"
