@@ -37,11 +37,9 @@ rule train:
             f" --max-masked-fraction {TRAIN['max_masked_fraction']} --max-dropped-fraction {TRAIN['max_dropped_fraction']}"
             f" --log-interval {TRAIN['log_interval']}"
         ),
-    threads: 2
+    threads: TRAIN_THREADS
     resources:
-        gpu=TRAIN["gpus"],
-        mem_mb=TRAIN["mem_mb"],
-        runtime=TRAIN["runtime_min"],
+        **train_resources(),
     log:
         log_path("train"),
     conda:

@@ -1,0 +1,71 @@
+# Before a run with the slurm executor submits anything, check it against the cluster (not in dry
+# runs, not inside jobs): the profile's status command must be able to see the jobs (sacct needs
+# accounting; squeue needs MinJobAge >= 3 x slurm-init-seconds-before-status-checks), and every
+# planned job must fit on some node of its partition (a larger request stays PENDING forever).
+# MEDMAX_SKIP_SLURM_CHECK=1 skips it (e.g. where sinfo or scontrol are not allowed).
+import os
+
+from medmax_pipeline.core.slurm import (
+    SINFO_NODE_FORMAT,
+    JobRequest,
+    SlurmError,
+    default_partition,
+    gpus_in_gres,
+    parse_scontrol_config,
+    parse_sinfo_nodes,
+    requests_that_do_not_fit,
+    run_slurm_command,
+    status_command_problem,
+)
+
+
+def slurm_job_request(job):
+    """What the slurm executor will ask SLURM for on this job's behalf (its submit_string.py):
+    --cpus-per-task = cpus_per_task or threads, --mem = mem_mb per node, GPUs from `gpu` (a total
+    over the job's nodes) or a `gres` gpu:N (per node), --nodes = nodes."""
+    resources = job.resources
+    nodes = int(resources.get("nodes") or 1)
+    gpus_total = int(resources.get("gpu") or 0)
+    gpus_per_node = gpus_in_gres(str(resources.get("gres") or "")) or -(-gpus_total // nodes)
+    mem_mb = resources.get("mem_mb")
+    return JobRequest(
+        job.rule.name,
+        partition=resources.get("slurm_partition") or None,
+        cpus_per_task=int(resources.get("cpus_per_task") or job.threads),
+        mem_mb=int(mem_mb) if isinstance(mem_mb, (int, float)) else 0,
+        gpus_per_node=gpus_per_node,
+        nodes=nodes,
+    )
+
+
+def slurm_preflight():
+    settings = workflow.executor_settings
+    try:
+        slurm_config = parse_scontrol_config(run_slurm_command(["scontrol", "show", "config"]))
+        sinfo = run_slurm_command(["sinfo", "-h", "-N", "-o", SINFO_NODE_FORMAT])
+        nodes = parse_sinfo_nodes(sinfo)
+    except SlurmError as exc:
+        raise WorkflowError(f"SLURM check (MEDMAX_SKIP_SLURM_CHECK=1 skips it): {exc}") from None
+    problems = []
+    status = status_command_problem(
+        getattr(settings, "status_command", None), slurm_config, getattr(settings, "init_seconds_before_status_checks", 40) or 40
+    )
+    if status:
+        problems.append(status)
+    requests = [slurm_job_request(job) for job in workflow.dag.needrun_jobs() if not job.is_local]
+    problems += requests_that_do_not_fit(requests, nodes, default_partition(sinfo))
+    if problems:
+        raise WorkflowError("SLURM check: nothing was submitted.\n" + "\n".join(f"  {p}" for p in problems))
+
+
+# Snakemake keeps one onstart handler: this one runs the check, then the handler registered
+# before it (evaluate.smk's judge check).
+_onstart_before_slurm = globals().get("onstart")
+
+
+onstart:
+    plugin = workflow.executor_plugin
+    if plugin is not None and plugin.name == "slurm" and os.environ.get("MEDMAX_SKIP_SLURM_CHECK") != "1":
+        slurm_preflight()
+    if _onstart_before_slurm is not None:
+        _onstart_before_slurm()
