@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # The demo on a real SLURM cluster through the shipped CPU profile (workflow/profiles/slurm-cpu),
 # checked from SLURM's own records. Run as root on Debian (bookworm: SLURM 22.05); .ci/run calls it.
-#  1. .ci/slurm-up.sh brings up a one-node cluster with accounting (slurmdbd + mariadb: sacct works).
+#  1. .ci/slurm-up.sh brings up a cluster with accounting (slurmdbd + mariadb: sacct works) of two
+#     nodes, two slurmd on this host (SLURM_NODES=2), so that jobs can span nodes.
 #  2. The demo runs through the profile into results-slurm/ (its own config overlay, written here);
 #     sacct must list one COMPLETED job per planned job of every non-local rule, and no job of
 #     the local rules.
 #  3. A second run submits nothing.
 #  4. scancel of a running tokenize shard (one shard of 2-image chunks, so it runs long enough),
 #     then a rerun: the chunks finished before the cancel are reused, not recomputed.
-#  5. Refused before submission, with nothing submitted: a job larger than the node (tokenize
-#     workers 8 on a 2-CPU node), and, after restarting the cluster without accounting, the shipped
-#     profile's sacct status command (which would wait forever); then the same profile with its
-#     status line switched to squeue runs a job there.
+#  5. A job larger than the node (tokenize workers 8 on a 2-CPU node) is refused before
+#     submission, with one clear error, and nothing is submitted.
+#  6. Training on two nodes (train.nodes 2): one train job of 2 nodes, srun starts `medmax
+#     train-node` on each, their torchruns meet on the first node, and the run's record says
+#     world size 2.
+#  7. After restarting the cluster without accounting: the shipped profile (sacct, which would wait
+#     forever) is refused before submission; the same profile with its status line switched to
+#     squeue runs a job there.
 # Environment: SNAKEMAKE, PYTHON (default .venv/bin/...), SLURM_DEMO_DIR (default results-slurm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,8 +33,9 @@ now() { date +%Y-%m-%dT%H:%M:%S; }
 jobs_since() { sacct -X -n -P -S "$1" --format=JobIDRaw,Comment,State; }
 
 # 1. the cluster -------------------------------------------------------------------------------
-SLURM_ACCOUNTING=slurmdbd .ci/slurm-up.sh
 [ "$(id -u)" = 0 ] || fail "run as root"
+export SLURM_NODES=2
+SLURM_ACCOUNTING=slurmdbd .ci/slurm-up.sh
 
 # 2. the demo through the profile --------------------------------------------------------------
 if [ -e "$OUT" ] && [ ! -e "$OUT/$MARKER" ]; then
@@ -54,6 +60,7 @@ yaml.safe_dump(config, open(f"{out}/ci-config.yaml", "w"), sort_keys=False)
 # Phase 4: one shard of 2-image chunks, a folder of its own (tokenize/n1).
 yaml.safe_dump({"tokenize": {"num_shards": 1, "chunk_size": 2}}, open(f"{out}/ci-cancel.yaml", "w"))
 yaml.safe_dump({"tokenize": {"workers": 8}}, open(f"{out}/ci-too-big.yaml", "w"))
+yaml.safe_dump({"train": {"nodes": 2}}, open(f"{out}/ci-two-nodes.yaml", "w"))
 EOF
 # One --configfile flag with every file: a second flag would replace the first.
 run() { "$SNAKEMAKE" --workflow-profile "$PROFILE" --configfile config.yaml "$OUT/ci-config.yaml" "$@"; }
@@ -129,7 +136,7 @@ resume_jobs=$(jobs_since "$start" | grep -c 'rule_tokenize_shard' || true)
 [ "$resume_jobs" = 2 ] || fail "expected 2 tokenize jobs (cancelled + resumed), sacct lists $resume_jobs"
 echo "cancel + rerun: job $job CANCELLED with $n_before chunk(s) finished; rerun: $reused"
 
-# 5. refused before submission -------------------------------------------------------------------
+# 5. a request larger than the node, refused before submission ----------------------------------
 start=$(now); sleep 1
 log "a request larger than the node"
 if "$SNAKEMAKE" --workflow-profile "$PROFILE" --configfile config.yaml "$OUT/ci-config.yaml" "$OUT/ci-too-big.yaml" \
@@ -141,6 +148,27 @@ sleep 1
 [ -z "$(jobs_since "$start")" ] || fail "the oversized request was submitted"
 grep "rule tokenize_shard asks for 8 CPU(s)" "$OUT/run-too-big.log"
 
+
+# 6. training on two nodes ----------------------------------------------------------------------
+start=$(now); sleep 1
+log "training on two nodes"
+"$SNAKEMAKE" --workflow-profile "$PROFILE" --configfile config.yaml "$OUT/ci-config.yaml" "$OUT/ci-two-nodes.yaml" \
+    --forcerun train --until train > "$OUT/run-two-nodes.log" 2>&1 || { tail -30 "$OUT/run-two-nodes.log"; tail -30 "$OUT/logs/train.log"; fail "training on two nodes failed"; }
+sleep 2
+row=$(sacct -X -n -P -S "$start" --format=JobIDRaw,Comment,State,NNodes | grep '|rule_train|' || true)
+case "$row" in *"|rule_train|COMPLETED|2") ;; *) fail "expected one COMPLETED train job on 2 nodes, sacct: '$row'";; esac
+for n in 0 1; do
+  grep -q "medmax train-node: node $n of 2" "$OUT/logs/train.log" || fail "the train log has no line of node $n"
+done
+"$PYTHON" - "$OUT/train/adapter/medmax_provenance.json" <<'EOF'
+import json, sys
+run_config = json.load(open(sys.argv[1]))["run_config"]
+if run_config["world_size"] != 2:
+    sys.exit(f"slurm-demo: the two-node training ran with world size {run_config['world_size']}")
+EOF
+echo "two nodes: train job ${row%%|*} COMPLETED on 2 nodes, one torchrun per node, world size 2"
+
+# 7. a cluster without accounting (last: it reruns collect, outdating what follows it) ------------
 log "the cluster without accounting"
 SLURM_ACCOUNTING=none .ci/slurm-up.sh
 if timeout 300 "$SNAKEMAKE" --workflow-profile "$PROFILE" --configfile config.yaml "$OUT/ci-config.yaml" \
@@ -158,6 +186,5 @@ timeout 300 "$SNAKEMAKE" --workflow-profile "$squeue_profile" --configfile confi
     --forcerun collect --until collect > "$OUT/run-squeue.log" 2>&1 || { tail -30 "$OUT/run-squeue.log"; fail "the squeue profile failed without accounting"; }
 grep -q "1 of 1 steps (100%) done" "$OUT/run-squeue.log" || { tail -30 "$OUT/run-squeue.log"; fail "the squeue run did not finish its job"; }
 echo "no accounting: the sacct profile is refused before submission; with squeue the job ran"
-# Back to the accounting cluster for whatever runs next.
-SLURM_ACCOUNTING=slurmdbd .ci/slurm-up.sh >/dev/null
+SLURM_ACCOUNTING=slurmdbd .ci/slurm-up.sh >/dev/null  # back to the accounting cluster
 log "SLURM demo checks passed"

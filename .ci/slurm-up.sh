@@ -14,6 +14,9 @@
 #   SLURM_FAKE_GPUS=N          declare N fake GPUs (GRES gpu backed by /dev/null clones
 #                              /dev/fakegpuI) so sbatch --gpus=K (K <= N) is accepted and jobs get
 #                              CUDA_VISIBLE_DEVICES; no CUDA is behind them (torch sees none).
+#   SLURM_NODES=N              N slurmd on this host (default 1), nodes HOST-n1..HOST-nN with
+#                              their own ports, so jobs can span "nodes" (--nodes 2, srun per node):
+#                              the Debian build has MULTIPLE_SLURMD. The names resolve to 127.0.0.1.
 #   SLURM_RUN_DIR              pid files (default /run/slurm-ci); logs go to /var/log/slurm.
 #
 # Measured here (2 cores, gVisor VM, apt lists present, .debs cached): fresh 7-8 s, rerun 0.2-0.5 s,
@@ -24,6 +27,7 @@ set -euo pipefail
 
 ACCOUNTING=${SLURM_ACCOUNTING:-none}
 FAKE_GPUS=${SLURM_FAKE_GPUS:-0}
+NODES=${SLURM_NODES:-1}
 ACCOUNTS=${SLURM_ACCOUNTS:-your_account}
 RUN_DIR=${SLURM_RUN_DIR:-/run/slurm-ci}
 LOG_DIR=/var/log/slurm
@@ -70,6 +74,14 @@ fi
 # 3. slurm.conf ---------------------------------------------------------------------------------
 node=$(hostname -s)
 getent hosts "$node" >/dev/null || echo "127.0.0.1 $node" >> /etc/hosts
+# The SLURM node names: the host itself, or HOST-n1..HOST-nN served by N slurmd on this host.
+if [ "$NODES" -gt 1 ]; then
+  names=(); for i in $(seq "$NODES"); do names+=("$node-n$i"); done
+  for n in "${names[@]}"; do getent hosts "$n" >/dev/null || echo "127.0.0.1 $n" >> /etc/hosts; done
+else
+  names=("$node")
+fi
+node_list=$(IFS=,; echo "${names[*]}")
 # CPU layout as slurmd sees it; memory a little below the physical total so that slurmd's
 # registration never reports less than the configured RealMemory (the node would be drained).
 hw=$(slurmd -C | head -1)
@@ -97,7 +109,15 @@ else
 JobAcctGatherType=jobacct_gather/none"
 fi
 
-mkdir -p "$CONF_DIR" "$RUN_DIR" "$LOG_DIR" /var/lib/slurm/slurmctld /var/lib/slurm/slurmd
+mkdir -p "$CONF_DIR" "$RUN_DIR" "$LOG_DIR" /var/lib/slurm/slurmctld
+node_lines=""
+for i in "${!names[@]}"; do
+  n=${names[$i]}
+  mkdir -p "/var/lib/slurm/slurmd-$n"
+  # Several slurmd on one host: each its own port; every one sees the whole machine.
+  extra=""; [ "$NODES" -gt 1 ] && extra=" NodeHostname=$node NodeAddr=127.0.0.1 Port=$((17001 + i))"
+  node_lines+="NodeName=$n$extra CPUs=$cpus Boards=$boards SocketsPerBoard=$sockets CoresPerSocket=$cores ThreadsPerCore=$threads RealMemory=$mem$gres_line State=UNKNOWN"$'\n'
+done
 new_conf=$(cat <<EOF
 # written by .ci/slurm-up.sh
 ClusterName=ci
@@ -105,11 +125,11 @@ SlurmctldHost=$node
 SlurmUser=root
 AuthType=auth/munge
 StateSaveLocation=/var/lib/slurm/slurmctld
-SlurmdSpoolDir=/var/lib/slurm/slurmd
+SlurmdSpoolDir=/var/lib/slurm/slurmd-%n
 SlurmctldPidFile=$RUN_DIR/slurmctld.pid
-SlurmdPidFile=$RUN_DIR/slurmd.pid
+SlurmdPidFile=$RUN_DIR/slurmd-%n.pid
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
-SlurmdLogFile=$LOG_DIR/slurmd.log
+SlurmdLogFile=$LOG_DIR/slurmd-%n.log
 # no cgroups: works in containers and gVisor sandboxes
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -124,9 +144,9 @@ $acct_lines
 # 'squeue' as status command when MinJobAge >= 3 x init_seconds_before_status_checks (120 s)
 MinJobAge=300
 $gres_types
-NodeName=$node CPUs=$cpus Boards=$boards SocketsPerBoard=$sockets CoresPerSocket=$cores ThreadsPerCore=$threads RealMemory=$mem$gres_line State=UNKNOWN
-PartitionName=cpu Nodes=$node Default=YES MaxTime=INFINITE State=UP
-PartitionName=gpu Nodes=$node Default=NO MaxTime=INFINITE State=UP
+$node_lines
+PartitionName=cpu Nodes=$node_list Default=YES MaxTime=INFINITE State=UP
+PartitionName=gpu Nodes=$node_list Default=NO MaxTime=INFINITE State=UP
 EOF
 )
 conf_changed=0
@@ -140,7 +160,7 @@ if [ "$FAKE_GPUS" -gt 0 ]; then
   # slurmd 22.05 drops file-less GPUs ("Removing file-less GPU ... from final GRES list") and
   # drains the node (count reported 0 < N): give each fake GPU a character device of its own.
   for i in $(seq 0 $((FAKE_GPUS - 1))); do [ -c /dev/fakegpu$i ] || mknod /dev/fakegpu$i c 1 3; done  # = /dev/null
-  new_gres="NodeName=$node Name=gpu File=/dev/fakegpu[0-$((FAKE_GPUS - 1))]"
+  new_gres="NodeName=$node_list Name=gpu File=/dev/fakegpu[0-$((FAKE_GPUS - 1))]"
 fi
 if [ "$(cat "$CONF_DIR/gres.conf" 2>/dev/null)" != "$new_gres" ]; then
   if [ -n "$new_gres" ]; then printf '%s\n' "$new_gres" > "$CONF_DIR/gres.conf"; else rm -f "$CONF_DIR/gres.conf"; fi
@@ -180,9 +200,10 @@ fi
 
 # 5. slurmctld + slurmd -------------------------------------------------------------------------
 if [ "$conf_changed" = 1 ]; then
-  for d in slurmd slurmctld; do
-    if alive "$RUN_DIR/$d.pid"; then
-      pid=$(cat "$RUN_DIR/$d.pid")
+  for pidfile in "$RUN_DIR"/slurmd*.pid "$RUN_DIR/slurmctld.pid"; do
+    d=$(basename "$pidfile" .pid)
+    if alive "$pidfile"; then
+      pid=$(cat "$pidfile")
       log "config changed: stopping $d (pid $pid)"
       kill "$pid"
       wait_for 20 "$d to stop" sh -c "! kill -0 $pid"
@@ -198,14 +219,17 @@ if [ "$ACCOUNTING" = slurmdbd ]; then
     sacctmgr -i -Q add user root account="$a" cluster=ci >/dev/null 2>&1 || true
   done
 fi
-if ! alive "$RUN_DIR/slurmd.pid"; then log "starting slurmd"; slurmd; fi
+for n in "${names[@]}"; do
+  if ! alive "$RUN_DIR/slurmd-$n.pid"; then log "starting slurmd for $n"; slurmd -N "$n"; fi
+done
 # a node left down/drained by an earlier run comes back
-state() { sinfo -h -n "$node" -o %t | head -1; }
-wait_for 30 "node $node to register" sh -c "sinfo -h -n $node -o %t | grep -qvE 'unk|down'" || true
-case "$(state)" in down*|drain*|drng*|inval*) scontrol update nodename="$node" state=resume || true;; esac
-wait_for 30 "node $node to be idle" sh -c "sinfo -h -n $node -o %t | grep -qE '^(idle|mix|alloc)'"
+for n in "${names[@]}"; do
+  wait_for 30 "node $n to register" sh -c "sinfo -h -n $n -o %t | grep -qvE 'unk|down'" || true
+  case "$(sinfo -h -n "$n" -o %t | head -1)" in down*|drain*|drng*|inval*) scontrol update nodename="$n" state=resume || true;; esac
+  wait_for 30 "node $n to be idle" sh -c "sinfo -h -n $n -o %t | grep -qE '^(idle|mix|alloc)'"
+done
 
 # 6. smoke test ---------------------------------------------------------------------------------
-out=$(srun -p cpu -N1 -n1 -t 1 hostname)
-[ "$out" = "$node" ] || { log "smoke test failed: srun printed '$out'"; exit 1; }
-log "ready: $(sinfo -h -o '%P %a %D %t %c cpus %m MB' | tr '\n' ';') accounting=$ACCOUNTING fake_gpus=$FAKE_GPUS"
+out=$(srun -p cpu -N"$NODES" -n"$NODES" -t 1 printenv SLURMD_NODENAME | sort | paste -sd,)
+[ "$out" = "$node_list" ] || { log "smoke test failed: srun printed '$out', expected '$node_list'"; exit 1; }
+log "ready: $(sinfo -h -o '%P %a %D %t %c cpus %m MB' | tr '\n' ';') nodes=$node_list accounting=$ACCOUNTING fake_gpus=$FAKE_GPUS"
