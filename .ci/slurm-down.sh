@@ -13,7 +13,7 @@ stop() { # stop NAME PIDFILE
   fi
   return 0
 }
-for pidfile in "$RUN_DIR"/slurmd*.pid; do stop "$(basename "$pidfile" .pid)" "$pidfile"; done
+for pidfile in "$RUN_DIR"/slurmd.pid "$RUN_DIR"/slurmd-*.pid; do stop "$(basename "$pidfile" .pid)" "$pidfile"; done
 stop slurmctld "$RUN_DIR/slurmctld.pid"
 stop slurmdbd "$RUN_DIR/slurmdbd.pid"
 [ "${STOP_MUNGE:-1}" = 1 ] && stop munged /run/munge/munged.pid

@@ -200,7 +200,7 @@ fi
 
 # 5. slurmctld + slurmd -------------------------------------------------------------------------
 if [ "$conf_changed" = 1 ]; then
-  for pidfile in "$RUN_DIR"/slurmd*.pid "$RUN_DIR/slurmctld.pid"; do
+  for pidfile in "$RUN_DIR"/slurmd.pid "$RUN_DIR"/slurmd-*.pid "$RUN_DIR/slurmctld.pid"; do
     d=$(basename "$pidfile" .pid)
     if alive "$pidfile"; then
       pid=$(cat "$pidfile")

@@ -175,7 +175,7 @@ def test_node_launch_from_slurm_environment() -> None:
     assert launch.rdzv_id == "medmax-123456"
     assert torchrun_command(launch, "/venv/bin/python", ["train", "--dataset", "d.parquet"]) == [
         "/venv/bin/python", "-m", "torch.distributed.run",
-        "--nnodes", "4", "--nproc-per-node", "8", "--node-rank", "2",
+        "--nnodes", "4", "--nproc-per-node", "8",
         "--rdzv-backend", "c10d", "--rdzv-endpoint", "gpu01:30956", "--rdzv-id", "medmax-123456", "--rdzv-conf", "is_host=0",
         "-m", "medmax_pipeline", "train", "--dataset", "d.parquet",
     ]

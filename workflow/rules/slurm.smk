@@ -4,6 +4,7 @@
 # planned job must fit on some node of its partition (a larger request stays PENDING forever).
 # MEDMAX_SKIP_SLURM_CHECK=1 skips it (e.g. where sinfo or scontrol are not allowed).
 import os
+import sys
 
 from medmax_pipeline.core.slurm import (
     SINFO_NODE_FORMAT,
@@ -56,6 +57,12 @@ def slurm_preflight():
     problems += requests_that_do_not_fit(requests, nodes, default_partition(sinfo))
     if problems:
         raise WorkflowError("SLURM check: nothing was submitted.\n" + "\n".join(f"  {p}" for p in problems))
+    partitions = sorted({r.partition or default_partition(sinfo) or "default" for r in requests})
+    print(
+        f"SLURM check: {len(requests)} job(s) fit the nodes of partition(s) {', '.join(partitions) or '-'}; "
+        f"job states from {settings.status_command}",
+        file=sys.stderr,
+    )
 
 
 # Snakemake keeps one onstart handler: this one runs the check, then the handler registered

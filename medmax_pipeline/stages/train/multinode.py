@@ -71,7 +71,8 @@ def node_launch(env: Mapping[str, str], nproc_per_node: int) -> NodeLaunch:
     endpoint = f"{hosts[0]}:{rendezvous_port(env)}"
     rdzv_id = f"medmax-{_required(env, 'SLURM_JOB_ID', 'SLURM_JOBID')}"
     args = (
-        "--nnodes", str(len(hosts)), "--nproc-per-node", str(nproc_per_node), "--node-rank", str(rank),
+        # No --node-rank: c10d assigns ranks itself (torchrun ignores it there, with a warning).
+        "--nnodes", str(len(hosts)), "--nproc-per-node", str(nproc_per_node),
         "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", rdzv_id,
         # The first node hosts the rendezvous store; the others only connect (no guessing from host names).
         "--rdzv-conf", f"is_host={1 if rank == 0 else 0}",
