@@ -13,8 +13,11 @@ from medmax_pipeline.core.slurm import (
     SlurmError,
     default_partition,
     expand_hostlist,
+    filesystem_of,
     gpus_in_gres,
     min_job_age_seconds,
+    node_local_paths,
+    parse_mounts,
     parse_scontrol_config,
     parse_sinfo_nodes,
     requests_that_do_not_fit,
@@ -212,3 +215,35 @@ def test_train_node_runs_only_train() -> None:
     args = argparse.Namespace(nproc_per_node=1, medmax_args=["--", "export", "--adapter", "a"])
     with pytest.raises(SlurmError, match="runs `-- train ARGS`, got export"):
         multinode.run(args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Node-local paths
+# ----------------------------------------------------------------------------------------------
+
+MOUNTS = """\
+/dev/vda / ext4 rw,relatime 0 0
+tmpfs /dev/shm tmpfs rw,nosuid,nodev 0 0
+tmpfs /tmp tmpfs rw 0 0
+nfs01:/export/home /home nfs4 rw 0 0
+lustre@o2ib:/scratch /scratch lustre rw 0 0
+tmpfs /scratch/my\\040tmp tmpfs rw 0 0
+"""
+
+
+def test_paths_on_node_local_filesystems_are_named() -> None:
+    mounts = parse_mounts(MOUNTS)
+    assert ("/scratch/my tmp", "tmpfs") in mounts
+    assert filesystem_of("/scratch/run/results", mounts) == ("/scratch", "lustre")
+    assert filesystem_of("/tmpdata/x", mounts) == ("/", "ext4")  # /tmp is no prefix of /tmpdata
+    problems = node_local_paths(
+        {"results_dir": "/tmp/run/results", "the Python interpreter": "/home/me/medmax/.venv/bin/python",
+         "checkpoint": "/scratch/my tmp/anole", "images.public_root": "/scratch/medmax/images"},
+        mounts,
+    )
+    assert problems == [
+        "results_dir /tmp/run/results is on tmpfs (/tmp), which each node has its own of: jobs on other nodes would not see it; "
+        "put it on a filesystem the nodes share",
+        "checkpoint /scratch/my tmp/anole is on tmpfs (/scratch/my tmp), which each node has its own of: jobs on other nodes "
+        "would not see it; put it on a filesystem the nodes share",
+    ]

@@ -125,3 +125,14 @@ def test_multi_node_training_asks_for_nodes_and_starts_one_torchrun_per_node(tmp
     assert requests_that_do_not_fit([request], parse_sinfo_nodes(GPU_CLUSTER), "cpu") == []
     (too_many,) = requests_that_do_not_fit([request], parse_sinfo_nodes(GPU_CLUSTER.replace("gpu02 gpu 32 500000 gpu:8\n", "")), "cpu")
     assert too_many.startswith("rule train asks for 2 node(s) each with 2 CPU(s), 64000 MB, 8 GPU(s) on partition 'gpu'")
+
+
+def test_multi_node_training_outside_slurm_is_refused_before_any_job(tmp_path: Path) -> None:
+    overlay = tmp_path / "two-nodes.yaml"
+    overlay.write_text(yaml.safe_dump({"train": {"nodes": 2}}))
+    command = [sys.executable, "-m", "snakemake", "--cores", "1", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+               "--configfile", str(REPO / "config.yaml"), str(overlay)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode != 0
+    assert "train.nodes is 2: training across nodes runs under SLURM (srun)" in result.stderr
+    assert not (tmp_path / "results").exists()  # not even the demo ran

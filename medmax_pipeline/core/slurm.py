@@ -256,3 +256,46 @@ def run_slurm_command(argv: Sequence[str]) -> str:
     if done.returncode != 0:
         raise SlurmError(f"{' '.join(argv)} failed: {done.stderr.strip()[-500:]}")
     return done.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# Node-local paths
+# ----------------------------------------------------------------------------------------------
+
+# Filesystems that are node-local by construction: a job on another node sees its own, not ours.
+NODE_LOCAL_FILESYSTEMS = ("tmpfs", "ramfs")
+
+
+def parse_mounts(text: str) -> list[tuple[str, str]]:
+    """/proc/mounts as (mount point, filesystem type), octal escapes (\\040 for a space) decoded."""
+    mounts = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 3:
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+            mounts.append((point, fields[2]))
+    return mounts
+
+
+def filesystem_of(path: str, mounts: Sequence[tuple[str, str]]) -> tuple[str, str]:
+    """(mount point, type) of the mount holding an absolute path: the longest matching mount point
+    (the last one mounted wins among equals)."""
+    best = ("/", "unknown")
+    for point, fstype in mounts:
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best[0]):
+            best = (point, fstype)
+    return best
+
+
+def node_local_paths(paths: Mapping[str, str], mounts: Sequence[tuple[str, str]]) -> list[str]:
+    """One line per named absolute path that lies on a node-local filesystem (tmpfs, ramfs)."""
+    problems = []
+    for name, path in paths.items():
+        point, fstype = filesystem_of(path, mounts)
+        if fstype in NODE_LOCAL_FILESYSTEMS:
+            problems.append(
+                f"{name} {path} is on {fstype} ({point}), which each node has its own of: jobs on other nodes "
+                "would not see it; put it on a filesystem the nodes share"
+            )
+    return problems

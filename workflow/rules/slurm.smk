@@ -1,7 +1,9 @@
 # Before a run with the slurm executor submits anything, check it against the cluster (not in dry
 # runs, not inside jobs): the profile's status command must be able to see the jobs (sacct needs
-# accounting; squeue needs MinJobAge >= 3 x slurm-init-seconds-before-status-checks), and every
-# planned job must fit on some node of its partition (a larger request stays PENDING forever).
+# accounting; squeue needs MinJobAge >= 3 x slurm-init-seconds-before-status-checks), every
+# planned job must fit on some node of its partition (a larger request stays PENDING forever), and
+# the results folder, the interpreter and the input folders must not be on a node-local
+# filesystem (tmpfs). Under any other executor, train.nodes > 1 is refused (it needs srun).
 # MEDMAX_SKIP_SLURM_CHECK=1 skips it (e.g. where sinfo or scontrol are not allowed).
 import os
 import sys
@@ -12,6 +14,8 @@ from medmax_pipeline.core.slurm import (
     SlurmError,
     default_partition,
     gpus_in_gres,
+    node_local_paths,
+    parse_mounts,
     parse_scontrol_config,
     parse_sinfo_nodes,
     requests_that_do_not_fit,
@@ -55,6 +59,7 @@ def slurm_preflight():
         problems.append(status)
     requests = [slurm_job_request(job) for job in workflow.dag.needrun_jobs() if not job.is_local]
     problems += requests_that_do_not_fit(requests, nodes, default_partition(sinfo))
+    problems += node_local_paths(shared_paths(), parse_mounts(Path("/proc/mounts").read_text()) if Path("/proc/mounts").is_file() else [])
     if problems:
         raise WorkflowError("SLURM check: nothing was submitted.\n" + "\n".join(f"  {p}" for p in problems))
     partitions = sorted({r.partition or default_partition(sinfo) or "default" for r in requests})
@@ -65,6 +70,15 @@ def slurm_preflight():
     )
 
 
+def shared_paths():
+    """The paths every node must see, as absolute paths (symlinks followed), by what they are."""
+    paths = {"results_dir": RESULTS, "the Python interpreter (its environment)": sys.executable, "checkpoint": config["checkpoint"]}
+    paths["images.public_root"] = config["images"]["public_root"]
+    paths.update({f"images.credentialed root of {e['source']}": e["root"] for e in CREDENTIALED})
+    paths["evaluate.image_root"] = EVAL["image_root"]
+    return {name: str(Path(path).resolve()) for name, path in paths.items() if path}
+
+
 # Snakemake keeps one onstart handler: this one runs the check, then the handler registered
 # before it (evaluate.smk's judge check).
 _onstart_before_slurm = globals().get("onstart")
@@ -72,7 +86,13 @@ _onstart_before_slurm = globals().get("onstart")
 
 onstart:
     plugin = workflow.executor_plugin
-    if plugin is not None and plugin.name == "slurm" and os.environ.get("MEDMAX_SKIP_SLURM_CHECK") != "1":
+    on_slurm = plugin is not None and plugin.name == "slurm"
+    if on_slurm and os.environ.get("MEDMAX_SKIP_SLURM_CHECK") != "1":
         slurm_preflight()
+    if not on_slurm and config["train"]["nodes"] > 1 and any(job.rule.name == "train" for job in workflow.dag.needrun_jobs()):
+        raise WorkflowError(
+            f"train.nodes is {config['train']['nodes']}: training across nodes runs under SLURM (srun), "
+            "with --workflow-profile workflow/profiles/slurm-gpu (or slurm-cpu); set train.nodes: 1 to train here"
+        )
     if _onstart_before_slurm is not None:
         _onstart_before_slurm()
