@@ -29,6 +29,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "map-vocab": ("medmax_pipeline.stages.vocab", "stage 3: map VQGAN codes to vocabulary image blocks"),
     "assemble": ("medmax_pipeline.stages.assemble", "stage 4: credential-aware dataset assembly"),
     "train": ("medmax_pipeline.stages.train", "stage 5: LoRA training"),
+    "train-node": ("medmax_pipeline.stages.train.multinode", "stage 5: one node's torchrun of a multi-node training job (run by srun)"),
     "export": ("medmax_pipeline.stages.export", "trained adapter merged into the base: original-format checkpoint + HF folder"),
     "generate": ("medmax_pipeline.stages.evaluate.generate", "stage 6: generate predictions on the evaluation set"),
     "clip-scores": ("medmax_pipeline.stages.evaluate.clip_scores", "stage 6: decode generated images and compute CLIP similarities, once per model"),

@@ -71,6 +71,10 @@ def folder_manifest(name, folder):
     at every planning (seconds for a million local files)."""
     if config["demo"]["enabled"] or folder is None or not Path(folder).is_dir():
         return []
+    if not workflow.is_main_process:
+        # A job on a cluster node re-reads this file: the submitting process wrote the manifest
+        # already; walking the folder again on every node would cost time and race on the file.
+        return [results("manifests", f"{name}.json")]
     if name not in _MANIFESTS:
         _MANIFESTS[name] = str(write_manifest_if_changed(folder, results("manifests", f"{name}.json")))
     return [_MANIFESTS[name]]
@@ -117,10 +121,37 @@ def tokenize_gpus():
     return config["tokenize"]["gpus_per_job"] if config["tokenize"]["device"] == "cuda" else 0
 
 
+TRAIN_THREADS = 2
+
+
 def train_launcher():
-    """torchrun over train.gpus GPUs, or one process (on the CPU) when gpus is 0."""
-    gpus = config["train"]["gpus"]
+    """torchrun over train.gpus GPUs, or one process (on the CPU) when gpus is 0. With
+    train.nodes > 1: srun starts `medmax train-node` once on each node of the allocation, which
+    starts that node's torchrun (train.gpus processes, or 1 on CPU) with c10d rendezvous on the
+    first node (stages/train/multinode.py)."""
+    gpus, nodes = config["train"]["gpus"], config["train"]["nodes"]
+    if nodes > 1:
+        srun = f"srun --nodes {nodes} --ntasks {nodes} --ntasks-per-node 1 --cpus-per-task {TRAIN_THREADS} --kill-on-bad-exit=1"
+        if gpus:
+            srun += f" --gres gpu:{gpus}"
+        return f"{srun} {PYTHON} -m medmax_pipeline train-node --nproc-per-node {max(gpus, 1)} --"
     return torchrun(gpus) if gpus > 0 else MEDMAX
+
+
+def train_resources():
+    """The train job's SLURM request. One node: train.gpus GPUs. train.nodes > 1: that many
+    nodes with one task each, train.gpus GPUs on every node (gres is per node; the executor's
+    `gpu` would be a total that SLURM may spread unevenly), and `mpi` so the executor runs the
+    job's command as it is (the command's own srun starts the nodes) instead of inside its
+    one-task srun; tasks_per_gpu 0 keeps it from turning `tasks` into --ntasks-per-gpu."""
+    train = config["train"]
+    resources = {"mem_mb": train["mem_mb"], "runtime": train["runtime_min"]}
+    if train["nodes"] == 1:
+        return {**resources, "gpu": train["gpus"]}
+    resources.update(nodes=train["nodes"], tasks=train["nodes"], mpi="srun", tasks_per_gpu=0, gpu=0)
+    if train["gpus"]:
+        resources["gres"] = f"gpu:{train['gpus']}"
+    return resources
 
 
 def final_targets():

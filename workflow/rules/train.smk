@@ -29,11 +29,9 @@ rule train:
         # Every train: key that is a training setting becomes its option, from the one definition
         # of the settings (stages/train/config.py: TrainConfig's Settings); resources stay below.
         options=shlex.join(train_workflow_arguments(TRAIN)),
-    threads: 2
+    threads: TRAIN_THREADS
     resources:
-        gpu=TRAIN["gpus"],
-        mem_mb=TRAIN["mem_mb"],
-        runtime=TRAIN["runtime_min"],
+        **train_resources(),
     log:
         log_path("train"),
     conda:
