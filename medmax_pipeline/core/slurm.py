@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 SINFO_NODE_FORMAT = "%N %P %c %m %G"
@@ -264,6 +265,12 @@ def run_slurm_command(argv: Sequence[str]) -> str:
 
 # Filesystems that are node-local by construction: a job on another node sees its own, not ours.
 NODE_LOCAL_FILESYSTEMS = ("tmpfs", "ramfs")
+
+
+def this_machines_mounts() -> list[tuple[str, str]]:
+    """This machine's mounts (Linux's /proc/mounts), or none where it has no such file."""
+    mounts = Path("/proc/mounts")
+    return parse_mounts(mounts.read_text()) if mounts.is_file() else []
 
 
 def parse_mounts(text: str) -> list[tuple[str, str]]:

@@ -15,7 +15,7 @@ from medmax_pipeline.core.slurm import (
     default_partition,
     gpus_in_gres,
     node_local_paths,
-    parse_mounts,
+    this_machines_mounts,
     parse_scontrol_config,
     parse_sinfo_nodes,
     requests_that_do_not_fit,
@@ -59,7 +59,7 @@ def slurm_preflight():
         problems.append(status)
     requests = [slurm_job_request(job) for job in workflow.dag.needrun_jobs() if not job.is_local]
     problems += requests_that_do_not_fit(requests, nodes, default_partition(sinfo))
-    problems += node_local_paths(shared_paths(), parse_mounts(Path("/proc/mounts").read_text()) if Path("/proc/mounts").is_file() else [])
+    problems += node_local_paths(shared_paths(), this_machines_mounts())
     if problems:
         raise WorkflowError("SLURM check: nothing was submitted.\n" + "\n".join(f"  {p}" for p in problems))
     partitions = sorted({r.partition or default_partition(sinfo) or "default" for r in requests})
