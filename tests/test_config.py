@@ -451,7 +451,7 @@ CLI_OPTIONS = {
 }
 # Numeric keys the rules use elsewhere (Snakemake resources, threads, torchrun's process count): no stage option.
 NOT_OPTIONS = {"tokenize.gpus_per_job", "tokenize.runtime_min", "tokenize.mem_mb", "assemble.mem_mb", "train.gpus",
-               "train.runtime_min", "train.mem_mb"}
+               "train.runtime_min", "train.mem_mb", "train.nodes"}
 
 
 def _schema_at(schema: dict, key: str) -> dict:

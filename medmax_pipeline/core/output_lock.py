@@ -39,8 +39,8 @@ FLOCK_HELD = frozenset({errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES})
 
 # subcommand -> the arguments that name what it writes (files or folders). Absent: commands that
 # write nothing (inspect, validate-config), tokenize (the shards of one run share its output
-# folder, so it locks each shard itself: tokenize_images.shard_lock_path), and demo (it makes the
-# inputs, and refuses folders it did not make).
+# folder, so it locks each shard itself: tokenize_images.shard_lock_path), demo (it makes the
+# inputs, and refuses folders it did not make) and train-node (a launcher: the train it starts locks).
 OUTPUT_ARGUMENTS: dict[str, tuple[str, ...]] = {
     "convert-checkpoint": ("output",),
     "collect": ("output_dir",),
