@@ -47,7 +47,10 @@ def snakemake(workdir: Path, *args: str, configfiles: tuple[Path, ...] = (), env
 
 
 def judge_overlay(path: Path, base_url: str, api_key_env: str = JUDGE_KEY_ENV) -> Path:
-    path.write_text(yaml.safe_dump({"evaluate": {"judge": {"base_url": base_url, "model": JUDGE_MODEL, "api_key_env": api_key_env}}}))
+    # The demo trains on its (synthetic) credentialed rows, so the trained model's predictions are
+    # credentialed: the judge sends them only with allow_credentialed (the test endpoint is local).
+    judge = {"base_url": base_url, "model": JUDGE_MODEL, "api_key_env": api_key_env, "allow_credentialed": True}
+    path.write_text(yaml.safe_dump({"evaluate": {"judge": judge}}))
     return path
 
 
