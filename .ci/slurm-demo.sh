@@ -68,7 +68,7 @@ EOF
 # One --configfile flag with every file: a second flag would replace the first.
 run() { "$SNAKEMAKE" --workflow-profile "$PROFILE" --configfile config.yaml "$OUT/ci-config.yaml" "$@"; }
 
-start=$(now); sleep 1
+start=$(sleep 1; now); sleep 1  # a second apart from what came before
 log "demo through $PROFILE"
 run > "$OUT/run1.log" 2>&1 || { tail -50 "$OUT/run1.log"; fail "the demo run failed (log: $OUT/run1.log)"; }
 grep -q "SLURM check: 13 job(s) fit the nodes of partition(s) cpu; job states from sacct" "$OUT/run1.log" || fail "no SLURM check line in $OUT/run1.log"
@@ -96,7 +96,7 @@ print(f"sacct: {len(rows)} jobs, all COMPLETED: {dict(sorted(seen.items()))}")
 EOF
 
 # 3. a second run submits nothing ---------------------------------------------------------------
-start=$(now); sleep 1
+start=$(sleep 1; now); sleep 1  # a second apart from what came before
 log "second run"
 run > "$OUT/run2.log" 2>&1 || { tail -30 "$OUT/run2.log"; fail "the second run failed"; }
 grep -q "Nothing to be done" "$OUT/run2.log" || { tail -30 "$OUT/run2.log"; fail "the second run planned jobs"; }
@@ -108,7 +108,7 @@ echo "second run: nothing to be done, no job submitted"
 shard="$OUT/tokenize/n1/shard-0-of-1.parquet"
 chunks="$OUT/tokenize/n1/shard-0-of-1.chunks"
 cancel_args=(--workflow-profile "$PROFILE" --configfile config.yaml "$OUT/ci-config.yaml" "$OUT/ci-cancel.yaml" --retries 0 "$shard")
-start=$(now); sleep 1
+start=$(sleep 1; now); sleep 1  # a second apart from what came before
 log "tokenize shard to cancel"
 # Job control on while it starts: without it bash starts background commands with SIGINT
 # ignored, and the Ctrl-C below would not reach Snakemake.
@@ -154,7 +154,7 @@ resume_jobs=$(jobs_since "$start" | grep -c 'rule_tokenize_shard' || true)
 echo "cancel + rerun: job $job CANCELLED with $n_before chunk(s) finished; rerun: $reused"
 
 # 5. a request larger than the node, refused before submission ----------------------------------
-start=$(now); sleep 1
+start=$(sleep 1; now); sleep 1  # a second apart from what came before
 log "a request larger than the node"
 if "$SNAKEMAKE" --workflow-profile "$PROFILE" --configfile config.yaml "$OUT/ci-config.yaml" "$OUT/ci-too-big.yaml" \
     --forcerun tokenize_shard "$OUT/tokenize/n2/shard-0-of-2.parquet" > "$OUT/run-too-big.log" 2>&1; then
@@ -167,7 +167,7 @@ grep "rule tokenize_shard asks for 8 CPU(s)" "$OUT/run-too-big.log"
 
 
 # 6. training on two nodes ----------------------------------------------------------------------
-start=$(now); sleep 1
+start=$(sleep 1; now); sleep 1  # a second apart from what came before
 log "training on two nodes"
 "$SNAKEMAKE" --workflow-profile "$PROFILE" --configfile config.yaml "$OUT/ci-config.yaml" "$OUT/ci-two-nodes.yaml" \
     --forcerun train --until train > "$OUT/run-two-nodes.log" 2>&1 || { tail -30 "$OUT/run-two-nodes.log"; tail -30 "$OUT/logs/train.log"; fail "training on two nodes failed"; }
