@@ -10,24 +10,20 @@ from dataclasses import dataclass
 
 import torch
 
+from medmax_pipeline.core.ranks import Ranks, ranks_from_env
 from medmax_pipeline.models import chameleon
 
 from .config import TrainInputError
 
 
 @dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+class Dist(Ranks):
+    """core/ranks.Ranks (rank, world size, local rank, is_main) plus the collectives training needs."""
 
     @staticmethod
     def from_env() -> "Dist":
-        return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+        ranks = ranks_from_env()  # the one reading of torchrun's environment
+        return Dist(ranks.rank, ranks.world_size, ranks.local_rank)
 
     def barrier(self) -> None:
         if self.world_size > 1:
