@@ -42,7 +42,10 @@ wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
   log "timed out waiting for $what"; return 1
 }
 
-[ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
+# Exit 3: no cluster can be brought up on this machine (not root, no apt, packages unavailable);
+# .ci/run reports that as a skip. Every other failure is 1.
+[ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 3; }
+command -v apt-get >/dev/null || { echo "no apt-get: this script brings SLURM up on Debian only" >&2; exit 3; }
 case "$ACCOUNTING" in none|slurmdbd) ;; *) echo "SLURM_ACCOUNTING must be none or slurmdbd" >&2; exit 1;; esac
 
 # 1. packages -----------------------------------------------------------------------------------
@@ -52,8 +55,11 @@ missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
-  [ -n "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v lock)" ] || apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if ! { [ -n "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v lock)" ] || apt-get update -qq; } ||
+     ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
+    echo "could not install ${missing[*]} with apt-get" >&2
+    exit 3
+  fi
 fi
 
 # 2. munge --------------------------------------------------------------------------------------

@@ -73,3 +73,13 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_if_changed(path: str | Path, text: str) -> Path:
+    """Write TEXT to PATH (atomically) only when PATH does not already hold it: its modification
+    time, which Snakemake compares, moves exactly when the content does."""
+    path = Path(path)
+    if path.is_file() and path.read_text() == text:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_text_atomic(path, text)

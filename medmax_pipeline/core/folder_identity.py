@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from medmax_pipeline.core.file_modes import write_text_atomic
+from medmax_pipeline.core.file_modes import write_text_if_changed
 
 SMALL_FILE_SUFFIXES = (".json", ".yaml", ".yml", ".txt", ".model")
 SMALL_FILE_LIMIT = 1 << 20
@@ -74,8 +74,5 @@ def write_manifest_if_changed(folder: str | Path, manifest_path: str | Path) -> 
     manifest_path = Path(manifest_path)
     manifest = folder_manifest(folder)
     text = json.dumps({"folder": str(folder), "fingerprint": manifest_fingerprint(manifest), **manifest}, indent=0, sort_keys=True)
-    if manifest_path.is_file() and manifest_path.read_text() == text:
-        return manifest_path
-    manifest_path.parent.mkdir(parents=True, exist_ok=True)
     # A unique temporary name: Snakemake on two nodes may plan at once over a shared results folder.
-    return write_text_atomic(manifest_path, text)
+    return write_text_if_changed(manifest_path, text)
