@@ -3,25 +3,9 @@
 # N > 0 runs torchrun over N GPUs (NCCL, bf16). Checkpoints go to train/checkpoints/<run id>
 # (a hash of the settings): a rerun with changed settings starts its own, a killed run resumes.
 
-from medmax_pipeline.core.file_modes import write_text_if_changed
 from medmax_pipeline.stages.train.config import workflow_arguments as train_workflow_arguments
 
 TRAIN = config["train"]
-SHIPPED_DEEPSPEED = "workflow/deepspeed/zero2.json"
-
-
-def deepspeed_config():
-    """The DeepSpeed JSON train reads. The shipped one is copied at planning to
-    results/train/deepspeed.json, rewritten only when its content changes: named by its own path
-    it would be an input that names the clone's location, and moving the project (or running a
-    second clone over the same results) would rerun training. The copy also keeps, beside the
-    adapter, the exact configuration it was trained with."""
-    if TRAIN["deepspeed"] != SHIPPED_DEEPSPEED:
-        return TRAIN["deepspeed"]
-    copy = results("train", "deepspeed.json")
-    if workflow.is_main_process:  # a cluster job reads the copy its submitting process wrote
-        write_text_if_changed(copy, Path(workflow.source_path("../deepspeed/zero2.json")).read_text())
-    return copy
 
 
 rule train:
