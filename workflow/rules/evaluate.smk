@@ -6,6 +6,7 @@ import os
 
 from medmax_pipeline.stages.evaluate.judge_replies import judge_command_options
 from medmax_pipeline.stages.evaluate.report import scrub_reports_of
+from medmax_pipeline.stages.evaluate.scoring_rules import RULE_SETS
 
 EVAL = config["evaluate"]
 
@@ -153,7 +154,8 @@ rule score:
         bootstrap=EVAL["bootstrap_samples"],
         credentialed_roots=lambda wildcards: CREDENTIALED_ROOT_OPTIONS,
     wildcard_constraints:
-        rules="medmax|medmax_tolerant|llava_med|strict",
+        # The rule sets scoring_rules.py defines (the schema's evaluate.rules enum is tested against them).
+        rules="|".join(RULE_SETS),
     log:
         log_path("score/{rules}"),
     conda:
