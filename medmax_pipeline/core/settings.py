@@ -160,6 +160,15 @@ def first_problem(settings: Any) -> str | None:
     return None
 
 
+def checked_settings(cls: type, values: Mapping[str, Any], error: type[Exception]) -> Any:
+    """CLS built from VALUES; ERROR (one line naming the option) when a value breaks its Setting."""
+    settings = cls(**values)
+    problem = first_problem(settings)
+    if problem:
+        raise error(problem)
+    return settings
+
+
 def workflow_arguments_for(cls: type, section: Mapping[str, Any]) -> list[str]:
     """The command-line options for a config.yaml SECTION: one per setting of CLS with a config key
     present in it (paths are the rule's inputs and outputs, not settings). A rule passes these."""
