@@ -507,24 +507,27 @@ def failing_tokenizer_lineage(tokenizer_path):
     return describe
 
 
-def failing_writer(artifact: str):
-    class Failing(ArtifactWriter):
-        def __init__(self, *args, **kwargs):
-            if kwargs.get("artifact") == artifact:
-                raise OSError(f"cannot open the {artifact} writer")
-            super().__init__(*args, **kwargs)
+def failing_group(writer_artifact: str | None = None, whole_artifact: str | None = None):
+    """The stage's ArtifactGroup, failing to open the streamed writer of one artifact or to write
+    one whole artifact (as a full disk would)."""
+    from medmax_pipeline.core.artifacts import ArtifactGroup
+
+    class Failing(ArtifactGroup):
+        def writer(self, path, schema, **kwargs):
+            if kwargs.get("artifact") == writer_artifact:
+                raise OSError(f"cannot open the {writer_artifact} writer")
+            return super().writer(path, schema, **kwargs)
+
+        def write_artifact(self, table, path, **kwargs):
+            if kwargs.get("artifact") == whole_artifact:
+                raise OSError(f"disk full while writing {whole_artifact}")
+            return super().write_artifact(table, path, **kwargs)
 
     return Failing
 
 
 def failing_public_batches(batch):
     raise OSError("disk full while writing dataset_public")
-
-
-def failing_write_artifact(*args, **kwargs):
-    if kwargs.get("artifact") == "separator_stats":
-        raise OSError("disk full while writing separator_stats")
-    return write_artifact(*args, **kwargs)
 
 
 @pytest.mark.parametrize("failure", ["tokenizer_lineage", "problems_writer", "public_writer", "late_artifact"])
@@ -538,11 +541,11 @@ def test_a_failure_anywhere_leaves_nothing_and_a_retry_succeeds(inputs, tmp_path
         if failure == "tokenizer_lineage":
             patch.setattr(stage, "describe_input", failing_tokenizer_lineage(inputs["tokenizer_path"]))
         elif failure == "problems_writer":
-            patch.setattr(stage, "ArtifactWriter", failing_writer("dataset_problems"))
+            patch.setattr(stage, "ArtifactGroup", failing_group(writer_artifact="dataset_problems"))
         elif failure == "public_writer":
             patch.setattr(stage, "_public_rows", failing_public_batches)
         else:
-            patch.setattr(stage, "write_artifact", failing_write_artifact)
+            patch.setattr(stage, "ArtifactGroup", failing_group(whole_artifact="separator_stats"))
         with pytest.raises(OSError):
             run_stage(inputs, out, workers=workers)
         assert list(out.iterdir()) == []  # no output, old or new, and no temporary file

@@ -49,6 +49,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from medmax_pipeline import __version__
+from medmax_pipeline.core import termination
 from medmax_pipeline.core.file_modes import unique_temp_path
 from medmax_pipeline.core.folder_identity import folder_fingerprint
 from medmax_pipeline.core.rows import CREDENTIAL_VALUES
@@ -561,9 +562,20 @@ class ArtifactGroup:
             with group.writer(path2, schema, artifact=...) as writer:  # streamed
                 writer.write(batch)
             group.write_file(path3, lambda tmp: tmp.write_text(...))   # a plain file
+
+    `outputs` names the whole set: publish refuses (and the group aborts) when one of them was not
+    written. on_failure="remove_previous" makes a failure remove the older files at those paths too
+    (and the temporaries a dead run left of them), for a stage whose outputs must never look
+    complete after a failed run; the default keeps them.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self, outputs: Sequence[str | Path] = (), on_failure: Literal["keep_previous", "remove_previous"] = "keep_previous"
+    ) -> None:
+        if on_failure not in ("keep_previous", "remove_previous"):
+            raise ValueError(f"on_failure {on_failure!r}: expected 'keep_previous' or 'remove_previous'")
+        self.outputs = [Path(p) for p in outputs]
+        self.on_failure = on_failure
         self._writers: list[ArtifactWriter] = []  # open or closed-unpublished
         self._files: list[tuple[Path, Path]] = []  # (temporary, path)
 
@@ -592,6 +604,10 @@ class ArtifactGroup:
         for writer in self._writers:
             if writer.meta is None:
                 raise ArtifactError(f"{writer.path}: its writer was not closed before the group was published")
+        staged = {writer.path for writer in self._writers} | {path for _, path in self._files}
+        missing = [str(path) for path in self.outputs if path not in staged]
+        if missing:
+            raise ArtifactError(f"{', '.join(missing)}: not written, so no output of the group is published")
         for writer in self._writers:
             writer.publish()
         for tmp, path in self._files:
@@ -604,6 +620,10 @@ class ArtifactGroup:
         for tmp, _ in self._files:
             tmp.unlink(missing_ok=True)
         self._writers, self._files = [], []
+        if self.on_failure == "remove_previous":
+            for path in self.outputs:
+                path.unlink(missing_ok=True)
+                termination.remove_stale_temporaries(path)
 
     def __enter__(self) -> "ArtifactGroup":
         return self

@@ -58,6 +58,7 @@ from medmax_pipeline.core.image_keys import (
 )
 from medmax_pipeline.core.paths import relative_path_problem
 from medmax_pipeline.core.rows import read_row_batches
+from medmax_pipeline.core.settings import add_setting_arguments, setting, values_from_args, workflow_arguments_for
 
 IMAGE_PATHS_FILE = "image_paths.parquet"
 PROBLEMS_FILE = "image_path_problems.parquet"
@@ -398,6 +399,23 @@ def collect(
 # ----------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class CollectConfig:
+    """collect's settings, the one source of its command line and of the collect rule's options (the
+    config.yaml `images:` keys that are no input; tests/test_stage_settings.py checks the schema)."""
+
+    include_public: bool = setting(True, help="list the public rows' images too (default: yes)", key="include_public", identity=True)
+
+
+def collect_config_from_args(args: argparse.Namespace) -> CollectConfig:
+    return CollectConfig(**values_from_args(CollectConfig, args))
+
+
+def workflow_arguments(section: Mapping[str, Any]) -> list[str]:
+    """The collect options for the config.yaml `images:` SECTION (the collect rule passes these)."""
+    return workflow_arguments_for(CollectConfig, section)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", action="append", required=True, metavar="SPLIT=PATH",
                         help="a dataset file (jsonl or parquet) and its split name; repeat per split")
@@ -406,15 +424,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"a credentialed source, its local image root and a path template (preset: {', '.join(sorted(TEMPLATE_PRESETS))}, "
                         "or a format string over row columns such as 'files/p{subject_id:.2}/p{subject_id}/s{study_id}/{dicom_id}.jpg') "
                         f"or '{MAPPING_PREFIX}PATH', a .csv/.jsonl file mapping row_id or text_sha256 to image_path; repeatable")
-    parser.add_argument("--include-public", action=argparse.BooleanOptionalAction, default=True,
-                        help="list the public rows' images too (default: yes)")
     parser.add_argument("--output-dir", required=True, help=f"where {IMAGE_PATHS_FILE}, {PROBLEMS_FILE} and {CSV_FILE} go")
+    add_setting_arguments(parser, CollectConfig)
 
 
 def run(args: argparse.Namespace) -> int:
     row_files = [parse_rows_spec(s) for s in args.rows]
     credentialed = list(parse_credentialed_specs(args.credentialed).values())
-    result = collect(row_files, args.public_root, args.output_dir, credentialed, args.include_public)
+    config = collect_config_from_args(args)
+    result = collect(row_files, args.public_root, args.output_dir, credentialed, config.include_public)
     print(f"{result.image_paths.path}: {result.n_images} distinct image(s), {result.image_paths.credential}")
     print(f"{result.problems.path}: {result.n_problems} problem(s), {result.problems.credential}")
     for reason, n in result.problem_counts.items():

@@ -46,7 +46,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -66,6 +66,7 @@ from medmax_pipeline.core.constants import CODES_PER_IMAGE, NUM_IMAGE_CODES
 from medmax_pipeline.core.output_lock import hold_lock
 from medmax_pipeline.core.ranks import ranks_from_env
 from medmax_pipeline.core.paths import MissingRootError, is_under_roots, resolve_roots
+from medmax_pipeline.core.settings import add_setting_arguments, checked_settings, setting, values_from_args, workflow_arguments_for
 from medmax_pipeline.models.image_preprocess import DEFAULT_MAX_PIXELS, HIGH_BIT_DEPTH_MODES
 
 TOKENS_ARTIFACT = "image_tokens"
@@ -799,31 +800,54 @@ def high_bit_depth_line(count: int) -> str:
             "to 0..255, as the original preprocessing (PIL's convert) did")
 
 
+@dataclass(frozen=True)
+class TokenizeConfig:
+    """tokenize's settings, the one source of its command line and of the tokenize_shard rule's
+    options (the config.yaml `tokenize:` keys; tests/test_stage_settings.py checks the schema
+    against it). The shard's coordinates (--shard, --num-shards) are the rule's, not settings.
+    identity: the setting is part of each chunk's params (a resumed shard reuses only equal chunks)."""
+
+    batch_size: int = setting(8, help="images per VQGAN batch", key="batch_size", identity=True, minimum=1)
+    workers: int = setting(1, help="DataLoader worker processes decoding images (0: in the main process)", key="workers", minimum=0)
+    device: str = setting("cpu", help="where the VQGAN runs", key="device", identity=True, choices=DEVICES)
+    precision: str = setting("fp32", help="fp32 is exact and reproducible; bf16/tf32 are opt-in", key="precision",
+                             identity=True, choices=PRECISIONS)
+    chunk_size: int = setting(64, help="images per resumable chunk file", key="chunk_size", identity=True, minimum=1)
+    max_pixels: int = setting(DEFAULT_MAX_PIXELS, help="refuse images (and resized images) above this many pixels",
+                              key="max_pixels", identity=True, minimum=1)
+    keep_chunks: bool = setting(False, help="keep the chunk files after the shard is written", key="keep_chunks")
+    progress: bool = setting(True, help="a tqdm progress bar (--no-progress: none)")
+
+
+def tokenize_config_from_args(args: argparse.Namespace) -> TokenizeConfig:
+    check_shard_arguments(args.shard, args.num_shards, args.batch_size, args.workers, args.chunk_size)  # its messages first
+    return checked_settings(TokenizeConfig, values_from_args(TokenizeConfig, args), TokenizeInputError)
+
+
+def workflow_arguments(section: Mapping[str, Any]) -> list[str]:
+    """The tokenize options for the config.yaml `tokenize:` SECTION (the tokenize_shard rule passes these)."""
+    return workflow_arguments_for(TokenizeConfig, section)
+
+
 def add_tokenize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, type=Path, help="CSV with an img_path column (image_key, credential optional)")
     parser.add_argument("--output", required=True, type=Path, help="folder for shard-I-of-N.parquet, .errors.parquet and .chunks/")
     parser.add_argument("--ckpt", required=True, type=Path, help="checkpoint folder: original (tokenizer/vqgan.yaml + vqgan.ckpt) or HF Chameleon")
     parser.add_argument("--shard", type=int, default=0)
     parser.add_argument("--num-shards", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=1, help="DataLoader worker processes decoding images (0: in the main process)")
-    parser.add_argument("--device", choices=DEVICES, default="cpu")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32 is exact and reproducible; bf16/tf32 are opt-in")
-    parser.add_argument("--chunk-size", type=int, default=64, help="images per resumable chunk file")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse images (and resized images) above this many pixels")
-    parser.add_argument("--keep-chunks", action="store_true", help="keep the chunk files after the shard is written")
-    parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--credentialed-root", action="append", default=[], type=Path, metavar="DIR",
                         help="a credentialed image root: images whose file lies under it are credential = yes "
                         "whatever the CSV says; repeatable")
+    add_setting_arguments(parser, TokenizeConfig)
 
 
 def run_tokenize(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    config = tokenize_config_from_args(args)
     result = tokenize_shard(
-        args.input, args.output, args.ckpt, shard=args.shard, num_shards=args.num_shards, batch_size=args.batch_size,
-        workers=args.workers, device=args.device, precision=args.precision, chunk_size=args.chunk_size,
-        max_pixels=args.max_pixels, keep_chunks=args.keep_chunks, progress=not args.no_progress,
+        args.input, args.output, args.ckpt, shard=args.shard, num_shards=args.num_shards, batch_size=config.batch_size,
+        workers=config.workers, device=config.device, precision=config.precision, chunk_size=config.chunk_size,
+        max_pixels=config.max_pixels, keep_chunks=config.keep_chunks, progress=config.progress,
         credentialed_roots=args.credentialed_root,
     )
     if result.errors_path is not None:

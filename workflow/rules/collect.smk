@@ -1,5 +1,7 @@
 # Stage 1: dataset rows + image roots -> one row per distinct image, inside its root.
 
+from medmax_pipeline.stages.collect import workflow_arguments as collect_workflow_arguments
+
 
 rule collect:
     input:
@@ -17,7 +19,8 @@ rule collect:
         code=code_version("stages/collect.py"),
         medmax=MEDMAX,
         credentialed=credentialed_args(),
-        include_public="--include-public" if config["images"]["include_public"] else "--no-include-public",
+        # The images: keys that are collect settings (stages/collect.py: CollectConfig's Settings).
+        options=shlex.join(collect_workflow_arguments(config["images"])),
         output_dir=lambda wildcards, output: Path(output.image_paths).parent,
     log:
         log_path("collect"),
@@ -25,5 +28,5 @@ rule collect:
         "../../envs/data.yaml"
     shell:
         "{params.medmax} collect --rows train={input.train:q} --rows validation={input.validation:q}"
-        " --public-root {input.public_root:q} {params.credentialed} {params.include_public}"
+        " --public-root {input.public_root:q} {params.credentialed} {params.options}"
         " --output-dir {params.output_dir:q} >> {log:q} 2>&1"

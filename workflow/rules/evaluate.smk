@@ -4,8 +4,10 @@
 # figures of the Snakemake report.
 import os
 
+from medmax_pipeline.stages.evaluate.generate import workflow_arguments as generate_workflow_arguments
 from medmax_pipeline.stages.evaluate.judge_replies import judge_command_options
 from medmax_pipeline.stages.evaluate.report import scrub_reports_of
+from medmax_pipeline.stages.evaluate.scoring_rules import RULE_SETS
 
 EVAL = config["evaluate"]
 
@@ -44,18 +46,9 @@ rule generate:
         code=code_version("stages/evaluate/generate.py"),
         medmax=MEDMAX,
         adapter=lambda wildcards, input: f"--adapter {shlex.quote(input.adapter)}" if wildcards.model == "trained" else "",
-        max_items=f"--max-items {EVAL['max_items']}" if EVAL["max_items"] else "",
-        batch_size=EVAL["batch_size"],
-        device=EVAL["device"],
-        decoding=EVAL["decoding"],
-        budgets=(
-            "--max-new-tokens " + " ".join(f"{k}={v}" for k, v in sorted(EVAL["max_new_tokens"].items()))
-            if EVAL["max_new_tokens"] else ""
-        ),
-        image_generation_rows=(
-            f"--image-generation-rows {EVAL['image_generation_rows']}" if EVAL["image_generation_rows"] else
-            "--image-generation-rows 0"
-        ),
+        # Every evaluate: key that is a generate setting becomes its option, from the one definition
+        # of the settings (stages/evaluate/generate.py: GenerateConfig's Settings).
+        options=shlex.join(generate_workflow_arguments(EVAL)),
         credentialed_roots=lambda wildcards: CREDENTIALED_ROOT_OPTIONS,
     wildcard_constraints:
         model="base|trained",
@@ -69,9 +62,8 @@ rule generate:
     shell:
         "{params.medmax} generate --eval-set {input.eval_set:q} --image-root {input.image_root:q}"
         " --ckpt {input.checkpoint:q} --base-model {input.base_model:q} {params.adapter}"
-        " --model-name {wildcards.model} --output {output.predictions:q} --batch-size {params.batch_size}"
-        " --device {params.device} --decoding {params.decoding} {params.budgets}"
-        " {params.image_generation_rows} {params.max_items} {params.credentialed_roots} >> {log:q} 2>&1"
+        " --model-name {wildcards.model} --output {output.predictions:q} {params.options}"
+        " {params.credentialed_roots} >> {log:q} 2>&1"
 
 
 rule clip_scores:
@@ -153,7 +145,8 @@ rule score:
         bootstrap=EVAL["bootstrap_samples"],
         credentialed_roots=lambda wildcards: CREDENTIALED_ROOT_OPTIONS,
     wildcard_constraints:
-        rules="medmax|medmax_tolerant|llava_med|strict",
+        # The rule sets scoring_rules.py defines (the schema's evaluate.rules enum is tested against them).
+        rules="|".join(RULE_SETS),
     log:
         log_path("score/{rules}"),
     conda:

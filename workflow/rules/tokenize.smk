@@ -2,6 +2,8 @@
 # Shard files live under a folder named for the shard count, so changing tokenize.num_shards
 # re-plans tokenization (and what follows) but not collection.
 
+from medmax_pipeline.stages.tokenize_images import workflow_arguments as tokenize_workflow_arguments
+
 
 rule tokenize_shard:
     input:
@@ -16,11 +18,9 @@ rule tokenize_shard:
         code=code_version("stages/tokenize_images.py"),
         num_shards=NUM_SHARDS,
         output_dir=lambda wildcards, output: Path(output.tokens).parent,
-        batch_size=config["tokenize"]["batch_size"],
-        workers=config["tokenize"]["workers"],
-        chunk_size=config["tokenize"]["chunk_size"],
-        device=config["tokenize"]["device"],
-        precision=config["tokenize"]["precision"],
+        # Every tokenize: key that is a tokenize setting becomes its option, from the one definition
+        # of the settings (stages/tokenize_images.py: TokenizeConfig's Settings); resources stay below.
+        options=shlex.join(tokenize_workflow_arguments(config["tokenize"])),
         launcher=torchrun(tokenize_gpus()) if tokenize_gpus() > 1 else MEDMAX,
         # Images under these roots are credential = yes whatever the CSV says. A function, so
         # Snakemake does not format the quoted paths (a brace in a folder name is no wildcard).
@@ -38,9 +38,8 @@ rule tokenize_shard:
         "../../envs/torch.yaml"
     shell:
         "{params.launcher} tokenize --input {input.csv:q} --output {params.output_dir:q} --ckpt {input.checkpoint:q}"
-        " --shard {wildcards.shard} --num-shards {params.num_shards} --batch-size {params.batch_size}"
-        " --workers {params.workers} --chunk-size {params.chunk_size} --device {params.device}"
-        " --precision {params.precision} {params.credentialed_roots} >> {log:q} 2>&1"
+        " --shard {wildcards.shard} --num-shards {params.num_shards} {params.options}"
+        " {params.credentialed_roots} >> {log:q} 2>&1"
 
 
 rule gather_tokens:

@@ -56,8 +56,10 @@ The package: sequence_logic.py (pure, vectorised checks and truncation of token 
 copied_text.py (public rows holding a credentialed row's response), coverage.py (categories of a
 missing row and the coverage counts), image_lookup.py (the image blocks credentialed rows are
 filled from, and the re-derived public blocks), separator_stats.py, published_check.py and
-stage.py (one batch, the run over a row file, the command line). Reading the row file with
-worker processes is core/parallel_rows.py.
+stage.py: one batch (assemble_batch: public rows checked, credentialed rows built, length limit),
+the run over a row file (assemble: plan, execute, finalize, its seven outputs staged in one
+core/artifacts.ArtifactGroup that publishes all or none and, on failure, removes the older ones)
+and the command line. Reading the row file with worker processes is core/parallel_rows.py.
 """
 
 from medmax_pipeline.stages.assemble.coverage import CATEGORIES, ERROR_CATEGORIES, COVERAGE_SCHEMA, Coverage, coverage_summary

@@ -61,7 +61,24 @@ def check_published_tokens(
     flag(nonempty & (last != C.EOS_ID) & ~pub_truncated, f"published tokens do not end with eos {C.EOS_ID}")
     flag(np.bincount(_rows_of(offsets, np.flatnonzero(values == C.IMAGE_PLACEHOLDER_ID)), minlength=n) > 0, "published tokens hold an unreplaced <image> (8711)")
 
-    # Image blocks: mark the inside of every block opened by 8197 with a difference array.
+    bad_block, begin_rows = _malformed_block_rows(values, offsets, pub_truncated)
+    flag(bad_block, "published tokens have a malformed image block (expected 8197, 1024 ids in 4..8195, 8196)")
+
+    n_blocks = np.bincount(begin_rows, minlength=n)
+    n_images = np.asarray(n_images)
+    mismatch = np.where(pub_truncated, n_blocks > n_images, n_blocks != n_images)
+    for i in np.flatnonzero(mismatch).tolist():
+        if reasons[i] is None:
+            reasons[i] = f"published tokens have {n_blocks[i]} image block(s), text has {n_images[i]} <image>"
+    return reasons, pub_truncated
+
+
+def _malformed_block_rows(values: np.ndarray, offsets: np.ndarray, pub_truncated: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows with a malformed image block (an 8197 not followed by 1024 codes and 8196, a non-code
+    inside a block, an image id outside one; a block cut short is allowed only at the end of a
+    publisher-truncated row), and the row of every 8197."""
+    # Mark the inside of every block opened by 8197 with a difference array.
+    n = len(offsets) - 1
     begins = np.flatnonzero(values == C.BEGIN_IMAGE_ID)
     begin_rows = _rows_of(offsets, begins)
     row_ends = offsets[1:][begin_rows]
@@ -85,15 +102,7 @@ def check_published_tokens(
     partial_rows = begin_rows[~complete]
     # A block cut short is only allowed at the end of a publisher-truncated row.
     bad_block |= (np.bincount(partial_rows, minlength=n) > 0) & ~pub_truncated
-    flag(bad_block, "published tokens have a malformed image block (expected 8197, 1024 ids in 4..8195, 8196)")
-
-    n_blocks = np.bincount(begin_rows, minlength=n)
-    n_images = np.asarray(n_images)
-    mismatch = np.where(pub_truncated, n_blocks > n_images, n_blocks != n_images)
-    for i in np.flatnonzero(mismatch).tolist():
-        if reasons[i] is None:
-            reasons[i] = f"published tokens have {n_blocks[i]} image block(s), text has {n_images[i]} <image>"
-    return reasons, pub_truncated
+    return bad_block, begin_rows
 
 
 def truncation_lengths(values: np.ndarray, offsets: np.ndarray, max_length: int) -> np.ndarray:

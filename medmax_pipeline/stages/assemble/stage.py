@@ -10,6 +10,7 @@ import shutil
 import sys
 import time
 from collections import deque
+from contextlib import ExitStack
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from medmax_pipeline.core import constants as C
-from medmax_pipeline.core.artifacts import ArtifactWriter, describe_input, write_artifact
+from medmax_pipeline.core.artifacts import ArtifactGroup, ArtifactWriter, describe_input
 from medmax_pipeline.core.image_keys import CredentialedSource, CredentialedSpecError, image_key_for_row, parse_credentialed_specs
 from medmax_pipeline.core.parallel_rows import ByteRange, default_workers, map_line_ranges, prefetch, shared_scratch_dir
 from medmax_pipeline.core.rows import ROW_SCHEMA, RowProblem, read_jsonl_range, read_row_batches
@@ -150,133 +151,194 @@ def assemble_batch(
     credentialed_texts: frozenset[bytes] = frozenset(),
 ) -> BatchResult:
     """Turn one batch of ROW_SCHEMA rows into dataset rows (file order) and problem rows.
-    `credentialed_texts`: response digests of the row file's credentialed rows (copied_text.py)."""
-    problems: list[dict[str, Any]] = []
-    n = batch.num_rows
-    n_images = pc.fill_null(pc.count_substring(batch.column("text"), IMAGE_TAG), 0).to_numpy(zero_copy_only=False)
-    public_mask = pc.equal(batch.column("credential"), "no").to_numpy(zero_copy_only=False)
-    # The published tokens of the whole batch, without copies: rows are sliced out of `values`
-    # at the end, in one concatenation (pyarrow's take / filter on list columns copied them
-    # several times and was the most expensive part of this function).
-    tokens = batch.column("tokens")
-    offsets = tokens.offsets.to_numpy().astype(np.int64)
-    offsets -= offsets[0]
-    values = tokens.values.slice(tokens.offsets[0].as_py(), int(offsets[-1])).to_numpy(zero_copy_only=False)
-    keep = np.zeros(n, dtype=bool)
-    built: dict[int, np.ndarray] = {}  # row -> sequence built for a credentialed row
-    pub_truncated = np.zeros(n, dtype=bool)
+    `credentialed_texts`: response digests of the row file's credentialed rows (copied_text.py).
+    The steps: check the public rows, compare their published blocks, build the credentialed rows,
+    then apply the length limit to both kinds together."""
+    rows = _BatchRows.of(batch, file)
+    publisher_truncated = _check_public_rows(rows, settings, lookup, credentialed_texts)
+    published = _compare_published(rows, lookup)
+    built = _build_credentialed_rows(rows, sources, lookup, tokenizer)
+    dataset = _dataset_batch(rows, settings, built, publisher_truncated)
+    return BatchResult(dataset, rows.problems, published)
+
+
+_META_COLUMNS = ["row_id", "line", "source", "task", "credential"]
+
+
+@dataclass
+class _BatchRows:
+    """One batch as the steps of assemble_batch read it: the published tokens of the whole batch
+    without copies (`values`, and `offsets` from 0; rows are sliced out of `values` at the end, in
+    one concatenation: pyarrow's take / filter on list columns copied them several times and was
+    the most expensive part of the stage), the rows kept so far and the problems found so far."""
+
+    batch: pa.RecordBatch
+    file: str
+    n_images: np.ndarray  # <image> tags in each row's text
+    public_mask: np.ndarray  # credential = no
+    values: np.ndarray
+    offsets: np.ndarray
+    keep: np.ndarray
+    problems: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     meta_rows: list[dict[str, Any]] | None = None  # row_id, line, ... of every row, made when a problem needs them
 
-    # Public rows: published tokens, checked, all vectorized. The check is per row, so it runs
-    # on the whole batch and only the public rows' answers are read.
-    public_index = np.flatnonzero(public_mask)
-    if public_index.size:
-        has_path = pc.fill_null(pc.greater(pc.utf8_length(batch.column("image_path")), 0), False).to_numpy(zero_copy_only=False)
-        reasons, truncated_by_publisher = check_published_tokens(values, offsets, n_images, settings.published_max_length)
-        pub_truncated[public_index] = truncated_by_publisher[public_index]
-        for i in public_index.tolist():
-            category = None
-            images = n_images[i]
-            if images > 0 and not has_path[i]:
-                category, reason = MALFORMED_ROW, f"text has {images} <image> but the row has no image_path"
-            elif images == 0 and has_path[i]:
-                category, reason = MALFORMED_ROW, "row has an image_path but its text has no <image>"
-            elif reasons[i] is not None:
-                category, reason = INVALID_TOKENS, reasons[i]  # type: ignore[assignment]
-            if category is None:
-                keep[i] = True
-                continue
-            meta_rows = meta_rows or batch.select(["row_id", "line", "source", "task", "credential"]).to_pylist()
-            problems.append(_problem(meta_rows[i], category, reason, file))
-        # The label is not trusted: a public row carrying a credentialed image's block is refused
-        # (from dataset too, so that dataset_public stays exactly the credential = no rows of dataset).
-        for i, block_number in rows_with_credentialed_blocks(values, offsets, np.flatnonzero(keep), lookup).items():
-            keep[i] = False
-            meta_rows = meta_rows or batch.select(["row_id", "line", "source", "task", "credential"]).to_pylist()
-            reason = f"credential = no, but image block {block_number} of its published tokens is that of a credentialed image"
-            problems.append(_problem(meta_rows[i], CREDENTIALED_TOKENS, reason, file))
-        # The same for text: a public row whose response is a credentialed row's (normalised).
-        if credentialed_texts and keep.any():
-            texts = batch.column("text").to_pylist()
-            for i in rows_with_credentialed_text(texts, np.flatnonzero(keep).tolist(), credentialed_texts):
-                keep[i] = False
-                meta_rows = meta_rows or batch.select(["row_id", "line", "source", "task", "credential"]).to_pylist()
-                reason = "credential = no, but its response is that of a credential = yes row of this file (normalised text)"
-                problems.append(_problem(meta_rows[i], CREDENTIALED_TEXT, reason, file))
-    published: PublishedCounts = {}
-    if lookup.public_index and keep.any():
-        checked = np.flatnonzero(keep)
-        published = compare_published_blocks(values, offsets, checked, batch.column("image_path").take(pa.array(checked)).to_pylist(), lookup)
+    @classmethod
+    def of(cls, batch: pa.RecordBatch, file: str) -> "_BatchRows":
+        n_images = pc.fill_null(pc.count_substring(batch.column("text"), IMAGE_TAG), 0).to_numpy(zero_copy_only=False)
+        public_mask = pc.equal(batch.column("credential"), "no").to_numpy(zero_copy_only=False)
+        tokens = batch.column("tokens")
+        offsets = tokens.offsets.to_numpy().astype(np.int64)
+        offsets -= offsets[0]
+        values = tokens.values.slice(tokens.offsets[0].as_py(), int(offsets[-1])).to_numpy(zero_copy_only=False)
+        return cls(batch, file, n_images, public_mask, values, offsets, np.zeros(batch.num_rows, dtype=bool))
 
-    # Credentialed rows: build the sequence from text and the locally tokenized image.
-    cred_index = np.flatnonzero(~public_mask)
-    if cred_index.size:
-        cred_rows = batch.take(pa.array(cred_index)).select(
-            ["row_id", "line", "text", "image_path", "task", "source", "credential", "extra"]
-        ).to_pylist()
-        good: list[int] = []
-        blocks: list[np.ndarray | None] = []
-        for i, row in enumerate(cred_rows):
-            images = int(n_images[cred_index[i]])
-            key = image_key_for_row(row, sources)
-            if key.key is None:
-                if images == 0:
-                    good.append(i)  # a text-only row: nothing to look up
-                    blocks.append(None)
-                else:
-                    problems.append(_problem(row, NO_IMAGE_KEY, key.problem or "no image key", file))
-                continue
-            if images == 0:
-                problems.append(_problem(row, MALFORMED_ROW, f"row names image {key.key} but its text has no <image>", file))
-            elif key.key in lookup.index:
-                good.append(i)
-                blocks.append(lookup.block(key.key))
-            elif key.key in lookup.unreadable:
-                problems.append(_problem(row, IMAGE_UNREADABLE, f"{key.key}: {lookup.unreadable[key.key]}", file))
-            elif key.key in lookup.missing:
-                problems.append(_problem(row, IMAGE_MISSING, f"{key.key}: {lookup.missing[key.key]}", file))
-            else:
-                problems.append(_problem(row, IMAGE_MISSING, f"{key.key}: no image block (not collected or not tokenized)", file))
-        encoded = _encode_texts_fast(tokenizer, [cred_rows[i]["text"] for i in good]) if good else []
-        for i, ids, block in zip(good, encoded, blocks):
-            placeholders = ids.count(C.IMAGE_PLACEHOLDER_ID)
-            if placeholders != int(n_images[cred_index[i]]):
-                problems.append(
-                    _problem(cred_rows[i], MALFORMED_ROW, f"text has {n_images[cred_index[i]]} <image> but encodes to {placeholders} id 8711", file)
-                )
-                continue
-            row = int(cred_index[i])
-            built[row] = build_sequence(ids, block)
-            keep[row] = True
+    def refuse(self, i: int, category: str, reason: str) -> None:
+        """Row i is not kept: it becomes a problem row."""
+        self.keep[i] = False
+        self.meta_rows = self.meta_rows or self.batch.select(_META_COLUMNS).to_pylist()
+        self.problems.append(_problem(self.meta_rows[i], category, reason, self.file))
 
-    # Both kinds together, in file order, then the length limit.
-    rows = np.flatnonzero(keep)
-    bounds = offsets.tolist()
-    pieces = [built[i] if i in built else values[bounds[i] : bounds[i + 1]] for i in rows.tolist()]
+
+def _check_public_rows(
+    rows: _BatchRows, settings: Settings, lookup: ImageLookup, credentialed_texts: frozenset[bytes]
+) -> np.ndarray:
+    """Keep the public rows whose published tokens pass the checks (all vectorized: the check is per
+    row, so it runs on the whole batch and only the public rows' answers are read); refuse the rest,
+    and those whose label is not to be trusted. Returns which rows the publisher truncated."""
+    publisher_truncated = np.zeros(rows.batch.num_rows, dtype=bool)
+    public_index = np.flatnonzero(rows.public_mask)
+    if not public_index.size:
+        return publisher_truncated
+    has_path = pc.fill_null(pc.greater(pc.utf8_length(rows.batch.column("image_path")), 0), False).to_numpy(zero_copy_only=False)
+    reasons, truncated_by_publisher = check_published_tokens(rows.values, rows.offsets, rows.n_images, settings.published_max_length)
+    publisher_truncated[public_index] = truncated_by_publisher[public_index]
+    for i in public_index.tolist():
+        images = rows.n_images[i]
+        if images > 0 and not has_path[i]:
+            rows.refuse(i, MALFORMED_ROW, f"text has {images} <image> but the row has no image_path")
+        elif images == 0 and has_path[i]:
+            rows.refuse(i, MALFORMED_ROW, "row has an image_path but its text has no <image>")
+        elif reasons[i] is not None:
+            rows.refuse(i, INVALID_TOKENS, reasons[i])  # type: ignore[arg-type]
+        else:
+            rows.keep[i] = True
+    _refuse_credentialed_content(rows, lookup, credentialed_texts)
+    return publisher_truncated
+
+
+def _refuse_credentialed_content(rows: _BatchRows, lookup: ImageLookup, credentialed_texts: frozenset[bytes]) -> None:
+    """The label is not trusted: a kept public row carrying a credentialed image's block, or whose
+    response is a credentialed row's (normalised), is refused (from dataset too, so that
+    dataset_public stays exactly the credential = no rows of dataset)."""
+    for i, block_number in rows_with_credentialed_blocks(rows.values, rows.offsets, np.flatnonzero(rows.keep), lookup).items():
+        reason = f"credential = no, but image block {block_number} of its published tokens is that of a credentialed image"
+        rows.refuse(i, CREDENTIALED_TOKENS, reason)
+    if credentialed_texts and rows.keep.any():
+        texts = rows.batch.column("text").to_pylist()
+        for i in rows_with_credentialed_text(texts, np.flatnonzero(rows.keep).tolist(), credentialed_texts):
+            reason = "credential = no, but its response is that of a credential = yes row of this file (normalised text)"
+            rows.refuse(i, CREDENTIALED_TEXT, reason)
+
+
+def _compare_published(rows: _BatchRows, lookup: ImageLookup) -> PublishedCounts:
+    """compare_published_blocks of the kept public rows (empty without re-derived public blocks)."""
+    if not (lookup.public_index and rows.keep.any()):
+        return {}
+    checked = np.flatnonzero(rows.keep)
+    image_paths = rows.batch.column("image_path").take(pa.array(checked)).to_pylist()
+    return compare_published_blocks(rows.values, rows.offsets, checked, image_paths, lookup)
+
+
+def _build_credentialed_rows(
+    rows: _BatchRows, sources: Mapping[str, CredentialedSource], lookup: ImageLookup, tokenizer: Any
+) -> dict[int, np.ndarray]:
+    """Credentialed rows: the sequence built from the text and the locally tokenized image, by row
+    (those rows are kept); the rows that cannot be built become problems."""
+    cred_index = np.flatnonzero(~rows.public_mask)
+    if not cred_index.size:
+        return {}
+    cred_rows = rows.batch.take(pa.array(cred_index)).select(
+        ["row_id", "line", "text", "image_path", "task", "source", "credential", "extra"]
+    ).to_pylist()
+    good: list[int] = []
+    blocks: list[np.ndarray | None] = []
+    for i, row in enumerate(cred_rows):
+        found = _image_block(row, int(rows.n_images[cred_index[i]]), sources, lookup)
+        if isinstance(found, tuple):
+            rows.problems.append(_problem(row, *found, rows.file))
+        else:
+            good.append(i)
+            blocks.append(found)
+    encoded = _encode_texts_fast(tokenizer, [cred_rows[i]["text"] for i in good]) if good else []
+    built: dict[int, np.ndarray] = {}
+    for i, ids, block in zip(good, encoded, blocks):
+        placeholders = ids.count(C.IMAGE_PLACEHOLDER_ID)
+        if placeholders != int(rows.n_images[cred_index[i]]):
+            reason = f"text has {rows.n_images[cred_index[i]]} <image> but encodes to {placeholders} id 8711"
+            rows.problems.append(_problem(cred_rows[i], MALFORMED_ROW, reason, rows.file))
+            continue
+        row = int(cred_index[i])
+        built[row] = build_sequence(ids, block)
+        rows.keep[row] = True
+    return built
+
+
+def _image_block(
+    row: Mapping[str, Any], images: int, sources: Mapping[str, CredentialedSource], lookup: ImageLookup
+) -> np.ndarray | None | tuple[str, str]:
+    """The image block a credentialed row is filled from (None for a text-only row), or the
+    (category, reason) of why it cannot be."""
+    key = image_key_for_row(row, sources)
+    if key.key is None:
+        return None if images == 0 else (NO_IMAGE_KEY, key.problem or "no image key")
+    if images == 0:
+        return MALFORMED_ROW, f"row names image {key.key} but its text has no <image>"
+    if key.key in lookup.index:
+        return lookup.block(key.key)
+    if key.key in lookup.unreadable:
+        return IMAGE_UNREADABLE, f"{key.key}: {lookup.unreadable[key.key]}"
+    if key.key in lookup.missing:
+        return IMAGE_MISSING, f"{key.key}: {lookup.missing[key.key]}"
+    return IMAGE_MISSING, f"{key.key}: no image block (not collected or not tokenized)"
+
+
+def _dataset_batch(rows: _BatchRows, settings: Settings, built: Mapping[int, np.ndarray], publisher_truncated: np.ndarray) -> pa.RecordBatch:
+    """Both kinds of kept row together, in file order, after the length limit, as DATASET_SCHEMA."""
+    kept = np.flatnonzero(rows.keep)
+    bounds = rows.offsets.tolist()
+    pieces = [built[i] if i in built else rows.values[bounds[i] : bounds[i + 1]] for i in kept.tolist()]
     lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
-    kept_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=kept_offsets[1:])
-    kept_values = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
-    cut = truncation_lengths(kept_values, kept_offsets, settings.max_length)
-    final = np.ones(len(rows), dtype=bool)
+    offsets = np.zeros(len(kept) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+    kept, values, offsets, lengths, cut = _length_limit(rows, settings, kept, values, offsets, lengths)
+    values, offsets = take_prefixes(values, offsets, cut)
+    truncated = (cut < lengths) | publisher_truncated[kept]
+    other = [name for name in ROW_SCHEMA.names if name != "tokens"]
+    columns = rows.batch.select(other) if len(kept) == rows.batch.num_rows else rows.batch.select(other).take(pa.array(kept))
+    arrays = [list_array(values, offsets) if name == "tokens" else columns.column(name) for name in ROW_SCHEMA.names]
+    return pa.RecordBatch.from_arrays(
+        arrays + [pa.array(np.diff(offsets).astype(np.int32)), pa.array(truncated)], schema=DATASET_SCHEMA
+    )
+
+
+def _length_limit(
+    rows: _BatchRows, settings: Settings, kept: np.ndarray, values: np.ndarray, offsets: np.ndarray, lengths: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Where each kept sequence is cut (truncation_lengths); rows that do not fit (--overflow drop,
+    or nothing left but bos: the first image block does not fit at all) become problems and leave
+    the lists. Returns kept rows, values, offsets, lengths and cuts of the rows that remain."""
+    cut = truncation_lengths(values, offsets, settings.max_length)
+    final = np.ones(len(kept), dtype=bool)
     if settings.overflow == "drop":
         final &= lengths <= settings.max_length
-    final &= cut > 1  # nothing left but bos: the first image block does not fit at all
-    if not final.all():
-        meta_rows = meta_rows or batch.select(["row_id", "line", "source", "task", "credential"]).to_pylist()
-        for i, length in zip(rows[~final].tolist(), lengths[~final].tolist()):
-            problems.append(_problem(meta_rows[i], TOO_LONG, f"{length} ids > max length {settings.max_length}", file))
-        kept_values, kept_offsets = select_lists(kept_values, kept_offsets, np.flatnonzero(final))
-        rows, lengths, cut = rows[final], lengths[final], cut[final]
-    kept_values, kept_offsets = take_prefixes(kept_values, kept_offsets, cut)
-    truncated = (cut < lengths) | pub_truncated[rows]
-    other = [name for name in ROW_SCHEMA.names if name != "tokens"]
-    columns = batch.select(other) if len(rows) == n else batch.select(other).take(pa.array(rows))
-    arrays = [list_array(kept_values, kept_offsets) if name == "tokens" else columns.column(name) for name in ROW_SCHEMA.names]
-    out = pa.RecordBatch.from_arrays(
-        arrays + [pa.array(np.diff(kept_offsets).astype(np.int32)), pa.array(truncated)], schema=DATASET_SCHEMA
-    )
-    return BatchResult(out, problems, published)
+    final &= cut > 1
+    if final.all():
+        return kept, values, offsets, lengths, cut
+    for i, length in zip(kept[~final].tolist(), lengths[~final].tolist()):
+        rows.refuse(i, TOO_LONG, f"{length} ids > max length {settings.max_length}")
+    values, offsets = select_lists(values, offsets, np.flatnonzero(final))
+    return kept[final], values, offsets, lengths[final], cut[final]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,7 +461,74 @@ def assemble(
     workers: processes that read and assemble a jsonl row file (default: one per core, up to 4);
     1 (or a parquet row file) assembles in this process. The outputs are the same either way.
     On any failure no output of this run is left (older ones are removed too), nor any temporary
-    file or shared-memory folder of the stage, so a retry starts clean."""
+    file or shared-memory folder of the stage, so a retry starts clean.
+
+    The steps: plan (the arguments checked, the tokenizer loaded), then, with the outputs staged
+    in one ArtifactGroup: the inputs opened and described, the batches written (execute), the
+    checks of the whole run and the last outputs (finalize); the group publishes all or none."""
+    workers = _check_arguments(overflow, max_length, batch_size, max_published_mismatch_fraction, workers)
+    plan = _Plan(
+        rows=Path(rows), output_dir=Path(output_dir), settings=Settings(split, max_length, overflow, published_max_length),
+        sources=parse_credentialed(credentialed) if not isinstance(credentialed, Mapping) else dict(credentialed),
+        tokenizer_path=Path(tokenizer_path),
+        image_inputs=tuple(Path(p) if p is not None else None for p in (image_blocks, path_problems, token_errors)),
+        batch_size=batch_size, workers=workers, max_error_fraction=max_error_fraction,
+        max_published_mismatch_fraction=max_published_mismatch_fraction,
+    )
+    tokenizer = _load_checked_tokenizer(plan)
+    started = time.perf_counter()
+    outputs = ArtifactGroup([plan.output_dir / name for name in OUTPUT_FILES], on_failure="remove_previous")
+    with outputs, ExitStack() as cleanup:  # cleanup (workers, shared memory) runs before the group publishes or aborts
+        inputs = _open_inputs(plan, tokenizer, cleanup, log)
+        writers = _open_writers(outputs, plan, inputs)
+        tally = _Tally(Coverage(plan.settings.split), SeparatorStats(plan.settings.split),
+                       PublishedCheck(plan.settings.split, enabled=bool(inputs.lookup.public_index)))
+        _execute(inputs.batches, writers, tally)
+        summary = _finalize(plan, outputs, writers, inputs, tally)
+    elapsed = time.perf_counter() - started
+    print(summary, file=log)
+    print(f"assembled {tally.n_input} rows in {elapsed:.1f} s ({tally.n_input / max(elapsed, 1e-9):.0f} rows/s)", file=log)
+    return tally.coverage
+
+
+# --- plan -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one run does, decided from the arguments before any input is read."""
+
+    rows: Path
+    output_dir: Path
+    settings: Settings
+    sources: dict[str, CredentialedSource]
+    tokenizer_path: Path
+    image_inputs: tuple[Path | None, Path | None, Path | None]  # image_blocks, path_problems, token_errors
+    batch_size: int
+    workers: int
+    max_error_fraction: float
+    max_published_mismatch_fraction: float
+
+    @property
+    def parallel(self) -> bool:
+        return self.workers > 1 and self.rows.suffix != ".parquet"
+
+    @property
+    def public_params(self) -> dict[str, Any]:
+        """The lineage parameters of dataset_public (nothing about credentialed inputs)."""
+        s = self.settings
+        return {"split": s.split, "max_length": s.max_length, "overflow": s.overflow, "published_max_length": s.published_max_length,
+                "min_copied_response_chars": MIN_RESPONSE_CHARS}
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The lineage parameters of the local outputs."""
+        return {**self.public_params, "credentialed_sources": sorted(self.sources), "max_error_fraction": self.max_error_fraction,
+                "max_published_mismatch_fraction": self.max_published_mismatch_fraction}
+
+
+def _check_arguments(overflow: str, max_length: int, batch_size: int, max_published_mismatch_fraction: float, workers: int | None) -> int:
+    """Refuse settings out of range; returns the number of workers (the default resolved)."""
     if overflow not in ("truncate", "drop"):
         raise AssemblyError(f"--overflow {overflow!r}: expected 'truncate' or 'drop'")
     if max_length < 2:
@@ -411,134 +540,188 @@ def assemble(
     workers = _default_workers() if workers is None else workers
     if workers < 1:
         raise AssemblyError(f"--workers {workers}: expected at least 1")
-    sources = parse_credentialed(credentialed) if not isinstance(credentialed, Mapping) else dict(credentialed)
-    rows = Path(rows)
-    output_dir = Path(output_dir)
-    if not rows.is_file():
-        raise FileNotFoundError(f"dataset file {rows} does not exist")
-    tokenizer = load_tokenizer(tokenizer_path)
+    return workers
+
+
+def _load_checked_tokenizer(plan: _Plan) -> Any:
+    """The modified text tokenizer, once the row file is known to exist."""
+    if not plan.rows.is_file():
+        raise FileNotFoundError(f"dataset file {plan.rows} does not exist")
+    tokenizer = load_tokenizer(plan.tokenizer_path)
     if encode_texts(tokenizer, [IMAGE_TAG])[0] != [C.IMAGE_PLACEHOLDER_ID]:
         raise AssemblyError(
-            f"{tokenizer_path}: '<image>' does not encode to [{C.IMAGE_PLACEHOLDER_ID}]; pass text_tokenizer_modified.json"
+            f"{plan.tokenizer_path}: '<image>' does not encode to [{C.IMAGE_PLACEHOLDER_ID}]; pass text_tokenizer_modified.json"
         )
-    optional = {k: Path(v) if v is not None else None for k, v in (("image_blocks", image_blocks), ("path_problems", path_problems), ("token_errors", token_errors))}
-    settings = Settings(split, max_length, overflow, published_max_length)
-    parallel = workers > 1 and rows.suffix != ".parquet"
-    public_params = {"split": split, "max_length": max_length, "overflow": overflow, "published_max_length": published_max_length,
-                     "min_copied_response_chars": MIN_RESPONSE_CHARS}
-    params = {**public_params, "credentialed_sources": sorted(sources), "max_error_fraction": max_error_fraction,
-              "max_published_mismatch_fraction": max_published_mismatch_fraction}
-    coverage = Coverage(split)
-    separators = SeparatorStats(split)
-    scratch_dir: Path | None = None
-    batches: Iterator[Assembled] | None = None
-    writers: list[ArtifactWriter] = []
-    started = time.perf_counter()
-    n_input = 0
+    return tokenizer
+
+
+@dataclass
+class _Inputs:
+    """The run's inputs, opened: the image lookup, the assembled batches and the lineages."""
+
+    lookup: ImageLookup
+    batches: Iterator[Assembled]
+    rows_input: dict[str, Any]  # the row file's lineage entry (in parallel, its fingerprint comes once it is read)
+    private: list[Any]  # the lineage of the local outputs
+
+
+def _open_inputs(plan: _Plan, tokenizer: Any, cleanup: ExitStack, log: Any) -> _Inputs:
+    """Load the image lookup and the credentialed responses, start the batches (serial or with
+    workers; their cleanup goes on `cleanup`) and describe the inputs. The row file is hashed once
+    for both lineages. Public lineage: the row file only."""
+    lookup = load_image_lookup(*plan.image_inputs, plan.sources)
+    # Before any row: a public row may come before the credentialed row whose text it copies.
+    credentialed_texts = credentialed_response_digests(plan.rows)
+    print(f"{len(credentialed_texts)} distinct credentialed responses of {MIN_RESPONSE_CHARS}+ characters to refuse in public rows",
+          file=log)
+    if plan.parallel:
+        rows_input, batches = _parallel_batches(plan, lookup, credentialed_texts, cleanup)
+    else:
+        rows_input = describe_input(plan.rows)
+        batches = (
+            _assemble_rows(batch, row_problems, plan.settings, str(plan.rows), plan.sources, lookup, tokenizer, credentialed_texts)
+            for batch, row_problems in prefetch(read_row_batches(plan.rows, plan.settings.split, plan.batch_size))
+        )
+        cleanup.callback(batches.close)
+    private: list[Any] = [rows_input, describe_input(plan.tokenizer_path)]
+    private += [p for p in plan.image_inputs if p is not None]
+    # A mapping file spells out credentialed image paths: a credentialed input of the local outputs.
+    private += [describe_input(s.mapping.path, credentialed=True) for s in plan.sources.values() if s.mapping is not None]
+    return _Inputs(lookup, batches, rows_input, private)
+
+
+def _parallel_batches(
+    plan: _Plan, lookup: ImageLookup, credentialed_texts: frozenset[bytes], cleanup: ExitStack
+) -> tuple[dict[str, Any], Iterator[Assembled]]:
+    """The row file's lineage entry (hashed while it is read: its fingerprint is filled in before
+    the writers close) and the batches assembled by worker processes."""
+    rows_input: dict[str, Any] = {"path": str(plan.rows), "artifact": None, "fingerprint": None, "credential": "public"}
+    scratch_dir = shared_scratch_dir("assemble")
+    cleanup.callback(shutil.rmtree, scratch_dir, ignore_errors=True)
+    codes_path = scratch_dir / "image_codes.u16"
+    lookup.codes.tofile(codes_path)
+    # The workers map the file; this process keeps the keys only (a fresh empty array, so the
+    # codes' memory is freed, not held by a view).
+    lookup.codes = np.zeros((0, C.CODES_PER_IMAGE), np.uint16)
+    config = _WorkerConfig(plan.rows, plan.settings, plan.sources, plan.tokenizer_path, lookup, codes_path, credentialed_texts)
+
+    def record_fingerprint(fingerprint: str) -> None:
+        rows_input["fingerprint"] = fingerprint
+
+    batches = map_line_ranges(
+        plan.rows, plan.batch_size, plan.workers, _assemble_range, initializer=_init_worker, initargs=(config,),
+        on_fingerprint=record_fingerprint,
+    )
+    cleanup.callback(batches.close)  # stops the worker pool before the codes it maps go (callbacks run last in, first out)
+    return rows_input, batches
+
+
+@dataclass(frozen=True)
+class _Writers:
+    """The streamed outputs, staged in the run's ArtifactGroup."""
+
+    dataset: ArtifactWriter
+    public: ArtifactWriter
+    problems: ArtifactWriter
+
+    def all(self) -> tuple[ArtifactWriter, ...]:
+        return (self.dataset, self.public, self.problems)
+
+
+def _open_writers(group: ArtifactGroup, plan: _Plan, inputs: _Inputs) -> _Writers:
+    def writer(name: str, schema: pa.Schema, lineage: list[Any], params: dict[str, Any], credential: Any = None) -> ArtifactWriter:
+        return group.writer(plan.output_dir / f"{name}.parquet", schema, artifact=name, inputs=lineage, params=params, credential=credential)
+
+    return _Writers(
+        writer("dataset", DATASET_SCHEMA, inputs.private, plan.params),
+        writer("dataset_public", DATASET_SCHEMA, [inputs.rows_input], plan.public_params, "public"),
+        writer("dataset_problems", PROBLEM_SCHEMA, inputs.private, plan.params),
+    )
+
+
+# --- execute --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Tally:
+    """What the run counts over its batches: coverage, separators, published check, errors."""
+
+    coverage: Coverage
+    separators: SeparatorStats
+    published: PublishedCheck
+    n_input: int = 0
+    n_errors: int = 0
+    first_errors: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, dataset: pa.RecordBatch, problems: list[dict[str, Any]], n_batch: int, published_counts: PublishedCounts) -> None:
+        self.n_input += n_batch
+        self.coverage.add_filled(dataset)
+        self.separators.add(dataset)
+        self.published.add(published_counts)
+        for problem in problems:
+            self.coverage.add_problem(problem)
+            if problem["category"] in ERROR_CATEGORIES:
+                self.n_errors += 1
+                if len(self.first_errors) < 20:
+                    self.first_errors.append(f"  {problem['file']}:{problem['line']}: {problem['reason']}")
+
+
+def _execute(batches: Iterator[Assembled], writers: _Writers, tally: _Tally) -> None:
+    """Feed every batch to the writers (the two dataset outputs each from its own thread) and the tally."""
+    outputs = [_OrderedWriter(writers.dataset), _OrderedWriter(writers.public, _public_rows)]
     try:
-        lookup = load_image_lookup(optional["image_blocks"], optional["path_problems"], optional["token_errors"], sources)
-        published = PublishedCheck(split, enabled=bool(lookup.public_index))
-        # Before any row: a public row may come before the credentialed row whose text it copies.
-        credentialed_texts = credentialed_response_digests(rows)
-        print(f"{len(credentialed_texts)} distinct credentialed responses of {MIN_RESPONSE_CHARS}+ characters to refuse in public rows",
-              file=log)
-        # The row file is hashed once for both lineages. Public lineage: the row file only. In
-        # parallel, it is hashed while it is read (its fingerprint is filled in before the writers close).
-        if parallel:
-            rows_input: dict[str, Any] = {"path": str(rows), "artifact": None, "fingerprint": None, "credential": "public"}
-            scratch_dir = shared_scratch_dir("assemble")
-            codes_path = scratch_dir / "image_codes.u16"
-            lookup.codes.tofile(codes_path)
-            # The workers map the file; this process keeps the keys only (a fresh empty array, so the
-            # codes' memory is freed, not held by a view).
-            lookup.codes = np.zeros((0, C.CODES_PER_IMAGE), np.uint16)
-            config = _WorkerConfig(rows, settings, sources, Path(tokenizer_path), lookup, codes_path, credentialed_texts)
-
-            def record_fingerprint(fingerprint: str) -> None:
-                rows_input["fingerprint"] = fingerprint
-
-            batches = map_line_ranges(
-                rows, batch_size, workers, _assemble_range, initializer=_init_worker, initargs=(config,), on_fingerprint=record_fingerprint
-            )
-        else:
-            rows_input = describe_input(rows)
-            batches = (
-                _assemble_rows(batch, row_problems, settings, str(rows), sources, lookup, tokenizer, credentialed_texts)
-                for batch, row_problems in prefetch(read_row_batches(rows, split, batch_size))
-            )
-        private_inputs: list[Any] = [rows_input, describe_input(tokenizer_path)]
-        private_inputs += [p for p in optional.values() if p is not None]
-        # A mapping file spells out credentialed image paths: a credentialed input of the local outputs.
-        private_inputs += [describe_input(s.mapping.path, credentialed=True) for s in sources.values() if s.mapping is not None]
-        n_errors = 0
-        first_errors: list[str] = []
-        for name, schema, artifact, inputs, artifact_params, credential in (
-            ("dataset.parquet", DATASET_SCHEMA, "dataset", private_inputs, params, None),
-            ("dataset_public.parquet", DATASET_SCHEMA, "dataset_public", [rows_input], public_params, "public"),
-            ("dataset_problems.parquet", PROBLEM_SCHEMA, "dataset_problems", private_inputs, params, None),
-        ):
-            writers.append(ArtifactWriter(output_dir / name, schema, artifact=artifact, inputs=inputs, params=artifact_params, credential=credential))
-        dataset_writer, public_writer, problem_writer = writers
-        outputs = [_OrderedWriter(dataset_writer), _OrderedWriter(public_writer, _public_rows)]
-        try:
-            for dataset, (problems, n_batch, published_counts) in batches:
-                n_input += n_batch
-                for output in outputs:
-                    output.submit(dataset)
-                if problems:
-                    problem_writer.write(pa.Table.from_pylist(problems, schema=PROBLEM_SCHEMA))
-                coverage.add_filled(dataset)
-                separators.add(dataset)
-                published.add(published_counts)
-                for problem in problems:
-                    coverage.add_problem(problem)
-                    if problem["category"] in ERROR_CATEGORIES:
-                        n_errors += 1
-                        if len(first_errors) < 20:
-                            first_errors.append(f"  {problem['file']}:{problem['line']}: {problem['reason']}")
-        except BaseException:
+        for dataset, (problems, n_batch, published_counts) in batches:
             for output in outputs:
-                try:
-                    output.finish()
-                except BaseException:  # noqa: S110 (the first error is the one raised)
-                    pass
-            raise
-        for output in outputs:
-            output.finish()
-        if n_input and n_errors / n_input > max_error_fraction:
-            raise AssemblyError(
-                f"{rows}: {n_errors} of {n_input} rows are malformed ({n_errors / n_input:.2%} > --max-error-fraction "
-                f"{max_error_fraction:.2%}); no outputs written. First problems:\n" + "\n".join(first_errors)
-            )
-        _check_published_mismatch(rows, published, max_published_mismatch_fraction)
-        if rows_input["fingerprint"] is None:
-            raise AssemblyError(f"{rows}: the row file was not hashed")  # cannot happen: the planner hashes before its last batch
-        for writer in writers:  # the writers copied rows_input while its fingerprint was pending
-            for entry in writer.lineage["inputs"]:
-                if entry["path"] == str(rows) and entry["artifact"] is None:
-                    entry["fingerprint"] = rows_input["fingerprint"]
-        for writer in writers:
-            writer.close()
-        write_artifact(coverage.table(), output_dir / "coverage.parquet", artifact="coverage", inputs=private_inputs, params=params)
-        write_artifact(separators.table(), output_dir / "separator_stats.parquet", artifact="separator_stats", inputs=private_inputs, params=params)
-        write_artifact(published.table(), output_dir / "published_token_check.parquet", artifact="published_token_check",
-                       inputs=private_inputs, params=params)
-        summary = coverage_summary(coverage) + "\n" + published.summary()
-        (output_dir / "coverage_summary.txt").write_text(summary + "\n")
+                output.submit(dataset)
+            if problems:
+                writers.problems.write(pa.Table.from_pylist(problems, schema=PROBLEM_SCHEMA))
+            tally.add(dataset, problems, n_batch, published_counts)
     except BaseException:
-        for writer in writers:
-            writer.abort()
-        _remove_outputs(output_dir)
+        for output in outputs:
+            try:
+                output.finish()
+            except BaseException:  # noqa: S110 (the first error is the one raised)
+                pass
         raise
-    finally:
-        if batches is not None:
-            batches.close()  # stops the worker pool (if any) before the codes it maps go
-        if scratch_dir is not None:
-            shutil.rmtree(scratch_dir, ignore_errors=True)
-    elapsed = time.perf_counter() - started
-    print(summary, file=log)
-    print(f"assembled {n_input} rows in {elapsed:.1f} s ({n_input / max(elapsed, 1e-9):.0f} rows/s)", file=log)
-    return coverage
+    for output in outputs:
+        output.finish()
+
+
+# --- finalize -------------------------------------------------------------------------------------
+
+
+def _finalize(plan: _Plan, group: ArtifactGroup, writers: _Writers, inputs: _Inputs, tally: _Tally) -> str:
+    """The checks of the whole run, then the outputs completed (staged: the group publishes them).
+    Returns the summary."""
+    _check_error_fraction(plan, tally)
+    _check_published_mismatch(plan.rows, tally.published, plan.max_published_mismatch_fraction)
+    _fill_in_rows_fingerprint(plan.rows, inputs.rows_input, writers)
+    for writer in writers.all():
+        writer.close()
+    for table, artifact in ((tally.coverage.table(), "coverage"), (tally.separators.table(), "separator_stats"),
+                            (tally.published.table(), "published_token_check")):
+        group.write_artifact(table, plan.output_dir / f"{artifact}.parquet", artifact=artifact, inputs=inputs.private, params=plan.params)
+    summary = coverage_summary(tally.coverage) + "\n" + tally.published.summary()
+    group.write_file(plan.output_dir / "coverage_summary.txt", lambda tmp: tmp.write_text(summary + "\n"))
+    return summary
+
+
+def _check_error_fraction(plan: _Plan, tally: _Tally) -> None:
+    if tally.n_input and tally.n_errors / tally.n_input > plan.max_error_fraction:
+        raise AssemblyError(
+            f"{plan.rows}: {tally.n_errors} of {tally.n_input} rows are malformed ({tally.n_errors / tally.n_input:.2%} > "
+            f"--max-error-fraction {plan.max_error_fraction:.2%}); no outputs written. First problems:\n" + "\n".join(tally.first_errors)
+        )
+
+
+def _fill_in_rows_fingerprint(rows: Path, rows_input: dict[str, Any], writers: _Writers) -> None:
+    """The writers copied rows_input while its fingerprint was pending (parallel reading): complete it."""
+    if rows_input["fingerprint"] is None:
+        raise AssemblyError(f"{rows}: the row file was not hashed")  # cannot happen: the planner hashes before its last batch
+    for writer in writers.all():
+        for entry in writer.lineage["inputs"]:
+            if entry["path"] == str(rows) and entry["artifact"] is None:
+                entry["fingerprint"] = rows_input["fingerprint"]
 
 
 def _check_published_mismatch(rows: Path, published: PublishedCheck, max_fraction: float) -> None:
@@ -552,15 +735,6 @@ def _check_published_mismatch(rows: Path, published: PublishedCheck, max_fractio
             f"from the images ({len(differing) / compared:.2%} > --max-published-mismatch-fraction {max_fraction:.2%}: "
             f"assemble.max_published_mismatch_fraction); no outputs written. First images:\n{listed}"
         )
-
-
-def _remove_outputs(output_dir: Path) -> None:
-    """Remove every output of the stage and the temporary files its writers may have left: nothing
-    stale may look like the result of a run, and a retry starts from a clean folder."""
-    for name in OUTPUT_FILES:
-        (output_dir / name).unlink(missing_ok=True)
-        for temporary in output_dir.glob(f".{name}.*.tmp"):  # ArtifactWriter's temporary names
-            temporary.unlink(missing_ok=True)
 
 
 def _public_rows(dataset: pa.RecordBatch) -> pa.RecordBatch:

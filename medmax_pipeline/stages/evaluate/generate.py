@@ -73,6 +73,7 @@ from medmax_pipeline.core.paths import MissingRootError, PathEscapeError, confin
 from medmax_pipeline.core.progress import PROGRESS_INTERVAL_S, Progress, format_progress  # noqa: F401 (format_progress: re-exported)
 from medmax_pipeline.core.rows import lone_surrogate_problem as unicode_problem
 from medmax_pipeline.core.sequences import image_block
+from medmax_pipeline.core.settings import add_setting_arguments, checked_settings, setting, values_from_args, workflow_arguments_for
 from medmax_pipeline.core.text_tokenizer import MODIFIED_TOKENIZER_FILE, TOKENIZER_FILE, decode_text, special_token_ids
 from medmax_pipeline.stages.evaluate.predictions import credentialed_image_rows, marked_input
 
@@ -895,6 +896,39 @@ def _parse_budgets(items: Sequence[str] | None) -> dict[str, int]:
     return budgets
 
 
+PROMPT_STYLES = ("auto", "finetuned", "baseline")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """generate's settings, the one source of its command line and of the generate rule's options
+    (the config.yaml `evaluate:` keys; tests/test_stage_settings.py checks the schema against it)."""
+
+    decoding: str = setting(DEFAULT_DECODING, help="medmax: the public MedMax evaluation protocol; greedy: plain greedy everywhere",
+                            key="decoding", identity=True, choices=DECODINGS)
+    batch_size: int = setting(8, help="rows per generate call", key="batch_size", minimum=1)
+    max_items: int | None = setting(None, help="only the first N rows (smoke runs)", key="max_items", identity=True, minimum=1)
+    image_generation_rows: int | None = setting(
+        IMAGE_GENERATION_ROWS_PER_SUBSET, help="medmax: image generation rows kept per subset (the public code scored the first 100); 0 keeps all",
+        key="image_generation_rows", identity=True, minimum=1, null_as=0)
+    # The rule also reads evaluate.device (a GPU resource for cuda): config.yaml allows cpu and cuda.
+    device: str = setting("cpu", help="cpu, cuda, or auto", key="device", config_choices=("cpu", "cuda"))
+    prompt_style: str = setting("auto", help="auto: finetuned with --adapter, baseline without", key="prompt_style",
+                                identity=True, choices=PROMPT_STYLES)
+    max_new_tokens: dict[str, int] = setting({}, help=f"override new-token budgets; keys {sorted(DEFAULT_MAX_NEW_TOKENS)}",
+                                             key="max_new_tokens", identity=True, metavar="KEY=N")
+
+
+def generate_config_from_args(args: argparse.Namespace) -> GenerateConfig:
+    values = values_from_args(GenerateConfig, args)
+    return checked_settings(GenerateConfig, {**values, "max_new_tokens": _parse_budgets(values["max_new_tokens"])}, GenerateError)
+
+
+def workflow_arguments(section: Mapping[str, Any]) -> list[str]:
+    """The generate options for the config.yaml `evaluate:` SECTION (the generate rule passes these)."""
+    return workflow_arguments_for(GenerateConfig, section)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-set", required=True, help="medmax_eval_data rows (jsonl or parquet)")
     parser.add_argument("--image-root", required=True, help="folder image_path values are relative to (paths may not leave it)")
@@ -903,28 +937,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", help="PEFT adapter folder of the trained model (omit for the base model)")
     parser.add_argument("--model-name", required=True, help="value of the model column (e.g. base, trained)")
     parser.add_argument("--output", required=True, help="predictions.parquet to write")
-    parser.add_argument("--decoding", choices=DECODINGS, default=DEFAULT_DECODING,
-                        help="medmax: the public MedMax evaluation protocol; greedy: plain greedy everywhere")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-items", type=int, help="only the first N rows (smoke runs)")
-    parser.add_argument("--image-generation-rows", type=int, default=IMAGE_GENERATION_ROWS_PER_SUBSET,
-                        help="medmax: image generation rows kept per subset (the public code scored the first 100); 0 keeps all")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
-    parser.add_argument("--prompt-style", choices=("auto", "finetuned", "baseline"), default="auto")
     parser.add_argument("--credentialed-root", action="append", default=[], metavar="ROOT",
                         help="a credentialed image root (repeatable): a row whose image lies under it (symlinks "
                              "followed) makes the predictions credentialed")
-    parser.add_argument("--max-new-tokens", nargs="*", metavar="KEY=N",
-                        help=f"override new-token budgets; keys {sorted(DEFAULT_MAX_NEW_TOKENS)}")
+    add_setting_arguments(parser, GenerateConfig)
 
 
 def run(args: argparse.Namespace) -> int:
+    config = generate_config_from_args(args)
     out = generate_predictions(
         args.eval_set, args.image_root, args.ckpt, args.base_model, args.model_name, args.output,
-        preset=decoding_preset(args.decoding, image_generation_rows=args.image_generation_rows or None),
-        adapter=args.adapter, batch_size=args.batch_size, max_items=args.max_items, device=args.device,
-        prompt_style=args.prompt_style, budgets=_parse_budgets(args.max_new_tokens),
-        credentialed_roots=args.credentialed_root,
+        preset=decoding_preset(config.decoding, image_generation_rows=config.image_generation_rows),
+        adapter=args.adapter, batch_size=config.batch_size, max_items=config.max_items, device=config.device,
+        prompt_style=config.prompt_style, budgets=config.max_new_tokens, credentialed_roots=args.credentialed_root,
     )
     print(f"wrote {out}")
     return 0

@@ -1,6 +1,6 @@
 """The training settings: one frozen dataclass, the one source of every setting.
 
-Each field carries a `Setting` (help, bounds or choices, its config.yaml key, whether it changes what
+Each field carries a `Setting` (core/settings.py) (help, bounds or choices, its config.yaml key, whether it changes what
 the run computes). From it come the command line (`add_arguments`, `config_from_args`), the checks
 (`TrainConfig.validate`), the run id's fields (`IDENTITY_FIELDS`) and the workflow rule's options
 (`workflow_arguments`); tests/test_train_settings.py checks the config schema against it."""
@@ -8,13 +8,21 @@ the run computes). From it come the command line (`add_arguments`, `config_from_
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from medmax_pipeline.core import constants as C
+from medmax_pipeline.core.settings import (
+    Setting,
+    add_setting_arguments,
+    first_problem,
+    identity_fields,
+    setting,
+    settings_of,
+    values_from_args,
+    workflow_arguments_for,
+)
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
@@ -24,54 +32,6 @@ LOSS_NORMALIZATIONS = ("row_mean", "token_mean")  # see loss.py
 
 class TrainInputError(ValueError):
     """Bad input found before training starts: one message saying what and where."""
-
-
-@dataclass(frozen=True)
-class Setting:
-    """What a TrainConfig field is: its help, its bounds, where it is set and what it changes."""
-
-    help: str
-    key: str | None = None  # its key under `train:` in config.yaml; None: the command line only
-    identity: bool = False  # changes what the run computes: part of the run id (checkpoints resume only within one)
-    minimum: float | None = None
-    maximum: float | None = None
-    exclusive_minimum: bool = False
-    exclusive_maximum: bool = False
-    choices: tuple[str, ...] | None = None
-    hidden: bool = False  # a test hook: kept out of --help
-
-    def problem(self, name: str, value: Any) -> str | None:
-        """Why VALUE is not allowed for the field NAME, or None."""
-        flag = cli_flag(name)
-        if value is None:
-            return None
-        if self.choices is not None and value not in self.choices:
-            return f"{flag} must be one of {', '.join(self.choices)}, got {value!r}"
-        if isinstance(value, float) and not math.isfinite(value):
-            return f"{flag} must be a finite number, got {value}"
-        low_ok = self.minimum is None or (value > self.minimum if self.exclusive_minimum else value >= self.minimum)
-        high_ok = self.maximum is None or (value < self.maximum if self.exclusive_maximum else value <= self.maximum)
-        if not (low_ok and high_ok):
-            return f"{flag} must be {self.range_text()}, got {value}"
-        return None
-
-    def range_text(self) -> str:
-        if self.maximum is None:
-            return f"{'>' if self.exclusive_minimum else '>='} {self.minimum:g}"
-        low = f"{'(' if self.exclusive_minimum else '['}{self.minimum:g}"
-        return f"in {low}, {self.maximum:g}{')' if self.exclusive_maximum else ']'}"
-
-
-def setting(default: Any = dataclasses.MISSING, /, help: str = "", **settings: Any) -> Any:
-    """A TrainConfig field with its Setting (`default` omitted: a required field)."""
-    meta = {"setting": Setting(help=help, **settings)}
-    if default is dataclasses.MISSING:
-        return field(metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def cli_flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -118,63 +78,26 @@ class TrainConfig:
     def validate(self) -> None:
         if len(self.target_modules) == 0:
             raise TrainInputError("--target-modules is empty")
-        for f in fields(self):
-            problem = f.metadata["setting"].problem(f.name, getattr(self, f.name))
-            if problem:
-                raise TrainInputError(problem)
+        problem = first_problem(self)
+        if problem:
+            raise TrainInputError(problem)
 
 
-SETTINGS: dict[str, Setting] = {f.name: f.metadata["setting"] for f in fields(TrainConfig)}
+SETTINGS: dict[str, Setting] = settings_of(TrainConfig)
 # Fields that change what a run computes; with the inputs' identities and the code's they make the
 # run config (and its hash, the run id).
-IDENTITY_FIELDS: tuple[str, ...] = tuple(name for name, s in SETTINGS.items() if s.identity)
-_FIELD_TYPES = {f.name: str(f.type) for f in fields(TrainConfig)}
-
-
-def _value_type(name: str) -> type:
-    """The Python type of a field's value on the command line (from its annotation)."""
-    annotation = _FIELD_TYPES[name].replace(" | None", "")
-    return {"int": int, "float": float, "str": str, "Path": Path, "bool": bool, "tuple[str, ...]": str}[annotation]
+IDENTITY_FIELDS: tuple[str, ...] = identity_fields(TrainConfig)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field, from its Setting: type, default, choices and help."""
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
-    for name, s in SETTINGS.items():
-        help_text = argparse.SUPPRESS if s.hidden else s.help
-        value_type, default = _value_type(name), defaults[name]
-        if value_type is bool and default is True:
-            parser.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_false", help=help_text)
-        elif value_type is bool:
-            parser.add_argument(cli_flag(name), action="store_true", help=help_text)
-        elif isinstance(default, tuple):
-            parser.add_argument(cli_flag(name), default=",".join(default), help=help_text)
-        else:
-            required = default is dataclasses.MISSING
-            parser.add_argument(cli_flag(name), type=value_type, choices=s.choices, required=required,
-                                default=None if required else default, help=help_text)
+    add_setting_arguments(parser, TrainConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    values = {name: getattr(args, name) for name in SETTINGS}
-    values["target_modules"] = tuple(m.strip() for m in values["target_modules"].split(",") if m.strip())
-    return TrainConfig(**values)
+    return TrainConfig(**values_from_args(TrainConfig, args))
 
 
 def workflow_arguments(section: Mapping[str, Any]) -> list[str]:
-    """The command-line options for the config.yaml `train:` SECTION: one per setting with a config
-    key (paths are the rule's inputs and outputs, not settings). The train rule passes these."""
-    options: list[str] = []
-    for name, s in SETTINGS.items():
-        if s.key is None or s.key not in section or _value_type(name) is Path:
-            continue
-        value = section[s.key]
-        if _value_type(name) is bool:
-            options += [cli_flag(name)] if value else []
-        elif value is None:
-            continue
-        elif isinstance(value, (list, tuple)):
-            options += [cli_flag(name), ",".join(map(str, value))]
-        else:
-            options += [cli_flag(name), str(value)]
-    return options
+    """The command-line options for the config.yaml `train:` SECTION (the train rule passes these)."""
+    return workflow_arguments_for(TrainConfig, section)
