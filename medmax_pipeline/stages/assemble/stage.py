@@ -765,8 +765,10 @@ class AssembleConfig:
                               identity=True, minimum=2)
     overflow: str = setting("truncate", help="a row longer than --max-length: truncate it or drop it", key="overflow",
                             identity=True, choices=("truncate", "drop"))
-    max_error_fraction: float = setting(0.01, help="stop when more than this fraction of the rows are problems",
-                                        key="max_error_fraction", minimum=0, maximum=1)
+    max_error_fraction: float = setting(
+        0.01, key="max_error_fraction", minimum=0, maximum=1,
+        help="stop, writing nothing, when more than this fraction of the rows are errors (malformed rows, invalid or "
+             "credentialed tokens; missing images are counted in the coverage, not errors)")
     max_published_mismatch_fraction: float = setting(
         DEFAULT_MAX_PUBLISHED_MISMATCH_FRACTION, key="max_published_mismatch_fraction", minimum=0, maximum=1,
         help="stop when more than this fraction of the public images whose blocks were re-derived "
