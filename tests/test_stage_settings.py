@@ -211,3 +211,12 @@ def test_export_convert_and_vocab_settings_reach_their_commands_and_are_checked(
     assert vocab.vocab_config_from_args(parse(STAGES["vocab"], ["--plain-tokenizer"])).plain_tokenizer is True
     for rule in ("export", "convert", "vocab"):
         assert "{params.options}" in (REPO / f"workflow/rules/{rule}.smk").read_text(), rule
+
+
+def test_the_new_sections_default_so_an_older_config_still_validates() -> None:
+    from medmax_pipeline.core.config import _apply_defaults, load_schema
+
+    older = {"assemble": {"max_length": 2048}, "evaluate": {}}
+    _apply_defaults(older, load_schema())
+    assert older["vocab"] == {"batch_size": 4096} and older["convert"] == {"max_shard_gb": 2.0} and older["export"] == {"dtype": "auto"}
+    assert older["assemble"]["workers"] is None and older["evaluate"]["bootstrap_seed"] == 0
