@@ -30,14 +30,16 @@ import argparse
 import json
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import yaml
 
 from medmax_pipeline.core.output_folder import finish_output_folder, start_output_folder
 from medmax_pipeline.core.progress import PROGRESS_INTERVAL_S, Progress
+from medmax_pipeline.core.settings import add_setting_arguments, checked_settings, setting, values_from_args, workflow_arguments_for
 from medmax_pipeline.core.text_tokenizer import MODIFIED_TOKENIZER_FILE, TOKENIZER_FILE, vocabulary_map
 from medmax_pipeline.models import chameleon
 from medmax_pipeline.models import chameleon_original as orig
@@ -224,13 +226,32 @@ def convert_checkpoint(checkpoint: str | Path, output: str | Path, max_shard_byt
     return record
 
 
+@dataclass(frozen=True)
+class ConvertConfig:
+    """convert-checkpoint's settings, the one source of its command line and of the convert_checkpoint
+    rule's options (the config.yaml `convert:` keys; tests/test_stage_settings.py checks the schema)."""
+
+    # How the weights are split into files, not what they are (the tensors are the same).
+    max_shard_gb: float = setting(2.0, help="safetensors shard size limit (GB)", key="max_shard_gb", minimum=0, exclusive_minimum=True)
+
+
+def convert_config_from_args(args: argparse.Namespace) -> ConvertConfig:
+    return checked_settings(ConvertConfig, values_from_args(ConvertConfig, args), ConversionError)
+
+
+def workflow_arguments(section: Mapping[str, Any]) -> list[str]:
+    """The convert-checkpoint options for the config.yaml `convert:` SECTION (the rule passes these)."""
+    return workflow_arguments_for(ConvertConfig, section)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="original layout: models/7b/consolidated.pth + params.json, tokenizer/")
     parser.add_argument("--output", type=Path, required=True, help="HF folder to create (absent, empty, or an earlier conversion)")
-    parser.add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size limit (GB)")
+    add_setting_arguments(parser, ConvertConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    record = convert_checkpoint(args.checkpoint, args.output, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    settings = convert_config_from_args(args)
+    record = convert_checkpoint(args.checkpoint, args.output, max_shard_bytes=int(settings.max_shard_gb * 1024**3))
     print(json.dumps({k: record[k] for k in ("tensors", "weight_bytes", "files", "logits_check")}, sort_keys=True))
     return 0

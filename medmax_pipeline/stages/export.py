@@ -23,12 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from medmax_pipeline.core.output_folder import finish_output_folder, start_output_folder
+from medmax_pipeline.core.settings import add_setting_arguments, checked_settings, setting, values_from_args, workflow_arguments_for
 from medmax_pipeline.core.text_tokenizer import MODIFIED_TOKENIZER_FILE
 from medmax_pipeline.models import chameleon
 from medmax_pipeline.models import chameleon_original as orig
@@ -162,16 +164,34 @@ def _write_outputs(
     }
 
 
+@dataclass(frozen=True)
+class ExportConfig:
+    """export's settings, the one source of its command line and of the export rule's options (the
+    config.yaml `export:` keys; tests/test_stage_settings.py checks the schema against it)."""
+
+    dtype: str = setting("auto", help="weights dtype (auto: the base model's)", key="dtype", identity=True, choices=("auto", *DTYPES))
+
+
+def export_config_from_args(args: argparse.Namespace) -> ExportConfig:
+    return checked_settings(ExportConfig, values_from_args(ExportConfig, args), ExportError)
+
+
+def workflow_arguments(section: Mapping[str, Any]) -> list[str]:
+    """The export options for the config.yaml `export:` SECTION (the export rule passes these)."""
+    return workflow_arguments_for(ExportConfig, section)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-model", type=Path, required=True, help="HF Chameleon folder the adapter was trained on")
     parser.add_argument("--adapter", type=Path, required=True, help="PEFT adapter folder (train stage: OUTPUT/adapter)")
     parser.add_argument("--checkpoint", type=Path, help="source checkpoint folder whose tokenizer/ and params.json go along")
     parser.add_argument("--output-checkpoint", type=Path, required=True, help="folder to create in the original layout")
     parser.add_argument("--output-hf", type=Path, required=True, help="merged HF folder to create")
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="weights dtype (auto: the base model's)")
+    add_setting_arguments(parser, ExportConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    record = export_model(args.base_model, args.adapter, args.checkpoint, args.output_checkpoint, args.output_hf, args.dtype)
+    settings = export_config_from_args(args)
+    record = export_model(args.base_model, args.adapter, args.checkpoint, args.output_checkpoint, args.output_hf, settings.dtype)
     print(json.dumps({k: record[k] for k in ("dtype", "outputs", "logits_check")}, sort_keys=True))
     return 0

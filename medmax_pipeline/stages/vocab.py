@@ -17,7 +17,9 @@ The block itself and its check live in core/image_blocks.py, shared with assembl
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +28,7 @@ import pyarrow.compute as pc
 from medmax_pipeline.core import constants as C
 from medmax_pipeline.core.artifacts import ArtifactMeta, ArtifactWriter, iter_artifact_batches, read_meta
 from medmax_pipeline.core.sequences import ImageBlockError, code_problem, image_blocks_array
+from medmax_pipeline.core.settings import add_setting_arguments, checked_settings, setting, values_from_args, workflow_arguments_for
 from medmax_pipeline.core.text_tokenizer import check_tokenizer_layout, load_tokenizer
 
 IMAGE_BLOCKS_SCHEMA = pa.schema(
@@ -141,16 +144,35 @@ def map_vocab(
     return writer.meta
 
 
+@dataclass(frozen=True)
+class VocabConfig:
+    """map-vocab's settings, the one source of its command line and of the map_vocab rule's options
+    (the config.yaml `vocab:` keys; tests/test_stage_settings.py checks the schema against it)."""
+
+    batch_size: int = setting(4096, help="images per batch (memory: about 12 KiB per image)", key="batch_size", minimum=1)
+    # The rules always pass the checkpoint's text_tokenizer_modified.json (common.smk TOKENIZER),
+    # so this is for the command line only.
+    plain_tokenizer: bool = setting(False, help="the tokenizer is text_tokenizer.json (id 8711 not renamed to <image>): skip that one check")
+
+
+def vocab_config_from_args(args: argparse.Namespace) -> VocabConfig:
+    return checked_settings(VocabConfig, values_from_args(VocabConfig, args), ValueError)
+
+
+def workflow_arguments(section: Mapping[str, Any]) -> list[str]:
+    """The map-vocab options for the config.yaml `vocab:` SECTION (the map_vocab rule passes these)."""
+    return workflow_arguments_for(VocabConfig, section)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", required=True, help="the image_tokens artifact of stage 2 (image_tokens.parquet)")
     parser.add_argument("--tokenizer", required=True, help="CKPT/tokenizer/text_tokenizer_modified.json, checked before mapping")
     parser.add_argument("--output", required=True, help="where the image_blocks artifact goes (image_blocks.parquet)")
-    parser.add_argument("--batch-size", type=int, default=4096, help="images per batch (memory: about 12 KiB per image)")
-    parser.add_argument("--plain-tokenizer", action="store_true",
-                        help="the tokenizer is text_tokenizer.json (id 8711 not renamed to <image>): skip that one check")
+    add_setting_arguments(parser, VocabConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    meta = map_vocab(args.tokens, args.tokenizer, args.output, args.batch_size, not args.plain_tokenizer)
+    settings = vocab_config_from_args(args)
+    meta = map_vocab(args.tokens, args.tokenizer, args.output, settings.batch_size, not settings.plain_tokenizer)
     print(f"{meta.path}: {meta.num_rows} image block(s) of {C.IMAGE_BLOCK_LEN} ids, {meta.credential}")
     return 0

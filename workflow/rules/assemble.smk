@@ -1,6 +1,8 @@
 # Stage 4: public rows (published tokens, checked) + credentialed rows filled in locally.
 # dataset.parquet stays on this machine; dataset_public.parquet is the shareable export.
 
+from medmax_pipeline.stages.assemble.stage import workflow_arguments as assemble_workflow_arguments
+
 
 rule assemble:
     input:
@@ -25,10 +27,8 @@ rule assemble:
         medmax=MEDMAX,
         tokenizer=TOKENIZER,
         credentialed=credentialed_args(),
-        max_length=config["assemble"]["max_length"],
-        overflow=config["assemble"]["overflow"],
-        max_error_fraction=config["assemble"]["max_error_fraction"],
-        max_published_mismatch=config["assemble"]["max_published_mismatch_fraction"],
+        # The assemble: keys that are assemble settings (stages/assemble/stage.py: AssembleConfig's Settings).
+        options=shlex.join(assemble_workflow_arguments(config["assemble"])),
         output_dir=lambda wildcards, output: Path(output.dataset).parent,
     wildcard_constraints:
         split="train|validation",
@@ -42,7 +42,5 @@ rule assemble:
     shell:
         "{params.medmax} assemble --rows {input.rows:q} --split {wildcards.split} --image-blocks {input.blocks:q}"
         " --path-problems {input.path_problems:q} --token-errors {input.token_errors:q}"
-        " --tokenizer {params.tokenizer:q} {params.credentialed} --max-length {params.max_length}"
-        " --overflow {params.overflow} --max-error-fraction {params.max_error_fraction}"
-        " --max-published-mismatch-fraction {params.max_published_mismatch}"
+        " --tokenizer {params.tokenizer:q} {params.credentialed} {params.options}"
         " --output-dir {params.output_dir:q} >> {log:q} 2>&1"

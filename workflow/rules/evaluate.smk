@@ -4,9 +4,11 @@
 # figures of the Snakemake report.
 import os
 
+from medmax_pipeline.stages.evaluate.clip_scores import workflow_arguments as clip_scores_workflow_arguments
 from medmax_pipeline.stages.evaluate.generate import workflow_arguments as generate_workflow_arguments
 from medmax_pipeline.stages.evaluate.judge_replies import judge_command_options
 from medmax_pipeline.stages.evaluate.report import scrub_reports_of
+from medmax_pipeline.stages.evaluate.score import workflow_arguments as score_workflow_arguments
 from medmax_pipeline.stages.evaluate.scoring_rules import RULE_SETS
 
 EVAL = config["evaluate"]
@@ -87,9 +89,13 @@ rule clip_scores:
         code=code_version("stages/evaluate/clip_scores.py"),
         clip=f"--clip {shlex.quote(EVAL['clip'])}" if EVAL["clip"] else "",
         clip_text_tower=f"--clip-text-tower {shlex.quote(EVAL['clip_text_tower'])}" if EVAL["clip_text_tower"] else "",
+        # The evaluate: keys that are clip-scores settings (stages/evaluate/clip_scores.py: ClipScoresConfig).
+        options=shlex.join(clip_scores_workflow_arguments(EVAL)),
         credentialed_roots=lambda wildcards: CREDENTIALED_ROOT_OPTIONS,
     wildcard_constraints:
         model="base|trained",
+    resources:
+        gpu=1 if EVAL["clip_device"] == "cuda" else 0,
     log:
         log_path("clip_scores/{model}"),
     conda:
@@ -97,7 +103,7 @@ rule clip_scores:
     shell:
         "{params.medmax} clip-scores --predictions {input.predictions:q} --output {output.clip_scores:q}"
         " --image-dir {output.images:q} --ckpt {input.checkpoint:q} --image-root {input.image_root:q} {params.clip}"
-        " {params.clip_text_tower} {params.credentialed_roots} >> {log:q} 2>&1"
+        " {params.clip_text_tower} {params.options} {params.credentialed_roots} >> {log:q} 2>&1"
 
 
 # Only planned when evaluate.judge is set: open VQA, visual_chat and mm_out text. The reply cache lives beside the artifact, one per model
@@ -142,7 +148,8 @@ rule score:
         code=code_version("stages/evaluate/score.py"),
         output_dir=lambda wildcards, output: Path(output.scores).parent,
         judge_replies=lambda wildcards, input: f"--judge-replies {shlex.join(input.judge_replies)}" if input.judge_replies else "",
-        bootstrap=EVAL["bootstrap_samples"],
+        # The evaluate: keys that are score settings (stages/evaluate/score.py: ScoreConfig's Settings).
+        options=shlex.join(score_workflow_arguments(EVAL)),
         credentialed_roots=lambda wildcards: CREDENTIALED_ROOT_OPTIONS,
     wildcard_constraints:
         # The rule sets scoring_rules.py defines (the schema's evaluate.rules enum is tested against them).
@@ -153,7 +160,7 @@ rule score:
         "../../envs/data.yaml"
     shell:
         "{params.medmax} score --predictions {input.predictions:q} --clip-scores {input.clip_scores:q} {params.judge_replies}"
-        " --output {params.output_dir:q} --rules {wildcards.rules} --n-bootstrap {params.bootstrap} --seed 0"
+        " --output {params.output_dir:q} --rules {wildcards.rules} {params.options}"
         " {params.credentialed_roots} >> {log:q} 2>&1"
 
 

@@ -25,6 +25,7 @@ from medmax_pipeline.core.artifacts import ArtifactGroup, ArtifactWriter, descri
 from medmax_pipeline.core.image_keys import CredentialedSource, CredentialedSpecError, image_key_for_row, parse_credentialed_specs
 from medmax_pipeline.core.parallel_rows import ByteRange, default_workers, map_line_ranges, prefetch, shared_scratch_dir
 from medmax_pipeline.core.rows import ROW_SCHEMA, RowProblem, read_jsonl_range, read_row_batches
+from medmax_pipeline.core.settings import add_setting_arguments, checked_settings, setting, values_from_args, workflow_arguments_for
 from medmax_pipeline.core.sequences import build_sequence
 from medmax_pipeline.core.text_tokenizer import encode_texts, load_tokenizer
 from medmax_pipeline.stages.assemble.coverage import (
@@ -754,6 +755,40 @@ def _public_rows(dataset: pa.RecordBatch) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(arrays, schema=DATASET_SCHEMA)
 
 
+@dataclass(frozen=True)
+class AssembleConfig:
+    """assemble's settings, the one source of its command line and of the assemble rule's options
+    (the config.yaml `assemble:` keys; tests/test_stage_settings.py checks the schema against it).
+    The inputs, the split and the output folder are the rule's inputs and outputs, not settings."""
+
+    max_length: int = setting(C.DEFAULT_MAX_LENGTH, help="longest row in ids (longer rows: see --overflow)", key="max_length",
+                              identity=True, minimum=2)
+    overflow: str = setting("truncate", help="a row longer than --max-length: truncate it or drop it", key="overflow",
+                            identity=True, choices=("truncate", "drop"))
+    max_error_fraction: float = setting(
+        0.01, key="max_error_fraction", minimum=0, maximum=1,
+        help="stop, writing nothing, when more than this fraction of the rows are errors (malformed rows, invalid or "
+             "credentialed tokens; missing images are counted in the coverage, not errors)")
+    max_published_mismatch_fraction: float = setting(
+        DEFAULT_MAX_PUBLISHED_MISMATCH_FRACTION, key="max_published_mismatch_fraction", minimum=0, maximum=1,
+        help="stop when more than this fraction of the public images whose blocks were re-derived "
+             "(images.include_public) have published tokens that differ from them")
+    published_max_length: int = setting(PUBLISHED_MAX_LENGTH, help="length at which the publisher truncated rows (accepted without eos)",
+                                        key="published_max_length", identity=True, minimum=2)
+    batch_size: int = setting(2048, help="rows per batch", key="batch_size", minimum=1)
+    workers: int | None = setting(None, help="processes reading and assembling a jsonl row file (default: one per core, up to 4)",
+                                  key="workers", minimum=1)
+
+
+def assemble_config_from_args(args: argparse.Namespace) -> AssembleConfig:
+    return checked_settings(AssembleConfig, values_from_args(AssembleConfig, args), AssemblyError)
+
+
+def workflow_arguments(section: Mapping[str, Any]) -> list[str]:
+    """The assemble options for the config.yaml `assemble:` SECTION (the assemble rule passes these)."""
+    return workflow_arguments_for(AssembleConfig, section)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", required=True, help="train.jsonl / validation.jsonl (or .parquet) of medmax_data")
     parser.add_argument("--split", required=True, choices=["train", "validation"])
@@ -762,21 +797,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-errors", help="image_token_errors.parquet (stage 2)")
     parser.add_argument("--tokenizer", required=True, help="CKPT/tokenizer/text_tokenizer_modified.json")
     parser.add_argument("--credentialed", action="append", default=[], metavar="SOURCE=ROOT=TEMPLATE|SOURCE=ROOT=mapping:PATH")
-    parser.add_argument("--max-length", type=int, default=C.DEFAULT_MAX_LENGTH)
-    parser.add_argument("--overflow", choices=["truncate", "drop"], default="truncate")
-    parser.add_argument("--max-error-fraction", type=float, default=0.01)
-    parser.add_argument("--max-published-mismatch-fraction", type=float, default=DEFAULT_MAX_PUBLISHED_MISMATCH_FRACTION,
-                        help="stop when more than this fraction of the public images whose blocks were re-derived "
-                             "(images.include_public) have published tokens that differ from them")
-    parser.add_argument("--published-max-length", type=int, default=PUBLISHED_MAX_LENGTH,
-                        help="length at which the publisher truncated rows (accepted without eos)")
-    parser.add_argument("--batch-size", type=int, default=2048)
-    parser.add_argument("--workers", type=int, default=None,
-                        help="processes reading and assembling a jsonl row file (default: one per core, up to 4)")
+    add_setting_arguments(parser, AssembleConfig)
     parser.add_argument("--output-dir", required=True)
 
 
 def run(args: argparse.Namespace) -> int:
+    settings = assemble_config_from_args(args)
     assemble(
         args.rows,
         args.split,
@@ -786,12 +812,6 @@ def run(args: argparse.Namespace) -> int:
         path_problems=args.path_problems,
         token_errors=args.token_errors,
         credentialed=args.credentialed,
-        max_length=args.max_length,
-        overflow=args.overflow,
-        max_error_fraction=args.max_error_fraction,
-        max_published_mismatch_fraction=args.max_published_mismatch_fraction,
-        published_max_length=args.published_max_length,
-        batch_size=args.batch_size,
-        workers=args.workers,
+        **dataclasses.asdict(settings),
     )
     return 0

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -42,6 +43,7 @@ import pyarrow as pa
 from medmax_pipeline.core.artifacts import describe_input, write_artifact, write_provenance
 from medmax_pipeline.core.paths import MissingRootError, PathEscapeError, confined_path, resolve_roots
 from medmax_pipeline.core.progress import Progress
+from medmax_pipeline.core.settings import add_setting_arguments, checked_settings, setting, values_from_args, workflow_arguments_for
 from medmax_pipeline.stages.evaluate.predictions import (
     CAPTIONING,
     IMAGE_GENERATION,
@@ -298,6 +300,26 @@ def check_clip_scores(results: Mapping[int, Mapping[str, Any]], rows: Sequence[M
 # ----------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ClipScoresConfig:
+    """clip-scores' settings, the one source of its command line and of the clip_scores rule's
+    options (the config.yaml `evaluate:` key clip_device; tests/test_stage_settings.py checks the
+    schema against it). The CLIP folders, checkpoint and images are the rule's inputs."""
+
+    # The rule also reads evaluate.clip_device (a GPU resource for cuda): config.yaml allows cpu and cuda.
+    device: str = setting("cpu", help="torch device of the CLIP and the VQGAN decoder, e.g. cpu or cuda", key="clip_device",
+                          config_choices=("cpu", "cuda"))
+
+
+def clip_scores_config_from_args(args: argparse.Namespace) -> ClipScoresConfig:
+    return checked_settings(ClipScoresConfig, values_from_args(ClipScoresConfig, args), ScoreError)
+
+
+def workflow_arguments(section: Mapping[str, Any]) -> list[str]:
+    """The clip-scores options for the config.yaml `evaluate:` SECTION (the clip_scores rule passes these)."""
+    return workflow_arguments_for(ClipScoresConfig, section)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--predictions", required=True, help="one model's predictions file (artifact, parquet, jsonl, csv)")
     parser.add_argument("--output", required=True, help="the clip_scores artifact to write (.parquet)")
@@ -306,14 +328,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip-text-tower", help="folder with the config.json of the CLIP's HF text tower (BiomedBERT)")
     parser.add_argument("--ckpt", help="checkpoint folder whose VQGAN decodes generated image tokens")
     parser.add_argument("--image-root", help="root that image_path values are relative to (paths may not leave it)")
-    parser.add_argument("--device", default="cpu")
+    add_setting_arguments(parser, ClipScoresConfig)
     parser.add_argument("--credentialed-root", action="append", default=[], metavar="ROOT",
                         help="a credentialed image root (repeatable): a row whose image lies under it (symlinks "
                              "followed) makes the scores and PNGs credentialed")
 
 
 def run(args: argparse.Namespace) -> int:
+    settings = clip_scores_config_from_args(args)
     path = write_clip_scores(args.predictions, args.output, args.clip, args.ckpt, args.image_root, args.image_dir,
-                             args.device, args.clip_text_tower, args.credentialed_root)
+                             settings.device, args.clip_text_tower, args.credentialed_root)
     print(f"wrote {path}")
     return 0

@@ -51,6 +51,7 @@ import argparse
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -59,6 +60,7 @@ import pyarrow as pa
 
 from medmax_pipeline.core.artifacts import describe_input, write_artifact
 from medmax_pipeline.core.paths import MissingRootError, resolve_roots
+from medmax_pipeline.core.settings import add_setting_arguments, checked_settings, setting, values_from_args, workflow_arguments_for
 from medmax_pipeline.stages.evaluate.clip_scores import (
     check_clip_scores,
     clip_score_rows,
@@ -555,6 +557,31 @@ def score_predictions(
     return scores_path, summary_path
 
 
+@dataclass(frozen=True)
+class ScoreConfig:
+    """score's settings, the one source of its command line and of the score rule's options (the
+    config.yaml `evaluate:` keys bootstrap_samples and bootstrap_seed; tests/test_stage_settings.py
+    checks the schema against it). The rule set is the job's wildcard, the files are its inputs."""
+
+    # At least 100 resamples, as the schema has always asked: fewer give percentile intervals too
+    # coarse to report (score_predictions itself takes any count, for quick tests).
+    n_bootstrap: int = setting(1000, help="bootstrap resamples (default 1000, at least 100)", key="bootstrap_samples",
+                               identity=True, minimum=100)
+    seed: int = setting(0, help="bootstrap seed", key="bootstrap_seed", identity=True, minimum=0)
+    # Only used with --clip (CLIP similarities computed here); the workflow reads the clip_scores
+    # artifacts instead, so the rule has no device to set.
+    device: str = setting("cpu", help="torch device of --clip and the VQGAN, e.g. cpu or cuda")
+
+
+def score_config_from_args(args: argparse.Namespace) -> ScoreConfig:
+    return checked_settings(ScoreConfig, values_from_args(ScoreConfig, args), ScoreError)
+
+
+def workflow_arguments(section: Mapping[str, Any]) -> list[str]:
+    """The score options for the config.yaml `evaluate:` SECTION (the score rule passes these)."""
+    return workflow_arguments_for(ScoreConfig, section)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--predictions", nargs="+", required=True, help="predictions files (artifact, parquet, jsonl, csv)")
     parser.add_argument("--output", required=True, help="output folder for scores.parquet and score_summary.parquet")
@@ -571,15 +598,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--credentialed-root", action="append", default=[], metavar="ROOT",
                         help="a credentialed image root (repeatable): a row whose image lies under it (symlinks "
                              "followed) makes the scores credentialed")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    parser.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    parser.add_argument("--device", default="cpu")
+    add_setting_arguments(parser, ScoreConfig)
 
 
 def run(args: argparse.Namespace) -> int:
+    settings = score_config_from_args(args)
     scores_path, summary_path = score_predictions(
         args.predictions, args.output, args.rules, args.judge_config, args.clip, args.ckpt, args.image_root,
-        args.seed, args.n_bootstrap, args.device, args.clip_scores, args.judge_replies, args.clip_text_tower,
+        settings.seed, settings.n_bootstrap, settings.device, args.clip_scores, args.judge_replies, args.clip_text_tower,
         args.credentialed_root,
     )
     print(f"wrote {scores_path} and {summary_path}")
