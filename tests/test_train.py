@@ -750,13 +750,13 @@ def test_a_loss_mask_that_masks_final_eos_is_refused_naming_the_tasks(base_dir: 
 def test_progress_lines_come_at_the_interval_and_at_the_last_step(capsys: pytest.CaptureFixture) -> None:
     from medmax_pipeline.stages.train.distributed import Dist
     from medmax_pipeline.core.progress import eta_text
-    from medmax_pipeline.stages.train.recipe import StepStats, report_step, step_reporter
+    from medmax_pipeline.stages.train.recipe import step_details, step_reporter
 
     now = [0.0]
     reporter = step_reporter(10, 0, quick(Path(), Path(), Path(), log_interval=30.0), Dist(), clock=lambda: now[0])
     for step in range(1, 11):
         now[0] += 10.0  # 10 s and 100 tokens a step
-        report_step(reporter, 1.5, StepStats(1.5, 1e-4, 1.0, 50, 100, 10.0))
+        reporter.update(1, 100, step_details(1.5, 1e-4))
     lines = capsys.readouterr().err.splitlines()
     assert [int(re.search(r"steps (\d+)/10", line).group(1)) for line in lines] == [1, 4, 7, 10]
     # The one progress line of every stage (core/progress), training's loss and lr at its end.
@@ -764,7 +764,7 @@ def test_progress_lines_come_at_the_interval_and_at_the_last_step(capsys: pytest
     assert eta_text(1, 2, 1, 3725.0) == "1h02m05s"
     # Other ranks print nothing.
     quiet = step_reporter(10, 0, quick(Path(), Path(), Path(), log_interval=0.0), Dist(rank=1, world_size=2), clock=lambda: now[0])
-    report_step(quiet, 1.5, StepStats(1.5, 1e-4, 1.0, 50, 100, 10.0))
+    quiet.update(1, 100, step_details(1.5, 1e-4))
     assert capsys.readouterr().err == ""
 
 

@@ -291,7 +291,7 @@ def train_epoch(run: Run, batches: list[list[int]], reporter: StepProgress) -> b
         progress.metrics.append(row)
         if end_of_epoch:
             progress.epoch, progress.position = progress.epoch + 1, 0
-        report_step(reporter, row["loss"], stats)
+        reporter.update(1, stats.tokens, step_details(row["loss"], stats.lr))
         if cfg.save_every and progress.global_step % cfg.save_every == 0 and progress.global_step < run.total_steps:
             checkpoint(run)
         if cfg.stop_after_step is not None and progress.global_step >= cfg.stop_after_step:
@@ -324,8 +324,9 @@ def step_reporter(total: int, done: int, cfg: TrainConfig, dist: Dist, clock: Ca
                         items="steps", unit="tokens", bar=cfg.progress, first_line=True, show=dist.is_main)
 
 
-def report_step(reporter: StepProgress, loss: float, stats: StepStats) -> None:
-    reporter.update(1, stats.tokens, {"loss": f"{loss:.4f}", "lr": f"{stats.lr:.2e}"})
+def step_details(loss: float, lr: float) -> dict[str, str]:
+    """What a step's progress line (or the bar's postfix) shows after the ETA."""
+    return {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
 
 
 def optimizer_step(run: Run, index_batches: list[list[int]]) -> StepStats:
