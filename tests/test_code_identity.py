@@ -76,7 +76,7 @@ def test_comments_docstrings_and_log_lines_change_no_identity(package_copy: Path
     recipe = package_copy / "stages/train/recipe.py"
     recipe.write_text("# a new comment at the top\n" + recipe.read_text())
     edit(recipe, '"""', '"""Edited docstring. ')
-    edit(recipe, "reporter.step(progress.global_step", "reporter.step(progress.global_step + 0")
+    edit(recipe, "reporter.update(1, stats.tokens", "reporter.update(1, stats.tokens + 0")
     edit(package_copy / "core/plots.py", "import math", "import math  # edited")
     (package_copy / "core/plots.py").write_text((package_copy / "core/plots.py").read_text() + "\nX_PLOT_EDIT = 1\n")
     (package_copy / "cli.py").write_text((package_copy / "cli.py").read_text().replace("stage 2: VQGAN-tokenize one shard of images", "tokenize a shard"))

@@ -363,7 +363,7 @@ def test_generate_stopped_keeps_its_finished_rows_and_the_rerun_generates_only_t
     argv = ["generate", "--eval-set", str(demo.eval_set), "--image-root", str(demo.eval_image_root), "--ckpt", str(demo.checkpoint),
             "--base-model", str(demo.base_model), "--model-name", "base", "--output", str(out), "--batch-size", "1",
             "--max-items", "4", "--max-new-tokens", "closed=2", "open=3", "mcq=2"]
-    appended = "medmax_pipeline.stages.evaluate.generate:_append_partial"
+    appended = "medmax_pipeline.core.resume:UnitLog.append"
     process = start_paused(tmp_path, argv, target=appended, call=2)
     returncode, err = stop(process)
     assert_stopped_cleanly(returncode, err, tmp_path, pid=process.pid)

@@ -325,8 +325,8 @@ def test_tiny_model_overfits_and_writes_outputs(base_dir: Path, tmp_path: Path, 
     # No terminal: one progress line per step (--log-interval 0) with step, loss, tokens/s and ETA.
     lines = [line for line in capsys.readouterr().err.splitlines() if " ETA " in line]
     assert len(lines) == 20
-    assert re.fullmatch(r"medmax train: step 1/20 \(5\.0%\) loss \d+\.\d{4} lr \S+ tokens/s \d+ ETA \S+", lines[0]), lines[0]
-    assert lines[-1].startswith("medmax train: step 20/20 (100.0%)") and lines[-1].endswith("ETA 0s")
+    assert re.fullmatch(r"medmax train: steps 1/20 \(5\.0%\), \d+\.\d tokens/s, ETA \S+, loss \d+\.\d{4}, lr \S+", lines[0]), lines[0]
+    assert lines[-1].startswith("medmax train: steps 20/20 (100.0%)") and "ETA 0h00m00s, loss " in lines[-1]
     rows = artifacts.read_meta(out / "train_metrics.parquet").lineage["params"]["rows"]
     assert (rows["train_rows_read"], rows["train_rows_trained"], rows["train_rows_dropped_no_labels"]) == (5, 4, 1)
     assert rows["final_eos_masked_by_task"] == {"VQA": {"rows": 5, "masked": 0}}
@@ -749,17 +749,23 @@ def test_a_loss_mask_that_masks_final_eos_is_refused_naming_the_tasks(base_dir: 
 
 def test_progress_lines_come_at_the_interval_and_at_the_last_step(capsys: pytest.CaptureFixture) -> None:
     from medmax_pipeline.stages.train.distributed import Dist
-    from medmax_pipeline.stages.train.recipe import ProgressReporter, StepStats, format_duration
+    from medmax_pipeline.core.progress import eta_text
+    from medmax_pipeline.stages.train.recipe import step_details, step_reporter
 
     now = [0.0]
-    reporter = ProgressReporter(10, 0, quick(Path(), Path(), Path(), log_interval=30.0), Dist(), clock=lambda: now[0])
+    reporter = step_reporter(10, 0, quick(Path(), Path(), Path(), log_interval=30.0), Dist(), clock=lambda: now[0])
     for step in range(1, 11):
         now[0] += 10.0  # 10 s and 100 tokens a step
-        reporter.step(step, 1.5, StepStats(1.5, 1e-4, 1.0, 50, 100, 10.0))
+        reporter.update(1, 100, step_details(1.5, 1e-4))
     lines = capsys.readouterr().err.splitlines()
-    assert [int(re.search(r"step (\d+)/10", line).group(1)) for line in lines] == [1, 4, 7, 10]
-    assert lines[1] == "medmax train: step 4/10 (40.0%) loss 1.5000 lr 1.00e-04 tokens/s 10 ETA 1m00s"
-    assert format_duration(3725) == "1h02m05s"
+    assert [int(re.search(r"steps (\d+)/10", line).group(1)) for line in lines] == [1, 4, 7, 10]
+    # The one progress line of every stage (core/progress), training's loss and lr at its end.
+    assert lines[1] == "medmax train: steps 4/10 (40.0%), 10.0 tokens/s, ETA 0h01m00s, loss 1.5000, lr 1.00e-04"
+    assert eta_text(1, 2, 1, 3725.0) == "1h02m05s"
+    # Other ranks print nothing.
+    quiet = step_reporter(10, 0, quick(Path(), Path(), Path(), log_interval=0.0), Dist(rank=1, world_size=2), clock=lambda: now[0])
+    quiet.update(1, 100, step_details(1.5, 1e-4))
+    assert capsys.readouterr().err == ""
 
 
 def test_adapter_config_bytes_do_not_depend_on_the_hash_seed(base_dir: Path, tmp_path: Path) -> None:

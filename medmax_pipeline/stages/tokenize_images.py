@@ -19,10 +19,11 @@ order (rows sorted by img_path, then image_key), in chunks of `chunk_size` disti
 under torchrun (RANK / WORLD_SIZE set) rank r takes the chunks c with c % WORLD_SIZE == r, and
 rank 0 merges once every rank is done.
 
-Resume: each finished chunk is written atomically to DIR/shard-I-of-N.chunks/chunk-NNNNNN.parquet
-(artifact image_tokens_chunk) with the chunk's identity (paths, VQGAN fingerprint, precision,
-device type, batch size) in its lineage params; a restarted job skips chunks whose file matches
-and redoes the rest, so its final artifacts equal those of an uninterrupted run.
+Resume (core/resume.UnitFiles): each finished chunk is written atomically to
+DIR/shard-I-of-N.chunks/chunk-NNNNNN.parquet (artifact image_tokens_chunk) with the chunk's
+identity (paths, VQGAN fingerprint, precision, device type, batch size) in its lineage params; a
+restarted job skips chunks whose file matches and redoes the rest, so its final artifacts equal
+those of an uninterrupted run. The chunk folder is removed once the shard is written.
 
 Outputs: DIR/shard-I-of-N.parquet (image_tokens: img_path, image_key, credential, img_tokens
 list<int16> of 1024 codes in 0..8191, row-major 32x32, orig_width, orig_height, orig_mode) and
@@ -60,11 +61,11 @@ from medmax_pipeline.core.artifacts import (
     iter_artifact_batches,
     read_artifact,
     read_meta,
-    write_artifact,
 )
 from medmax_pipeline.core.constants import CODES_PER_IMAGE, NUM_IMAGE_CODES
 from medmax_pipeline.core.output_lock import hold_lock
 from medmax_pipeline.core.ranks import ranks_from_env
+from medmax_pipeline.core.resume import UnitFiles
 from medmax_pipeline.core.paths import MissingRootError, is_under_roots, resolve_roots
 from medmax_pipeline.core.settings import add_setting_arguments, checked_settings, setting, values_from_args, workflow_arguments_for
 from medmax_pipeline.models.image_preprocess import DEFAULT_MAX_PIXELS, HIGH_BIT_DEPTH_MODES
@@ -354,20 +355,11 @@ def prepare_vqgan(ckpt_dir: str | Path, device: str, precision: str, local_rank:
 # ----------------------------------------------------------------------------------------------
 
 
-def chunk_path(chunk_dir: Path, chunk: int) -> Path:
-    return chunk_dir / f"chunk-{chunk:06d}.parquet"
-
-
-def chunk_is_complete(path: Path, expected_params: dict[str, Any]) -> bool:
-    """A chunk file counts only if it is an image_tokens_chunk artifact made with the same plan and model."""
-    if not path.is_file():
-        return False
-    try:
-        meta = read_meta(path)
-        check_meta(meta, CHUNK_ARTIFACT)
-    except ArtifactError:
-        return False
-    return meta.lineage.get("params") == json.loads(json.dumps(expected_params))
+def chunk_units(chunk_dir: Path) -> UnitFiles:
+    """A shard's finished chunks (core/resume): chunk-NNNNNN.parquet image_tokens_chunk artifacts
+    whose lineage params are the chunk's identity (ShardPlan.chunk_params); one counts only if
+    it was made with the same plan and model."""
+    return UnitFiles(chunk_dir, CHUNK_ARTIFACT, prefix="chunk")
 
 
 def chunk_table(groups: Sequence[Sequence[ImageRow]], codes: dict[int, np.ndarray], sizes: dict[int, tuple[int, int, str]], reasons: dict[int, str], start: int) -> pa.Table:
@@ -460,6 +452,10 @@ class ShardPlan:
         return {**self.base_params, "chunk": chunk, "chunk_rows": [r.start, r.stop], "rows_digest": rows_digest(chunk_rows)}
 
     @property
+    def chunks(self) -> UnitFiles:
+        return chunk_units(self.chunk_dir)
+
+    @property
     def reused(self) -> int:
         return len(self.mine) - len(self.pending)
 
@@ -533,7 +529,7 @@ def plan_shard(
         tokens_path, errors_path, chunk_dir, files, ranges, base_params, mine, pending=[],
         credentialed_csv=any(r.credential == "yes" for r in all_rows), rank=rank, world_size=world_size,
     )
-    pending = [c for c in mine if not chunk_is_complete(chunk_path(chunk_dir, c), plan.chunk_params(c))]
+    pending = [c for c in mine if not plan.chunks.is_finished(c, plan.chunk_params(c))]
     return dataclasses.replace(plan, pending=pending)
 
 
@@ -545,7 +541,6 @@ def encode_chunks(plan: ShardPlan, model: Any, settings: ShardSettings, after_ch
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    plan.chunk_dir.mkdir(parents=True, exist_ok=True)
     ranges, files = plan.ranges, plan.files
     dataset = ImageFileDataset([group[0] for group in files], max_pixels=settings.max_pixels)
     batches = [
@@ -586,7 +581,7 @@ def encode_chunks(plan: ShardPlan, model: Any, settings: ShardSettings, after_ch
             while current is not None and all(i in codes or i in reasons for i in ranges[current]):
                 r = ranges[current]
                 table = chunk_table(files[r.start : r.stop], codes, sizes, reasons, r.start)
-                write_artifact(table, chunk_path(plan.chunk_dir, current), artifact=CHUNK_ARTIFACT, params=plan.chunk_params(current))
+                plan.chunks.write(current, table, plan.chunk_params(current))
                 for i in r:
                     codes.pop(i, None)
                     sizes.pop(i, None)
@@ -615,7 +610,7 @@ def finish_shard(plan: ShardPlan, settings: ShardSettings, input_csv: str | Path
             return ShardResult(plan.tokens_path, None, 0, 0, written, plan.reused)
 
     num_tokens, num_errors = merge_chunks(
-        plan.chunk_dir, len(plan.ranges), plan.chunk_params, plan.tokens_path, plan.errors_path, input_csv,
+        plan.chunks, len(plan.ranges), plan.chunk_params, plan.tokens_path, plan.errors_path, input_csv,
         [ckpt_dir, *settings.credentialed_roots], plan.base_params, credentialed_csv=plan.credentialed_csv,
     )
     if plan.world_size > 1:
@@ -623,30 +618,18 @@ def finish_shard(plan: ShardPlan, settings: ShardSettings, input_csv: str | Path
 
         dist.destroy_process_group()
     if not settings.keep_chunks:
-        remove_chunks(plan.chunk_dir, len(plan.ranges))
+        plan.chunks.remove()
     return ShardResult(plan.tokens_path, plan.errors_path, num_tokens, num_errors, written, plan.reused)
 
 
-def remove_chunks(chunk_dir: Path, num_chunks: int) -> None:
-    """The chunk files, a killed job's chunk temporaries, and the folder once empty."""
-    for c in range(num_chunks):
-        chunk_path(chunk_dir, c).unlink(missing_ok=True)
-    for stale in chunk_dir.glob(".chunk-*.tmp"):  # left by a job killed while writing a chunk
-        stale.unlink(missing_ok=True)
-    try:
-        chunk_dir.rmdir()
-    except OSError:
-        pass
-
-
 def merge_chunks(
-    chunk_dir: Path, num_chunks: int, params_of: Callable[[int], dict[str, Any]], tokens_path: Path, errors_path: Path, input_csv: str | Path,
+    chunks: UnitFiles, num_chunks: int, params_of: Callable[[int], dict[str, Any]], tokens_path: Path, errors_path: Path, input_csv: str | Path,
     folder_inputs: Sequence[str | Path], params: dict[str, Any], credentialed_csv: bool,
 ) -> tuple[int, int]:
     """Write the shard's tokens and errors artifacts from its complete chunk files, in order."""
-    missing = [c for c in range(num_chunks) if not chunk_is_complete(chunk_path(chunk_dir, c), params_of(c))]
+    missing = [c for c in range(num_chunks) if not chunks.is_finished(c, params_of(c))]
     if missing:
-        raise ArtifactError(f"{chunk_dir}: chunks {missing[:10]} are missing or stale; cannot merge the shard (run it again)")
+        raise ArtifactError(f"{chunks.folder}: chunks {missing[:10]} are missing or stale; cannot merge the shard (run it again)")
     # The checkpoint and the credentialed image roots, as folder identities (inspect recomputes them the same way).
     folders = [describe_input(folder) for folder in folder_inputs]
     csv_inputs = {"inputs": [], "credentialed_inputs": [input_csv]} if credentialed_csv else {"inputs": [input_csv], "credentialed_inputs": []}
@@ -660,11 +643,11 @@ def merge_chunks(
         credentialed_inputs=csv_inputs["credentialed_inputs"], params=params,
     ) as errors_writer:
         for c in range(num_chunks):
-            table = read_artifact(chunk_path(chunk_dir, c), CHUNK_ARTIFACT)
+            table = chunks.read(c)
             ok = pc.is_null(table.column("reason"))
             good = table.filter(ok).select(TOKENS_SCHEMA.names).cast(TOKENS_SCHEMA)
             bad = table.filter(pc.invert(ok)).select(ERRORS_SCHEMA.names).cast(ERRORS_SCHEMA)
-            check_token_values(good, chunk_path(chunk_dir, c))
+            check_token_values(good, chunks.path(c))
             tokens_writer.write(good)
             errors_writer.write(bad)
             num_tokens += good.num_rows

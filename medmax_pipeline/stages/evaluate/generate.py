@@ -39,8 +39,9 @@ exact Chameleon preprocessing, in fp32. Image paths must stay inside --image-roo
 path, no '..', no symlink out); a missing, escaping or unreadable image is an error naming the
 row (the public code silently used a black image).
 
-Batched with left padding (pad id 1). Resumable: every finished batch is appended to
-OUTPUT.partial.jsonl; a restarted run skips the batches found there. Batches are formed the same
+Batched with left padding (pad id 1). Resumable (core/resume.UnitLog): every finished batch is
+appended to OUTPUT.partial.jsonl under the job's fingerprint (inputs, prompts, settings); a
+restarted run with the same fingerprint skips the batches found there. Batches are formed the same
 way on every run (eval order within each generation kind), so the final artifact is identical to
 an uninterrupted run. The partial file is removed once the artifact is written. Progress: a tqdm
 bar on a terminal, else a line (rows, tokens/s, ETA) every PROGRESS_INTERVAL_S seconds.
@@ -58,9 +59,7 @@ symlinks followed): the row holds that image's path and what the model said abou
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence
@@ -71,6 +70,7 @@ from medmax_pipeline.core import constants as C
 from medmax_pipeline.core.artifacts import write_artifact
 from medmax_pipeline.core.paths import MissingRootError, PathEscapeError, confined_path, resolve_roots
 from medmax_pipeline.core.progress import PROGRESS_INTERVAL_S, Progress, format_progress  # noqa: F401 (format_progress: re-exported)
+from medmax_pipeline.core.resume import UnitLog, job_fingerprint
 from medmax_pipeline.core.rows import lone_surrogate_problem as unicode_problem
 from medmax_pipeline.core.sequences import image_block
 from medmax_pipeline.core.settings import add_setting_arguments, checked_settings, setting, values_from_args, workflow_arguments_for
@@ -544,41 +544,10 @@ def split_generated(ids: Sequence[int], image_generation: bool) -> tuple[list[in
 # ----------------------------------------------------------------------------------------------
 
 
-def _partial_path(output: Path) -> Path:
-    return output.with_name(output.name + ".partial.jsonl")
-
-
-def load_partial(path: Path, fingerprint: str) -> dict[int, dict[str, Any]]:
-    """Finished items of an interrupted run with the same fingerprint; a torn last line is ignored."""
-    if not path.exists():
-        return {}
-    lines = path.read_text().splitlines()
-    try:
-        header = json.loads(lines[0]) if lines else {}
-    except json.JSONDecodeError:
-        header = {}
-    if header.get("fingerprint") != fingerprint:
-        print(f"note: {path} was made with other inputs or options; starting afresh")
-        path.unlink()
-        return {}
-    done = {}
-    for line in lines[1:]:
-        try:
-            item = json.loads(line)
-            done[int(item["index"])] = item
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            continue
-    return done
-
-
-def _append_partial(path: Path, fingerprint: str, items: list[dict[str, Any]]) -> None:
-    new = not path.exists()
-    with open(path, "a") as f:
-        if new:
-            f.write(json.dumps({"fingerprint": fingerprint}) + "\n")
-        f.write("".join(json.dumps(item) + "\n" for item in items))
-        f.flush()
-        os.fsync(f.fileno())
+def partial_log(output: Path, fingerprint: str) -> UnitLog:
+    """OUTPUT.partial.jsonl (core/resume.UnitLog): a header with the job's fingerprint, then one
+    line per finished row (_result_item, keyed by the row's index)."""
+    return UnitLog(output.with_name(output.name + ".partial.jsonl"), fingerprint)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -766,7 +735,8 @@ def run_generation(
     preset = settings.preset
     budgets = settings.all_budgets()
     special = special_token_ids(tokenizer)
-    done = load_partial(partial, fingerprint) if partial is not None else {}
+    log = UnitLog(partial, fingerprint) if partial is not None else None
+    done = log.load() if log is not None else {}
     progress = Progress(len(rows), done=len(done), interval_s=settings.progress_interval_s, stream=settings.progress_stream)
     try:
         for batch_no, batch in enumerate(plan_batches(rows, settings.batch_size, budgets, preset)):
@@ -775,8 +745,8 @@ def run_generation(
             generated = preset.generate(model, rows, batch, prompt_ids, settings, budgets)
             items = [_result_item(i, rows[i], gen, text_ids, image_ids, tokenizer, special, preset)
                      for i, (gen, text_ids, image_ids) in zip(batch, generated)]
-            if partial is not None:
-                _append_partial(partial, fingerprint, items)
+            if log is not None:
+                log.append(items)
             done.update({item["index"]: item for item in items})
             progress.update(len(batch), sum(len(gen) for gen, _, _ in generated))
             if on_batch is not None:
@@ -793,10 +763,6 @@ def _result_item(index: int, row: Mapping[str, Any], generated: Sequence[int], t
     first = "" if not generated or image_generation else decode_text(tokenizer, generated[:1], special)
     prediction, image_tokens = preset.prediction(row, generated, text_ids, image_ids, lambda ids: decode_text(tokenizer, ids, special))
     return {"index": index, "prediction": prediction, "first_token": first, "image_tokens": image_tokens}
-
-
-def _fingerprint(parts: Mapping[str, Any]) -> str:
-    return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
 
 
 def lineage_inputs(eval_set: Path, tokenizer_dir: Path, base_model: Path, adapter: Path | None,
@@ -869,11 +835,11 @@ def generate_predictions(
     # Lineage entries are computed once: hashing a 7B model folder takes a while.
     inputs = lineage_inputs(eval_set, ckpt / "tokenizer", Path(base_model), Path(adapter) if adapter else None,
                             eval_set_credentialed=bool(credentialed_rows))
-    fingerprint = _fingerprint({**params, "prompts": _fingerprint({"p": prompts}),
-                                "inputs": [entry["fingerprint"] for entry in inputs[2:]]})
-    partial = _partial_path(output)
+    fingerprint = job_fingerprint({**params, "prompts": job_fingerprint({"p": prompts}),
+                                   "inputs": [entry["fingerprint"] for entry in inputs[2:]]})
+    partial = partial_log(output, fingerprint)
     output.parent.mkdir(parents=True, exist_ok=True)
-    results = run_generation(rows, prompts, model, tokenizer, settings, partial, fingerprint, on_batch)
+    results = run_generation(rows, prompts, model, tokenizer, settings, partial.path, fingerprint, on_batch)
     table = pa.table({
         **{c: pa.array([r[c] for r in rows], pa.string()) for c in EVAL_COLUMNS},
         "model": pa.array([model_name] * len(rows), pa.string()),
@@ -882,7 +848,7 @@ def generate_predictions(
         "generated_image_tokens": pa.array([r["image_tokens"] for r in results], pa.list_(pa.int32())),
     }, schema=PREDICTIONS_SCHEMA)
     write_artifact(table, output, artifact="predictions", inputs=inputs, params=params)
-    partial.unlink(missing_ok=True)
+    partial.remove()
     return output
 
 

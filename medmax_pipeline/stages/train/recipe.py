@@ -3,8 +3,9 @@
 Each step: collate (loss mask) -> forward -> loss numerator / the denominator of the whole
 optimizer step on all ranks (loss.py: row_mean or token_mean) -> backward -> engine step (clip,
 AdamW, schedule). The engine (plain torch or DeepSpeed ZeRO-2, see engines.py) is chosen once in
-`setup`; nothing below it asks which one runs. Progress: a tqdm bar on a terminal, else (and
-with --no-progress, as under Snakemake) one line every --log-interval seconds in the log.
+`setup`; nothing below it asks which one runs. Progress (core/progress, the line every stage
+writes): a tqdm bar on a terminal, else (and with --no-progress, as under Snakemake) one line
+every --log-interval seconds in the log.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from medmax_pipeline.core.artifacts import read_meta
 from medmax_pipeline.core.plots import plot_loss
+from medmax_pipeline.core.progress import Progress as StepProgress  # checkpoints.Progress is the run's state
 from medmax_pipeline.models import chameleon
 
 from .checkpoints import (
@@ -264,7 +266,7 @@ def train_epochs(run: Run) -> bool:
     """Train from run.progress to the last step; True when stopped early (stop_after_step)."""
     cfg, progress = run.cfg, run.progress
     run.engine.model.train()
-    reporter = ProgressReporter(run.total_steps, progress.global_step, cfg, run.dist)
+    reporter = step_reporter(run.total_steps, progress.global_step, cfg, run.dist)
     stopped = False
     while not stopped and progress.global_step < run.total_steps and progress.epoch < cfg.epochs:
         batches = epoch_batches(run.rows.lengths, cfg, progress.epoch, run.dist.rank, run.dist.world_size)
@@ -273,7 +275,7 @@ def train_epochs(run: Run) -> bool:
     return stopped
 
 
-def train_epoch(run: Run, batches: list[list[int]], reporter: "ProgressReporter") -> bool:
+def train_epoch(run: Run, batches: list[list[int]], reporter: StepProgress) -> bool:
     """Train the rest of one epoch (from progress.position); True when stopped early."""
     cfg, progress = run.cfg, run.progress
     while progress.position < len(batches) and progress.global_step < run.total_steps:
@@ -289,7 +291,7 @@ def train_epoch(run: Run, batches: list[list[int]], reporter: "ProgressReporter"
         progress.metrics.append(row)
         if end_of_epoch:
             progress.epoch, progress.position = progress.epoch + 1, 0
-        reporter.step(progress.global_step, row["loss"], stats)
+        reporter.update(1, stats.tokens, step_details(row["loss"], stats.lr))
         if cfg.save_every and progress.global_step % cfg.save_every == 0 and progress.global_step < run.total_steps:
             checkpoint(run)
         if cfg.stop_after_step is not None and progress.global_step >= cfg.stop_after_step:
@@ -314,57 +316,17 @@ def check_divergence(run: Run, stats: StepStats, step: int) -> None:
         )
 
 
-def format_duration(seconds: float) -> str:
-    """3725 -> '1h02m05s', 65 -> '1m05s', 4.2 -> '4s'."""
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m{secs:02d}s"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+def step_reporter(total: int, done: int, cfg: TrainConfig, dist: Dist, clock: Callable[[], float] = time.monotonic) -> StepProgress:
+    """Training's progress through core/progress (the line every stage writes): optimizer steps and
+    tokens/s, with loss and lr as details; tqdm on the main rank's terminal unless --no-progress,
+    else a line for the first step, then at most every cfg.log_interval seconds, and for the last."""
+    return StepProgress(total, done, interval_s=cfg.log_interval, stream=sys.stderr, clock=clock, label="medmax train",
+                        items="steps", unit="tokens", bar=cfg.progress, first_line=True, show=dist.is_main)
 
 
-def progress_line(step: int, total: int, loss: float, lr: float, tokens_per_s: float, eta_seconds: float) -> str:
-    """One log line for a step when there is no progress bar."""
-    return (
-        f"step {step}/{total} ({100 * step / total:.1f}%) loss {loss:.4f} lr {lr:.2e} "
-        f"tokens/s {tokens_per_s:.0f} ETA {format_duration(eta_seconds)}"
-    )
-
-
-class ProgressReporter:
-    """tqdm on a terminal; otherwise (no tty, or --no-progress as under Snakemake) a progress_line
-    on stderr for the first step, then at most every cfg.log_interval seconds, and for the last."""
-
-    def __init__(self, total: int, done: int, cfg: TrainConfig, dist: Dist, clock: Any = time.monotonic) -> None:
-        from tqdm.auto import tqdm
-
-        self.total, self.start_step, self.dist, self.clock = total, done, dist, clock
-        self.interval = cfg.log_interval
-        self.use_bar = cfg.progress and dist.is_main and sys.stderr.isatty()
-        self.bar = tqdm(total=total, initial=done, desc="train", unit="step") if self.use_bar else None
-        self.started = clock()
-        self.last_line: float | None = None
-        self.tokens = 0
-
-    def step(self, step: int, loss: float, stats: StepStats) -> None:
-        self.tokens += stats.tokens
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{stats.lr:.2e}")
-            return
-        now = self.clock()
-        if self.last_line is not None and now - self.last_line < self.interval and step < self.total:
-            return
-        elapsed = max(now - self.started, 1e-9)
-        done_here = step - self.start_step  # steps of this process (a resumed run's speed is its own)
-        eta = elapsed / done_here * (self.total - step) if done_here else 0.0
-        self.dist.log(progress_line(step, self.total, loss, stats.lr, self.tokens / elapsed, eta))
-        self.last_line = now
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def step_details(loss: float, lr: float) -> dict[str, str]:
+    """What a step's progress line (or the bar's postfix) shows after the ETA."""
+    return {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
 
 
 def optimizer_step(run: Run, index_batches: list[list[int]]) -> StepStats:
