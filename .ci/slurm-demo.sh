@@ -82,7 +82,7 @@ import collections, re, sys
 rows = [line.split("|") for line in open(sys.argv[1]).read().splitlines() if line]
 expected = {"demo": 1, "convert_checkpoint": 1, "collect": 1, "tokenize_shard": 2, "assemble": 2, "train": 1, "export": 1,
             "generate": 2, "clip_scores": 2}
-local = {"gather_tokens", "map_vocab", "score", "report_figures"}
+local = {"deepspeed_config", "gather_tokens", "map_vocab", "score", "report_figures"}
 seen = collections.Counter()
 for job_id, comment, state in rows:
     match = re.match(r"rule_(\w+?)(_wildcards_.*)?$", comment)

@@ -18,7 +18,7 @@ from medmax_pipeline.core.slurm import JobRequest, gpus_in_gres, parse_sinfo_nod
 REPO = Path(__file__).resolve().parent.parent
 PROFILES = REPO / "workflow" / "profiles"
 JOB_RULES = {"demo", "convert_checkpoint", "collect", "tokenize_shard", "assemble", "train", "export", "generate", "clip_scores"}
-LOCAL_RULES = {"gather_tokens", "map_vocab", "score", "report_figures"}
+LOCAL_RULES = {"deepspeed_config", "gather_tokens", "map_vocab", "score", "report_figures"}
 # An ordinary CPU node (2 cores, 8 GB) and a GPU partition of two 8-GPU nodes.
 SMALL_CPU_NODE = "node1 cpu* 2 8000 (null)\n"
 GPU_CLUSTER = "cpu01 cpu* 32 128000 (null)\ngpu01 gpu 32 500000 gpu:8\ngpu02 gpu 32 500000 gpu:8\n"

@@ -163,10 +163,6 @@ def test_edits_rerun_exactly_the_rules_whose_code_changed(run_dir: Path, judge_c
     not the collection of image paths."""
     copy = workflow_copy(tmp_path)
     package = copy / "medmax_pipeline"
-    result = snakemake(run_dir, "-n", configfiles=(judge_config,), repo=copy)
-    assert result.returncode == 0, result.stderr
-    assert planned_jobs(result) == set(), "an unedited copy must plan nothing"
-
     for rel in ("cli.py", "core/plots.py", "stages/evaluate/report.py"):
         (package / rel).write_text("# an edited comment\n" + (package / rel).read_text())
     edit(package / "cli.py", "stage 2: VQGAN-tokenize one shard of images", "stage 2: tokenize one shard")

@@ -70,7 +70,7 @@ ARTIFACT_SCHEMA_VERSIONS: dict[str, int] = {
     "coverage": 3,  # 2: column credentialed_image_in_public_row; 3: credentialed_text_in_public_row
     "separator_stats": 1,
     "published_token_check": 1,
-    "train_metrics": 1,
+    "train_metrics": 2,  # 2: without the wall-clock tokens_per_s column
     "predictions": 1,
     "clip_scores": 1,
     "judge_replies": 1,

@@ -28,3 +28,7 @@ IMAGE_BLOCK_LEN = CODES_PER_IMAGE + 2  # 1026: begin, codes, end
 
 IGNORE_INDEX = -100
 DEFAULT_MAX_LENGTH = 2048
+
+# The VQGAN files of a checkpoint's tokenizer folder (taming's config and weights).
+VQGAN_YAML = "vqgan.yaml"
+VQGAN_CKPT = "vqgan.ckpt"

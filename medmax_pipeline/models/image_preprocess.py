@@ -27,12 +27,15 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from medmax_pipeline.core.constants import IMAGE_SIZE
+
+if TYPE_CHECKING:
+    import torch
 
 # PIL's own bomb threshold (it only warns above it, and errors above twice it). We raise above it.
 DEFAULT_MAX_PIXELS: int = 89_478_485
@@ -170,6 +173,8 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
         raise ValueError(f"to_pixels needs an RGB image, got mode {image.mode!r}")
     values = np.array(image) / 255.0
     values = values * 2 - 1
+    import torch  # here, not at the top: the workflow reads this module's constants at planning
+
     return torch.from_numpy(values).permute(2, 0, 1).float().contiguous()
 
 

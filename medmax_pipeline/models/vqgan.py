@@ -32,10 +32,8 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from medmax_pipeline.core.constants import IMAGE_SIZE, NUM_IMAGE_CODES
+from medmax_pipeline.core.constants import IMAGE_SIZE, NUM_IMAGE_CODES, VQGAN_CKPT, VQGAN_YAML
 
-VQGAN_YAML = "vqgan.yaml"
-VQGAN_CKPT = "vqgan.ckpt"
 DDCONFIG_KEYS = (
     "double_z", "z_channels", "resolution", "in_channels", "out_ch", "ch", "ch_mult",
     "num_res_blocks", "attn_resolutions", "dropout",

@@ -32,19 +32,18 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import torch
 import yaml
 
+from medmax_pipeline.core.constants import VQGAN_CKPT, VQGAN_YAML
 from medmax_pipeline.core.output_folder import finish_output_folder, start_output_folder
 from medmax_pipeline.core.progress import PROGRESS_INTERVAL_S, Progress
 from medmax_pipeline.core.settings import add_setting_arguments, checked_settings, setting, values_from_args, workflow_arguments_for
 from medmax_pipeline.core.text_tokenizer import MODIFIED_TOKENIZER_FILE, TOKENIZER_FILE, vocabulary_map
-from medmax_pipeline.models import chameleon
-from medmax_pipeline.models import chameleon_original as orig
-from medmax_pipeline.models import safetensors_stream
-from medmax_pipeline.models.vqgan import VQGAN_CKPT, VQGAN_YAML, VQGANLoadError, check_vqgan_params, hf_vq_config
+
+if TYPE_CHECKING:  # torch and the models are imported where they are used: the workflow reads ConvertConfig at planning
+    import torch
 
 MARKER = "medmax_conversion.json"
 COMMAND = "medmax convert-checkpoint"
@@ -74,6 +73,8 @@ def tokenizer_vocabulary(tokenizer_dir: Path) -> tuple[dict[str, int], Path]:
 
 def load_vq_source(tokenizer_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(HF vq_config, the VQGAN tensors HF keeps, under their taming names) from vqgan.yaml + vqgan.ckpt."""
+    from medmax_pipeline.models.vqgan import VQGANLoadError, check_vqgan_params, hf_vq_config
+
     yaml_path, ckpt_path = tokenizer_dir / VQGAN_YAML, tokenizer_dir / VQGAN_CKPT
     for path in (yaml_path, ckpt_path):
         if not path.is_file():
@@ -93,6 +94,8 @@ def load_vq_source(tokenizer_dir: Path) -> tuple[dict[str, Any], dict[str, torch
 
 def _load_weights(path: Path) -> tuple[Any, bool]:
     """(torch.load with weights_only=True, whether it is memory-mapped: when the file allows it, zip format)."""
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
     except RuntimeError as exc:
@@ -108,6 +111,7 @@ def _load_weights(path: Path) -> tuple[Any, bool]:
 
 def _expected_hf_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     """Every parameter of ChameleonForConditionalGeneration for `config`, built on the meta device (no memory)."""
+    import torch
     from transformers import ChameleonForConditionalGeneration
 
     with torch.device("meta"):
@@ -141,7 +145,12 @@ def convert_checkpoint(checkpoint: str | Path, output: str | Path, max_shard_byt
     `output` must be absent, empty or an earlier conversion's output; it appears only when
     every check passed. Progress lines go to `progress_stream` (default stderr).
     """
+    import torch
     from transformers import ChameleonConfig, GenerationConfig
+
+    from medmax_pipeline.models import chameleon
+    from medmax_pipeline.models import chameleon_original as orig
+    from medmax_pipeline.models import safetensors_stream
 
     stream = progress_stream if progress_stream is not None else sys.stderr
     checkpoint, output = Path(checkpoint), Path(output)

@@ -25,19 +25,20 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Mapping
 
 from medmax_pipeline.core.output_folder import finish_output_folder, start_output_folder
 from medmax_pipeline.core.settings import add_setting_arguments, checked_settings, setting, values_from_args, workflow_arguments_for
 from medmax_pipeline.core.text_tokenizer import MODIFIED_TOKENIZER_FILE
-from medmax_pipeline.models import chameleon
-from medmax_pipeline.models import chameleon_original as orig
+
+if TYPE_CHECKING:  # torch and the models are imported where they are used: the workflow reads ExportConfig at planning
+    import torch
+
+    from medmax_pipeline.models import chameleon_original as orig
 
 MARKER = "medmax_export.json"
 COMMAND = "medmax export"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names
 
 
 class ExportError(ValueError):
@@ -46,16 +47,20 @@ class ExportError(ValueError):
 
 def stored_dtype(base_model: Path, requested: str) -> torch.dtype:
     """The dtype to write: `requested`, or for "auto" the dtype the base folder's config records (float32 if none)."""
+    import torch
+
     if requested != "auto":
-        return DTYPES[requested]
+        return getattr(torch, requested)
     name = json.loads((base_model / "config.json").read_text()).get("dtype") or "float32"
     if name not in DTYPES:
         raise ExportError(f"{base_model}/config.json records dtype {name!r}; pass --dtype one of {sorted(DTYPES)}")
-    return DTYPES[name]
+    return getattr(torch, name)
 
 
 def original_state_from_hf(state: dict[str, torch.Tensor], p: orig.OriginalParams, source: str) -> dict[str, torch.Tensor]:
     """consolidated.pth contents for an HF state dict (its vqmodel.* tensors stay in tokenizer/vqgan.ckpt)."""
+    from medmax_pipeline.models import chameleon_original as orig
+
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     for rule in orig.tensor_rules(p):
@@ -72,6 +77,8 @@ def original_state_from_hf(state: dict[str, torch.Tensor], p: orig.OriginalParam
 
 def params_files(checkpoint: Path | None, p: orig.OriginalParams) -> dict[str, str]:
     """File name -> text of params.json and consolidate_params.json for the exported model."""
+    from medmax_pipeline.models import chameleon_original as orig
+
     source_dir = checkpoint / orig.MODEL_SUBDIR if checkpoint is not None else None
     if source_dir is not None and (source_dir / orig.PARAMS_FILE).is_file():
         source_params = orig.read_params(source_dir)
@@ -95,6 +102,9 @@ def export_model(
     dtype: str = "auto",
 ) -> dict[str, Any]:
     """Merge `adapter` into `base_model` and write both output folders; return the record written beside them."""
+    from medmax_pipeline.models import chameleon
+    from medmax_pipeline.models import chameleon_original as orig
+
     base_model, adapter = Path(base_model), Path(adapter)
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     if not (adapter / "adapter_config.json").is_file():
@@ -130,7 +140,11 @@ def _write_outputs(
     p: orig.OriginalParams, params_texts: dict[str, str], tmp_checkpoint: Path, tmp_hf: Path,
 ) -> dict[str, Any]:
     """Merge, write both folders' contents into the temporary folders, check logits; return the record."""
+    import torch
     from peft import PeftModel
+
+    from medmax_pipeline.models import chameleon
+    from medmax_pipeline.models import chameleon_original as orig
 
     # Merge in fp32 (LoRA deltas are small against bf16 steps), then store in the base's dtype.
     base = chameleon.load_base_model(base_model, dtype=torch.float32, device="cpu", tokenizer=tokenizer)

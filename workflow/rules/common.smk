@@ -7,7 +7,6 @@ from snakemake.settings.types import DeploymentMethod
 
 from medmax_pipeline.core.config import ConfigError, validate_config
 from medmax_pipeline.core.code_identity import code_identity, stage_modules
-from medmax_pipeline.core.file_modes import write_text_if_changed
 from medmax_pipeline.core.folder_identity import write_manifest_if_changed
 from medmax_pipeline.core.image_keys import format_credentialed_spec
 
@@ -174,14 +173,14 @@ SHIPPED_DEEPSPEED = "workflow/deepspeed/zero2.json"
 
 
 def deepspeed_config():
-    """The DeepSpeed JSON train reads. The shipped one is copied at planning to
-    results/train/deepspeed.json, rewritten only when its content changes: named by its own path
-    it would be an input that names the clone's location, and moving the project (or running a
-    second clone over the same results) would rerun training. The copy also keeps, beside the
-    adapter, the exact configuration it was trained with."""
+    """The DeepSpeed JSON train reads: the user's own file, or results/train/deepspeed.json, which
+    rule deepspeed_config writes from the shipped one (train.smk). As an input by its own path the
+    shipped file would name the clone's location, and moving the project (or a second clone over
+    the same results) would rerun training; its content is that rule's param instead."""
     if config["train"]["deepspeed"] != SHIPPED_DEEPSPEED:
         return config["train"]["deepspeed"]
-    copy = results("train", "deepspeed.json")
-    if workflow.is_main_process:  # a cluster job reads the copy its submitting process wrote
-        write_text_if_changed(copy, Path(workflow.source_path("../deepspeed/zero2.json")).read_text())
-    return copy
+    return results("train", "deepspeed.json")
+
+
+def shipped_deepspeed_json():
+    return Path(workflow.source_path("../deepspeed/zero2.json")).read_text()

@@ -3,9 +3,26 @@
 # N > 0 runs torchrun over N GPUs (NCCL, bf16). Checkpoints go to train/checkpoints/<run id>
 # (a hash of the settings): a rerun with changed settings starts its own, a killed run resumes.
 
+from medmax_pipeline.core.file_modes import write_text_if_changed
 from medmax_pipeline.stages.train.config import workflow_arguments as train_workflow_arguments
 
 TRAIN = config["train"]
+
+
+# The shipped DeepSpeed JSON, written into the results folder (see deepspeed_config in common.smk):
+# its content, not its path, is what reruns training when it changes.
+rule deepspeed_config:
+    output:
+        results("train", "deepspeed.json"),
+    params:
+        content=shipped_deepspeed_json(),
+    localrule: True
+    log:
+        log_path("deepspeed_config"),
+    run:
+        write_text_if_changed(output[0], params.content)
+        with open(log[0], "a") as log_file:
+            print(f"{output[0]}: the shipped DeepSpeed JSON", file=log_file)
 
 
 rule train:

@@ -60,25 +60,32 @@ the command line.
 from __future__ import annotations
 
 import argparse
-
+import importlib
+from typing import Any
 
 from .config import DEFAULT_TARGET_MODULES, TrainConfig, TrainInputError, add_arguments, config_from_args
-from .data import TokenRows, collate, label_profile, length_grouped_batches, load_token_rows, response_labels, shard_batches, steps_per_epoch
-from .distributed import free_port, init_deepspeed
-from .deepspeed_config import resolve_deepspeed_config
-from .loss import label_token_count, loss_denominator, loss_numerator, token_loss_sum
-from .outputs import merge_adapter
-from .recipe import TrainResult, train
 
-__all__ = [
-    "DEFAULT_TARGET_MODULES", "TokenRows", "TrainConfig", "TrainInputError", "TrainResult", "add_arguments", "collate",
-    "config_from_args", "free_port", "init_deepspeed", "label_profile", "label_token_count", "length_grouped_batches", "load_token_rows",
-    "loss_denominator", "loss_numerator",
-    "merge_adapter", "resolve_deepspeed_config", "response_labels", "run", "shard_batches", "steps_per_epoch",
-    "token_loss_sum", "train",
-]
+# The rest imports torch: loaded on first use, so that reading TrainConfig's settings (what the
+# workflow does at every planning, also on each cluster node) does not import torch.
+_LAZY = {
+    "TokenRows": "data", "collate": "data", "label_profile": "data", "length_grouped_batches": "data",
+    "load_token_rows": "data", "response_labels": "data", "shard_batches": "data", "steps_per_epoch": "data",
+    "free_port": "distributed", "init_deepspeed": "distributed", "resolve_deepspeed_config": "deepspeed_config",
+    "label_token_count": "loss", "loss_denominator": "loss", "loss_numerator": "loss", "token_loss_sum": "loss",
+    "merge_adapter": "outputs", "TrainResult": "recipe", "train": "recipe",
+}
+
+__all__ = sorted(["DEFAULT_TARGET_MODULES", "TrainConfig", "TrainInputError", "add_arguments", "config_from_args", "run", *_LAZY])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def run(args: argparse.Namespace) -> int:
+    from .recipe import train
+
     train(config_from_args(args))
     return 0

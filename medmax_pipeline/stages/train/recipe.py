@@ -360,7 +360,6 @@ def metrics_row(stats: StepStats, step: int, epoch: float) -> dict[str, Any]:
     return {
         "step": step, "epoch": epoch, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
         "label_tokens": stats.label_tokens, "tokens": stats.tokens, "eval_loss": None,
-        "tokens_per_s": stats.tokens / stats.seconds if stats.seconds > 0 else 0.0,
     }
 
 
