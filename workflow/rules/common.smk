@@ -172,7 +172,7 @@ def final_targets():
 SHIPPED_DEEPSPEED = "workflow/deepspeed/zero2.json"
 
 
-def deepspeed_config():
+def deepspeed_json_path():
     """The DeepSpeed JSON train reads: the user's own file, or results/train/deepspeed.json, which
     rule deepspeed_config writes from the shipped one (train.smk). As an input by its own path the
     shipped file would name the clone's location, and moving the project (or a second clone over
@@ -180,7 +180,3 @@ def deepspeed_config():
     if config["train"]["deepspeed"] != SHIPPED_DEEPSPEED:
         return config["train"]["deepspeed"]
     return results("train", "deepspeed.json")
-
-
-def shipped_deepspeed_json():
-    return Path(workflow.source_path("../deepspeed/zero2.json")).read_text()

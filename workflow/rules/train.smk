@@ -3,24 +3,24 @@
 # N > 0 runs torchrun over N GPUs (NCCL, bf16). Checkpoints go to train/checkpoints/<run id>
 # (a hash of the settings): a rerun with changed settings starts its own, a killed run resumes.
 
-from medmax_pipeline.core.file_modes import write_text_if_changed
+from medmax_pipeline.core.file_modes import write_text_atomic
 from medmax_pipeline.stages.train.config import workflow_arguments as train_workflow_arguments
 
 TRAIN = config["train"]
 
 
-# The shipped DeepSpeed JSON, written into the results folder (see deepspeed_config in common.smk):
+# The shipped DeepSpeed JSON, written into the results folder (see deepspeed_json_path in common.smk):
 # its content, not its path, is what reruns training when it changes.
 rule deepspeed_config:
     output:
         results("train", "deepspeed.json"),
     params:
-        content=shipped_deepspeed_json(),
+        content=Path(workflow.source_path("../deepspeed/zero2.json")).read_text(),
     localrule: True
     log:
         log_path("deepspeed_config"),
     run:
-        write_text_if_changed(output[0], params.content)
+        write_text_atomic(output[0], params.content)  # Snakemake removed the old output before the job
         with open(log[0], "a") as log_file:
             print(f"{output[0]}: the shipped DeepSpeed JSON", file=log_file)
 
@@ -32,7 +32,7 @@ rule train:
         separator_stats=results("assemble", "train", "separator_stats.parquet"),
         base_model=base_model_path(),
         manifests=folder_manifest("base_model", config["base_model"]),
-        deepspeed=deepspeed_config(),
+        deepspeed=deepspeed_json_path(),
     output:
         adapter=directory(results("train", "adapter")),
         metrics=results("train", "train_metrics.parquet"),
