@@ -366,6 +366,20 @@ def test_an_eval_image_root_overlapping_a_credentialed_root_is_named(config: dic
     assert capsys.readouterr().err.startswith("warning: config.yaml: key 'evaluate.image_root'")
 
 
+def test_a_judge_without_consent_beside_credentialed_sources_is_named_before_the_run(config: dict) -> None:
+    judge = {"base_url": "http://127.0.0.1:9/v1", "model": "judge-m", "api_key_env": None}
+    config["evaluate"]["judge"] = dict(judge)
+    warnings: list[str] = []
+    validate_config(copy.deepcopy(config), warn=warnings.append)
+    assert len(warnings) == 1
+    assert "key 'evaluate.judge' has no allow_credentialed: true" in warnings[0] and "'mimic_cxr'" in warnings[0]
+    config["evaluate"]["judge"] = {**judge, "allow_credentialed": True}
+    validate_config(copy.deepcopy(config), warn=warnings.append)
+    config["evaluate"]["judge"], config["images"]["credentialed"] = dict(judge), []
+    validate_config(copy.deepcopy(config), warn=warnings.append)
+    assert len(warnings) == 1  # consent given, or nothing credentialed: no warning
+
+
 def test_an_eval_image_root_beside_the_credentialed_roots_is_not_named(config: dict) -> None:
     warnings: list[str] = []
     validate_config(config, warn=warnings.append)  # results/demo/eval/images

@@ -322,6 +322,25 @@ def test_credentialed_predictions_need_allow_credentialed(server, tmp_path, caps
     assert read_meta(tmp_path / "judge.parquet").credential == "credentialed"
 
 
+def test_score_with_a_judge_config_asks_the_same_consent_for_credentialed_predictions(server, tmp_path, capsys):
+    (tmp_path / "adapter.bin").write_bytes(b"trained on MIMIC-CXR")
+    public = _predictions(tmp_path / "public.parquet")
+    credentialed = _predictions(tmp_path / "credentialed.parquet", credentialed_input=tmp_path / "adapter.bin")
+    settings = {"base_url": server.url, "model": "judge-m", "api_key_env": None, "max_retries": 2, "timeout_s": 0.5}
+    plain, allowed = tmp_path / "judge.json", tmp_path / "judge_allowed.json"
+    plain.write_text(json.dumps(settings))
+    allowed.write_text(json.dumps({**settings, "allow_credentialed": True}))
+    command = ["score", "--predictions", str(public), str(credentialed), "--n-bootstrap", "100"]
+    # The public file comes first: nothing of it is sent either, as the check runs before any request.
+    assert main([*command, "--output", str(tmp_path / "refused"), "--judge-config", str(plain)]) == 1
+    assert server.requests == 0 and not (tmp_path / "refused").exists()
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: {credentialed} is credentialed (medmax.credential); sending it to the judge endpoint")
+    assert main([*command, "--output", str(tmp_path / "scored"), "--judge-config", str(allowed)]) == 0
+    assert server.requests == 5  # the two files ask the same five questions: each is asked once
+    assert read_meta(tmp_path / "scored" / "scores.parquet").credential == "credentialed"
+
+
 def test_public_predictions_go_out_without_allow_credentialed(server, tmp_path, capsys):
     assert _judge(server, tmp_path) == 0
     assert "credentialed" not in capsys.readouterr().err and server.requests == 5

@@ -320,6 +320,24 @@ def test_train_stopped_while_saving_a_checkpoint_keeps_the_last_one_and_resumes(
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_train_stopped_while_saving_the_final_adapter_removes_it_and_the_rerun_saves_it(tmp_path: Path, base_dir: Path) -> None:
+    dataset = write_dataset(tmp_path / "d.parquet", text_rows(2))
+    out = tmp_path / "train"
+    argv = train_argv(base_dir, dataset, out)
+    # Paused inside save_adapter: .tmp-adapter holds the weights, the provenance is not written yet.
+    process = start_paused(tmp_path, argv, target="medmax_pipeline.stages.train.outputs:read_meta")
+    assert (out / ".tmp-adapter" / "adapter_model.safetensors").is_file() and not (out / "adapter").exists()
+    returncode, err = stop(process)
+    assert_stopped_cleanly(returncode, err, out, pid=process.pid)
+    assert not (out / ".tmp-adapter").exists() and not (out / "adapter").exists()
+    (run_folder,) = (out / "checkpoints").iterdir()
+    assert sorted(p.name for p in run_folder.iterdir() if p.name.startswith(("step-", ".tmp"))) == ["step-1", "step-2"]
+    rerun = subprocess.run([sys.executable, "-m", "medmax_pipeline", *argv], env=child_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from" in rerun.stderr and "(step 2 of 2)" in rerun.stderr
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and temporaries(out) == []
+
+
 def test_torchrun_forwards_sigterm_and_every_rank_cleans_up(tmp_path: Path, base_dir: Path) -> None:
     """SIGTERM to torchrun (what SLURM signals) reaches both DeepSpeed ranks: the job stops
     non-zero, the half-written checkpoint goes, the complete one stays and a rerun resumes."""

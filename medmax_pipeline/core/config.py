@@ -234,6 +234,20 @@ def _overlap_warnings(config: Mapping[str, Any], source: SourceNamer) -> list[st
     return messages
 
 
+def _judge_warnings(config: Mapping[str, Any], source: SourceNamer) -> list[str]:
+    """evaluate.judge without allow_credentialed while credentialed sources are configured: the
+    trained model learned from credentialed rows, so its predictions are credentialed and its judge
+    job will refuse them, after training; say so before the run starts."""
+    judge, sources = config["evaluate"].get("judge"), [e["source"] for e in config["images"]["credentialed"]]
+    if not judge or judge.get("allow_credentialed") or not sources:
+        return []
+    return [f"{source(['evaluate', 'judge'])}: key 'evaluate.judge' has no allow_credentialed: true, and key "
+            f"'images.credentialed' (from {source(['images', 'credentialed'])}) names {', '.join(map(repr, sources))}: the "
+            "trained model learns from credentialed rows, so its predictions are credentialed and the trained model's "
+            "judge job will refuse to send them (after training); set evaluate.judge.allow_credentialed: true only if "
+            "your data use agreement allows sending them to that endpoint"]
+
+
 def _check_demo_paths(config: Mapping[str, Any], source: SourceNamer) -> None:
     """With the demo on, the demo rule owns every input path as an output (Snakemake may delete
     it before the rule runs): refuse any that lies outside the results folder, so that the demo
@@ -313,7 +327,7 @@ def validate_config(
     _check_demo_paths(config, namer)
     if check_paths:
         _check_paths(config, namer)
-    for message in _overlap_warnings(config, namer):
+    for message in [*_overlap_warnings(config, namer), *_judge_warnings(config, namer)]:
         (warn or _print_warning)(message)
     return config
 

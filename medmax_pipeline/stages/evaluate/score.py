@@ -75,7 +75,15 @@ from medmax_pipeline.stages.evaluate.judge_protocols import (
     tolerant_verdict,
     visual_chat_domain,
 )
-from medmax_pipeline.stages.evaluate.judge_replies import check_judge_replies, judge_rows, read_judge_replies, reply_record
+from medmax_pipeline.stages.evaluate.judge_replies import (
+    check_credentialed_allowed,
+    check_judge_replies,
+    is_credentialed,
+    judge_rows,
+    judged_items,
+    read_judge_replies,
+    reply_record,
+)
 from medmax_pipeline.stages.evaluate.predictions import (
     CAPTIONING,
     IMAGE_GENERATION,
@@ -512,11 +520,17 @@ def score_predictions(
     clip, vqgan = load_models(clip_dir, ckpt_dir if clip_dir is not None else None, device, clip_text_tower)
     clip_pairs = pair_with_predictions(predictions, clip_scores, read_clip_scores, "--clip-scores") if clip_scores else []
     judge_pairs = pair_with_predictions(predictions, judge_replies, read_judge_replies, "--judge-replies") if judge_replies else []
+    loaded = [(path, read_predictions(path)) for path in predictions]
+    marked = [bool(credentialed_image_rows(table.column("image_path").to_pylist(), image_root, roots))
+              or is_credentialed(path, table) for path, table in loaded]
+    if judge is not None:
+        # The same consent `medmax judge` asks for, checked for every file before any request leaves.
+        for (path, table), credentialed in zip(loaded, marked):
+            if credentialed and judged_items(table.to_pylist()):
+                check_credentialed_allowed(path, judge.config)
     tables, prediction_inputs = [], []
-    for k, path in enumerate(predictions):
-        table = read_predictions(path)
+    for k, ((path, table), credentialed) in enumerate(zip(loaded, marked)):
         rows = table.to_pylist()
-        credentialed = bool(credentialed_image_rows([r["image_path"] for r in rows], image_root, roots))
         prediction_inputs.append(marked_input(path, credentialed))
         clip_results = judge_records = None
         if clip_pairs:

@@ -14,6 +14,7 @@ import torch
 
 from medmax_pipeline.core.artifacts import PROVENANCE_FILE, read_meta, write_artifact
 from medmax_pipeline.core.file_modes import honour_umask
+from medmax_pipeline.core.termination import temporary_path
 from medmax_pipeline.models import chameleon
 
 from .config import TrainConfig
@@ -49,19 +50,20 @@ def save_adapter_weights(model: torch.nn.Module, folder: Path) -> None:
 def save_adapter(model: torch.nn.Module, output: Path, cfg: TrainConfig, run_config: Mapping[str, Any], run_id: str) -> Path:
     """OUTPUT/adapter: the PEFT adapter and its provenance record, replaced atomically."""
     final = output / "adapter"
-    tmp = output / ".tmp-adapter"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter_weights(model, tmp)
-    dataset_meta = read_meta(cfg.dataset)
-    # The adapter was fitted to the dataset's rows: it carries the dataset's credential status.
-    provenance = {
-        "dataset": str(cfg.dataset), "dataset_fingerprint": dataset_meta.fingerprint,
-        "credential": dataset_meta.credential, "base_model": str(cfg.base_model), "run_id": run_id, "run_config": run_config,
-    }
-    (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1, default=str))
-    honour_umask(tmp)  # safetensors writes 0600
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    shutil.rmtree(output / ".tmp-adapter", ignore_errors=True)  # a killed run's (SIGKILL leaves it)
+    # Removed if SLURM's SIGTERM (or any error) arrives while the adapter is being written.
+    with temporary_path(output / ".tmp-adapter") as tmp:
+        save_adapter_weights(model, tmp)
+        dataset_meta = read_meta(cfg.dataset)
+        # The adapter was fitted to the dataset's rows: it carries the dataset's credential status.
+        provenance = {
+            "dataset": str(cfg.dataset), "dataset_fingerprint": dataset_meta.fingerprint,
+            "credential": dataset_meta.credential, "base_model": str(cfg.base_model), "run_id": run_id, "run_config": run_config,
+        }
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1, default=str))
+        honour_umask(tmp)  # safetensors writes 0600
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
     return final
 
 
@@ -91,11 +93,11 @@ def merge_adapter(
     base = chameleon.load_base_model(base_model, dtype=dtype, device="cpu", tokenizer=tokenizer)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(str(tmp))
-    chameleon.copy_tokenizer_files(base_model, tmp)
-    honour_umask(tmp)  # safetensors writes 0600
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    shutil.rmtree(out_dir.with_name(f".tmp-{out_dir.name}"), ignore_errors=True)  # a killed run's
+    with temporary_path(out_dir.with_name(f".tmp-{out_dir.name}")) as tmp:  # removed on SIGTERM or error
+        merged.save_pretrained(str(tmp))
+        chameleon.copy_tokenizer_files(base_model, tmp)
+        honour_umask(tmp)  # safetensors writes 0600
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
     return out_dir
