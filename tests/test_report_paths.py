@@ -96,7 +96,8 @@ def test_snakemake_report_holds_no_machine_path(tmp_path):
     rules = json.JSONDecoder().raw_decode(text[text.rindex("var rules = ") + len("var rules = "):])[0]
     assert "demo" in rules  # a rule record with the configured paths as its outputs
     assert "${images.credentialed[0].root}" in json.dumps(rules["demo"]["output"])
-    assert "${python}" in text and "${results_dir}/report/summary.html" in text
+    # The rules' commands name the interpreter through the environment ($MEDMAX_PYTHON), not by path.
+    assert "$MEDMAX_PYTHON" in text and "${results_dir}/report/summary.html" in text
     machine = [str(tmp_path), os.path.realpath(tmp_path), sys.executable, os.path.realpath(sys.executable), str(REPO),
                str(Path.home() / ".cache")]
     assert [p for p in machine if p in text] == []

@@ -37,10 +37,12 @@ pytestmark = pytest.mark.slow
 
 
 def snakemake(
-    workdir: Path, *args: str, configfiles: tuple[Path, ...] = (), env: dict[str, str] | None = None, repo: Path = REPO
+    workdir: Path, *args: str, configfiles: tuple[Path, ...] = (), env: dict[str, str] | None = None, repo: Path = REPO,
+    python: str = sys.executable,
 ) -> subprocess.CompletedProcess:
-    """`repo`: the folder of the Snakefile, whose package the Snakefile imports (an edited copy)."""
-    command = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "--directory", str(workdir), "--cores", "2"]
+    """`repo`: the folder of the Snakefile, whose package the Snakefile imports (an edited copy);
+    `python`: the interpreter that runs Snakemake (and so the rules)."""
+    command = [python, "-m", "snakemake", "-s", str(repo / "Snakefile"), "--directory", str(workdir), "--cores", "2"]
     # The default config (the demo) with its relative paths resolved inside `workdir`, plus overlays.
     command += ["--configfile", str(REPO / "config.yaml"), *map(str, configfiles)]
     if env is None:
@@ -184,6 +186,30 @@ def test_edits_rerun_exactly_the_rules_whose_code_changed(run_dir: Path, judge_c
     jobs = planned_jobs(snakemake(run_dir, "-n", configfiles=(judge_config,), repo=copy))
     assert {"tokenize_shard", "gather_tokens", "assemble", "train"} <= jobs
     assert jobs & {"demo", "collect"} == set()
+
+
+def moved_virtualenv(tmp_path: Path) -> Path:
+    """The interpreter of this virtualenv as if the virtualenv had moved: a new prefix (its own
+    bin/python and pyvenv.cfg) whose lib/ is this one's, so sys.executable is another path."""
+    if sys.prefix == sys.base_prefix:
+        pytest.skip("the tests do not run in a virtualenv")
+    prefix = tmp_path / "moved-venv"
+    (prefix / "bin").mkdir(parents=True)
+    (prefix / "bin" / "python").symlink_to(os.path.realpath(sys.executable))
+    shutil.copy2(Path(sys.prefix) / "pyvenv.cfg", prefix / "pyvenv.cfg")
+    (prefix / "lib").symlink_to(Path(sys.prefix) / "lib")
+    return prefix / "bin" / "python"
+
+
+def test_a_moved_project_and_virtualenv_rerun_nothing(run_dir: Path, judge_config: Path, tmp_path: Path) -> None:
+    """The interpreter's path reaches the jobs through $MEDMAX_PYTHON, not through any rule's
+    params or command: another virtualenv path and another workflow folder plan nothing."""
+    python = moved_virtualenv(tmp_path)
+    probe = subprocess.run([str(python), "-c", "import sys, snakemake; print(sys.executable)"], capture_output=True, text=True)
+    assert probe.returncode == 0 and probe.stdout.strip() == str(python), probe.stderr
+    result = snakemake(run_dir, "-n", configfiles=(judge_config,), repo=workflow_copy(tmp_path), python=str(python))
+    assert result.returncode == 0, result.stderr
+    assert "Nothing to be done" in result.stdout + result.stderr, (result.stdout + result.stderr)[-3000:]
 
 
 def test_changing_the_shard_count_reruns_tokenization_onward_only(run_dir: Path, judge_config: Path, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
 # Shared by every rule: config validation, paths of the stage outputs, how rules call the package.
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -26,10 +27,21 @@ except ConfigError as exc:
 
 # Rules run the package's command line: under --sdm conda the env's python with the package taken
 # from the workflow folder, else the interpreter that runs Snakemake (the project's virtualenv).
+# Both paths reach the jobs through the environment (every job's own Snakemake sets them again),
+# not through the rules' params or commands: a moved project or virtualenv reruns nothing.
+os.environ["MEDMAX_PYTHON"] = sys.executable
+os.environ["MEDMAX_WORKFLOW_DIR"] = str(workflow.basedir)
+
+
+envvars:
+    "MEDMAX_PYTHON",
+    "MEDMAX_WORKFLOW_DIR",
+
+
 if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
-    PYTHON = f"env PYTHONPATH={shlex.quote(str(workflow.basedir))} python"
+    PYTHON = 'env PYTHONPATH="$MEDMAX_WORKFLOW_DIR" python'
 else:
-    PYTHON = shlex.quote(sys.executable)
+    PYTHON = '"$MEDMAX_PYTHON"'
 MEDMAX = f"{PYTHON} -m medmax_pipeline"
 
 
