@@ -58,7 +58,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from medmax_pipeline.core.artifacts import describe_input, write_artifact
+from medmax_pipeline.core.artifacts import describe_input, rows_are_credentialed, write_artifact
 from medmax_pipeline.core.paths import MissingRootError, resolve_roots
 from medmax_pipeline.core.settings import add_setting_arguments, checked_settings, setting, values_from_args, workflow_arguments_for
 from medmax_pipeline.stages.evaluate.clip_scores import (
@@ -78,7 +78,6 @@ from medmax_pipeline.stages.evaluate.judge_protocols import (
 from medmax_pipeline.stages.evaluate.judge_replies import (
     check_credentialed_allowed,
     check_judge_replies,
-    is_credentialed,
     judge_rows,
     judged_items,
     read_judge_replies,
@@ -520,18 +519,22 @@ def score_predictions(
     clip, vqgan = load_models(clip_dir, ckpt_dir if clip_dir is not None else None, device, clip_text_tower)
     clip_pairs = pair_with_predictions(predictions, clip_scores, read_clip_scores, "--clip-scores") if clip_scores else []
     judge_pairs = pair_with_predictions(predictions, judge_replies, read_judge_replies, "--judge-replies") if judge_replies else []
-    loaded = [(path, read_predictions(path)) for path in predictions]
-    marked = [bool(credentialed_image_rows(table.column("image_path").to_pylist(), image_root, roots))
-              or is_credentialed(path, table) for path, table in loaded]
+    # Each file read once: its rows and its lineage entry, credentialed by its footer, its rows'
+    # credential or an image under a credentialed root.
+    loaded = []
+    for path in predictions:
+        table = read_predictions(path)
+        rows = table.to_pylist()
+        credentialed = rows_are_credentialed(table) or bool(credentialed_image_rows([r["image_path"] for r in rows], image_root, roots))
+        loaded.append((path, table, rows, marked_input(path, credentialed)))
     if judge is not None:
         # The same consent `medmax judge` asks for, checked for every file before any request leaves.
-        for (path, table), credentialed in zip(loaded, marked):
-            if credentialed and judged_items(table.to_pylist()):
+        for path, _, rows, entry in loaded:
+            if entry["credential"] == "credentialed" and judged_items(rows):
                 check_credentialed_allowed(path, judge.config)
     tables, prediction_inputs = [], []
-    for k, ((path, table), credentialed) in enumerate(zip(loaded, marked)):
-        rows = table.to_pylist()
-        prediction_inputs.append(marked_input(path, credentialed))
+    for k, (path, table, rows, entry) in enumerate(loaded):
+        prediction_inputs.append(entry)
         clip_results = judge_records = None
         if clip_pairs:
             artifact, clip_results, _ = clip_pairs[k]
