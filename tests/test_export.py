@@ -89,6 +89,23 @@ def test_export_never_overwrites_what_it_did_not_create(exported, tmp_path: Path
     assert (tmp_path / "ck" / "medmax_export.json").is_file()
 
 
+def test_the_exported_model_carries_the_adapters_credential(exported, tmp_path: Path) -> None:
+    import shutil
+
+    from medmax_pipeline.core.artifacts import describe_input, read_provenance, write_provenance
+
+    root, checkpoint, _, _ = exported
+    assert [read_provenance(root / out)["credential"] for out in ("out_ckpt", "out_hf")] == ["public", "public"]
+    adapter = tmp_path / "adapter"
+    shutil.copytree(root / "adapter", adapter)
+    (tmp_path / "mimic_rows.parquet").write_bytes(b"credentialed rows")
+    write_provenance(adapter, "adapter", credentialed_inputs=[tmp_path / "mimic_rows.parquet"])  # trained on them
+    export_model(root / "hf", adapter, checkpoint, tmp_path / "ck", tmp_path / "hf")
+    for out in (tmp_path / "ck", tmp_path / "hf"):
+        assert read_provenance(out)["kind"] == "exported_model"
+        assert describe_input(out)["credential"] == "credentialed"
+
+
 def test_export_refuses_a_checkpoint_params_json_of_another_model(exported, tmp_path: Path) -> None:
     import shutil
 

@@ -476,6 +476,24 @@ def test_adapter_and_merged_model_reproduce_the_trained_logits(base_dir: Path, t
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=0, atol=1e-6)
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
         assert (base(input_ids=ids).logits - expected).abs().max() > 1e-2  # training changed something
+    # The merged model carries the adapter's credential; a rerun replaces its own adapter and merged/.
+    merged_record = artifacts.read_provenance(result.merged_dir)
+    assert (merged_record["kind"], merged_record["credential"]) == ("merged_model", "public")
+    assert artifacts.read_provenance(result.adapter_dir)["credential"] == "public"
+    again = train(quick(base_dir, dataset, tmp_path / "out", epochs=2, merge=True))
+    assert again.merged_dir == result.merged_dir and not list((tmp_path / "out").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("name", ["adapter", "merged"])
+def test_a_folder_train_did_not_write_is_refused_before_training(base_dir: Path, tmp_path: Path, name: str) -> None:
+    dataset = write_dataset(tmp_path / "d.parquet", text_rows(2))
+    out = tmp_path / "out"
+    (out / name).mkdir(parents=True)
+    (out / name / "weights.bin").write_bytes(b"precious")
+    with pytest.raises(FileExistsError, match=rf"{out / name} exists and was not written by medmax train"):
+        train(quick(base_dir, dataset, out, epochs=1, merge=True))
+    assert (out / name / "weights.bin").read_bytes() == b"precious"
+    assert sorted(p.name for p in out.iterdir()) == [name]  # refused before anything was written
 
 
 # ----------------------------------------------------------------------------------------------

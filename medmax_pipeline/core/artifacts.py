@@ -268,18 +268,26 @@ def current_fingerprint(path: str | Path) -> str:
 PROVENANCE_FILE = "medmax_provenance.json"
 
 
+def provenance_record(
+    kind: str, inputs: Sequence[str | Path | Mapping[str, Any]] = (),
+    params: Mapping[str, Any] | None = None, credentialed_inputs: Sequence[str | Path] = (),
+) -> dict[str, Any]:
+    """A folder's provenance record: kind, lineage, credential (credentialed when any input is),
+    version. `inputs` are paths (described with describe_input) or ready lineage entries."""
+    entries = [dict(i) if isinstance(i, Mapping) else describe_input(i) for i in inputs]
+    entries += [describe_input(i, credentialed=True) for i in credentialed_inputs]
+    credential = "credentialed" if any(e["credential"] == "credentialed" for e in entries) else "public"
+    return {"kind": kind, "credential": credential, "pipeline_version": __version__,
+            "lineage": {"inputs": entries, "params": dict(params or {})}}
+
+
 def write_provenance(
     folder: str | Path, kind: str, inputs: Sequence[str | Path | Mapping[str, Any]] = (),
     params: Mapping[str, Any] | None = None, credentialed_inputs: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
-    """Write FOLDER/medmax_provenance.json (atomically): kind, lineage, credential, version.
-    `inputs` are paths (described with describe_input) or ready lineage entries."""
+    """Write FOLDER/medmax_provenance.json (atomically): provenance_record's record."""
     folder = Path(folder)
-    entries = [dict(i) if isinstance(i, Mapping) else describe_input(i) for i in inputs]
-    entries += [describe_input(i, credentialed=True) for i in credentialed_inputs]
-    credential = "credentialed" if any(e["credential"] == "credentialed" for e in entries) else "public"
-    record = {"kind": kind, "credential": credential, "pipeline_version": __version__,
-              "lineage": {"inputs": entries, "params": dict(params or {})}}
+    record = provenance_record(kind, inputs, params, credentialed_inputs)
     tmp = folder / f".{PROVENANCE_FILE}.tmp"
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True, default=_json_default) + "\n")
     tmp.replace(folder / PROVENANCE_FILE)

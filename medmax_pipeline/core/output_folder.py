@@ -23,19 +23,25 @@ def _ours_or_empty(folder: Path, marker: str) -> bool:
     return folder.is_dir() and ((folder / marker).is_file() or not any(folder.iterdir()))
 
 
-def start_output_folder(final: str | Path, marker: str, command: str) -> Path:
-    """A fresh temporary folder beside `final` to write into; refuses when `final` is not ours to replace.
-
-    `final` may be absent, empty, or a folder an earlier run of `command` made (it holds
-    `marker`); anything else is someone's data and is left alone. The temporary folder is marked
-    partial so a later run may clear it after a crash, and only such a folder.
-    """
+def check_output_folder(final: str | Path, marker: str, command: str) -> None:
+    """Refuse (FileExistsError) when `final` is not ours to replace: it may be absent, empty, or a
+    folder an earlier run of `command` made (it holds `marker`); anything else is someone's data.
+    A command that works long before it writes calls this first, so that it refuses at once."""
     final = Path(final)
     if final.exists() and not _ours_or_empty(final, marker):
         raise FileExistsError(
             f"{final} exists and was not written by {command} (it has no {marker}); refusing to overwrite it. "
             "Choose another output folder or remove it yourself."
         )
+
+
+def start_output_folder(final: str | Path, marker: str, command: str) -> Path:
+    """A fresh temporary folder beside `final` to write into; refuses when `final` is not ours to
+    replace (check_output_folder). The temporary folder is marked partial so a later run may clear
+    it after a crash, and only such a folder.
+    """
+    final = Path(final)
+    check_output_folder(final, marker, command)
     tmp = final.with_name(f".tmp-{final.name}")
     if tmp.exists():
         if not (tmp / PARTIAL_MARKER).is_file():

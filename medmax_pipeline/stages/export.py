@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from medmax_pipeline.core.artifacts import describe_input, write_provenance
 from medmax_pipeline.core.output_folder import finish_output_folder, start_output_folder
 from medmax_pipeline.core.settings import add_setting_arguments, checked_settings, setting, values_from_args, workflow_arguments_for
 from medmax_pipeline.core.text_tokenizer import MODIFIED_TOKENIZER_FILE
@@ -125,6 +126,10 @@ def export_model(
         raise
     try:
         record = _write_outputs(base_model, adapter, tokenizer_dir, tokenizer, out_dtype, p, params_texts, tmp_checkpoint, tmp_hf)
+        # The exported model is the adapter's: credentialed when the adapter is (its provenance record).
+        lineage = [describe_input(path) for path in (base_model, adapter, *([checkpoint] if checkpoint else []))]
+        for tmp in (tmp_checkpoint, tmp_hf):
+            write_provenance(tmp, "exported_model", inputs=lineage)
     except BaseException:
         shutil.rmtree(tmp_checkpoint, ignore_errors=True)  # ours: made by start_output_folder above
         shutil.rmtree(tmp_hf, ignore_errors=True)

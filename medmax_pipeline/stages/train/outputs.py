@@ -4,20 +4,20 @@ and on request merged/ (the base model with the adapter folded in)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
 import pyarrow as pa
 import torch
 
-from medmax_pipeline.core.artifacts import PROVENANCE_FILE, read_meta, write_artifact
-from medmax_pipeline.core.file_modes import honour_umask
+from medmax_pipeline.core.artifacts import PROVENANCE_FILE, provenance_record, read_meta, write_artifact
+from medmax_pipeline.core.output_folder import check_output_folder, finish_output_folder, start_output_folder
 from medmax_pipeline.core.termination import temporary_path
 from medmax_pipeline.models import chameleon
 
 from .config import TrainConfig
+
+COMMAND = "medmax train"
 
 METRICS_SCHEMA = pa.schema(
     [
@@ -47,12 +47,19 @@ def save_adapter_weights(model: torch.nn.Module, folder: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))  # peft's own format
 
 
+def check_output_folders(output: Path, merge: bool) -> None:
+    """Refuse, before any training, an OUTPUT/adapter (or OUTPUT/merged with `merge`) that this
+    command did not write (it has no provenance record): the save at the end replaces them."""
+    check_output_folder(output / "adapter", PROVENANCE_FILE, COMMAND)
+    if merge:
+        check_output_folder(output / "merged", PROVENANCE_FILE, COMMAND)
+
+
 def save_adapter(model: torch.nn.Module, output: Path, cfg: TrainConfig, run_config: Mapping[str, Any], run_id: str) -> Path:
-    """OUTPUT/adapter: the PEFT adapter and its provenance record, replaced atomically."""
+    """OUTPUT/adapter: the PEFT adapter and its provenance record, written whole or not at all
+    (core/output_folder); the temporary folder is removed on SIGTERM or any error while written."""
     final = output / "adapter"
-    shutil.rmtree(output / ".tmp-adapter", ignore_errors=True)  # a killed run's (SIGKILL leaves it)
-    # Removed if SLURM's SIGTERM (or any error) arrives while the adapter is being written.
-    with temporary_path(output / ".tmp-adapter") as tmp:
+    with temporary_path(start_output_folder(final, PROVENANCE_FILE, COMMAND)) as tmp:
         save_adapter_weights(model, tmp)
         dataset_meta = read_meta(cfg.dataset)
         # The adapter was fitted to the dataset's rows: it carries the dataset's credential status.
@@ -60,10 +67,7 @@ def save_adapter(model: torch.nn.Module, output: Path, cfg: TrainConfig, run_con
             "dataset": str(cfg.dataset), "dataset_fingerprint": dataset_meta.fingerprint,
             "credential": dataset_meta.credential, "base_model": str(cfg.base_model), "run_id": run_id, "run_config": run_config,
         }
-        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1, default=str))
-        honour_umask(tmp)  # safetensors writes 0600
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        finish_output_folder(tmp, final, PROVENANCE_FILE, provenance)
     return final
 
 
@@ -93,11 +97,10 @@ def merge_adapter(
     base = chameleon.load_base_model(base_model, dtype=dtype, device="cpu", tokenizer=tokenizer)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     out_dir = Path(out_dir)
-    shutil.rmtree(out_dir.with_name(f".tmp-{out_dir.name}"), ignore_errors=True)  # a killed run's
-    with temporary_path(out_dir.with_name(f".tmp-{out_dir.name}")) as tmp:  # removed on SIGTERM or error
+    # The merged model is the adapter's: credentialed when the adapter is (its provenance record).
+    record = provenance_record("merged_model", inputs=[adapter_dir, base_model], params={"dtype": str(dtype)})
+    with temporary_path(start_output_folder(out_dir, PROVENANCE_FILE, COMMAND)) as tmp:
         merged.save_pretrained(str(tmp))
         chameleon.copy_tokenizer_files(base_model, tmp)
-        honour_umask(tmp)  # safetensors writes 0600
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
+        finish_output_folder(tmp, out_dir, PROVENANCE_FILE, record)
     return out_dir

@@ -52,7 +52,7 @@ from .data import (
 from .distributed import Dist, training_device
 from .engines import Engine, plan_engine
 from .loss import loss_denominator, loss_numerator
-from .outputs import merge_adapter, save_adapter, save_adapter_weights, write_metrics
+from .outputs import check_output_folders, merge_adapter, save_adapter, save_adapter_weights, write_metrics
 
 
 @dataclass
@@ -167,6 +167,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def setup(cfg: TrainConfig) -> Run:
     """Check every input, build the LoRA model on its engine and resume from a checkpoint if one matches."""
     cfg.validate()
+    check_output_folders(Path(cfg.output), cfg.merge)  # a folder it may not replace: refused now, not after training
     dist = Dist.from_env()
     device = training_device(cfg.device, dist)
     precision = resolve_precision(cfg.precision, device)
